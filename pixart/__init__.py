@@ -1,0 +1,1 @@
+"""pixart package."""

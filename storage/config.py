@@ -1,0 +1,48 @@
+"""Config models of the storage layer: image decoding and ingest. Presets live in `configs/ingest/`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from storage.configio import StrictModel
+from storage.decode import DEFAULT_MAX_PIXELS
+
+Dataset = Literal["sam", "journeydb", "imagenet"]
+
+
+class DecodeConfig(StrictModel):
+    """How image bytes are checked and decoded."""
+
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0, description="Larger images are refused (decompression bombs).")
+    verify: Literal["header", "full"] = Field(
+        "header",
+        description="header: parse header + end marker (fast); full: also decode pixels (JPEG at 1/8 scale).",
+    )
+
+
+class IngestConfig(StrictModel):
+    """Turn source archives of one dataset into parquet manifests under `<output_root>/manifests/<dataset>/`."""
+
+    dataset: Dataset = Field(description="Which reader: sam (SA-1B), journeydb, imagenet.")
+    source: str = Field(
+        description="Directory, glob or single archive URL; for sam also the links TSV (file_name<TAB>cdn_link)."
+    )
+    annotations: str | None = Field(None, description="JourneyDB annotation jsonl (.jsonl, .jsonl.gz or .tgz).")
+    synset_mapping: str | None = Field(None, description="ImageNet LOC_synset_mapping.txt (line number = class).")
+    output_root: str = Field("data/pixart", description="Root URL of every output (local path or s3://...).")
+    max_shards: int | None = Field(None, gt=0, description="Only the first N shards (smoke runs).")
+    force: bool = Field(False, description="Re-ingest shards that are already committed.")
+    workers: int = Field(2, gt=0, description="Shards processed concurrently.")
+    decode: DecodeConfig = Field(default_factory=DecodeConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> IngestConfig:
+        if self.dataset == "journeydb" and not self.annotations:
+            raise ValueError("dataset journeydb needs annotations=<path to the *_anno_repath.jsonl[.tgz]>")
+        if self.dataset != "journeydb" and self.annotations:
+            raise ValueError(f"annotations is only used by journeydb, not {self.dataset}")
+        if self.dataset != "imagenet" and self.synset_mapping:
+            raise ValueError(f"synset_mapping is only used by imagenet, not {self.dataset}")
+        return self

@@ -1,0 +1,126 @@
+"""One config system: strict pydantic models, YAML presets in `configs/`, dotted `key=value` overrides.
+
+    cfg = load_config(IngestConfig, "ingest/sam", ["source=/data/sa1b", "decode.max_pixels=50000000"])
+
+A preset is a YAML file path or a name under `configs/` (`ingest/sam` -> `configs/ingest/sam.yaml`). Overrides are
+applied last; values are parsed as YAML (`force=true` is a bool, `limit=3` an int). Unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from storage.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: unknown keys raise, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+M = TypeVar("M", bound=StrictModel)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Presets and overrides
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def resolve_preset(preset: str | Path) -> Path:
+    """A YAML path as given, or a preset name under `configs/` ("ingest/sam" -> configs/ingest/sam.yaml)."""
+    path = Path(preset)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    named = CONFIG_DIR / f"{preset}.yaml"
+    if named.exists():
+        return named
+    known = sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml"))
+    raise ConfigError(f"config {preset!r} is neither a YAML file nor a preset; presets: {', '.join(known)}")
+
+
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """["a.b=1", "c=x"] -> {"a": {"b": 1}, "c": "x"}. Values are YAML scalars, lists or maps."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({e.__class__.__name__})") from None
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override of {part!r}")
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _format_validation_error(cls: type, err: ValidationError) -> str:
+    lines = [f"invalid {cls.__name__}:"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(root)"
+        lines.append(f"  {where}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(
+    cls: type[M], preset: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> M:
+    """Build `cls` from an optional preset plus overrides; raises ConfigError with one line per bad field."""
+    data: dict[str, Any] = {}
+    if preset:
+        path = resolve_preset(preset)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    data = _merge(data, parse_overrides(list(overrides)))
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(cls, e)) from None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Saving the resolved config beside outputs
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def config_dict(cfg: BaseModel) -> dict[str, Any]:
+    """JSON-safe dict of a config, as saved beside outputs."""
+    return json.loads(cfg.model_dump_json())
+
+
+def config_hash(cfg: BaseModel) -> str:
+    """Short stable hash of the resolved config."""
+    blob = json.dumps(config_dict(cfg), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def dump_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(config_dict(cfg), sort_keys=False)

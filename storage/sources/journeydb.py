@@ -1,0 +1,142 @@
+"""JourneyDB reader: `imgs/NNN.tgz` archives (members `NNN/<id>.jpg`) joined to the annotation jsonl.
+
+The annotation file (`*_anno_repath.jsonl`, optionally `.tgz`/`.gz`) is global. `index_annotations` streams it
+once into rows keyed by folder `NNN` and image stem; each shard then loads only its own folder's rows. Records are
+matched by folder plus stem, so `.png`/`.jpg` naming differences do not matter. `Task2.Caption` may be missing or
+null. Midjourney parameters (`--ar 16:9`, `--v 5`, ...) are stripped from the prompt; the raw prompt is kept.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import posixpath
+import re
+import tarfile
+from collections.abc import Iterator
+from typing import Any
+
+from storage.errors import SourceError
+from storage.sources.base import SourceSample, SourceShard, list_archives, safe_name, shard_name_of
+from storage.tarstream import iter_tar, member_stem, normalize_member_name
+from storage.urls import open_url
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
+# Midjourney parameters go at the end of a prompt; some clients turn "--" into an em dash.
+_FLAGS = re.compile(r"(?:^|\s)(?:--|\u2014)[a-zA-Z].*$", re.DOTALL)
+_IMAGE_URLS = re.compile(r"<?https?://\S+>?")
+_SPACES = re.compile(r"\s+")
+
+
+def strip_midjourney_flags(prompt: str) -> str:
+    """'a cat, oil painting --ar 16:9 --v 5' -> 'a cat, oil painting'. Also drops image-prompt URLs."""
+    text = _FLAGS.sub("", prompt)
+    text = _IMAGE_URLS.sub(" ", text)
+    return _SPACES.sub(" ", text).strip(" ,")
+
+
+def list_shards(source: str) -> list[SourceShard]:
+    urls = list_archives(source, ("*.tgz", "imgs/*.tgz", "*.tar.gz", "imgs/*.tar.gz"), "JourneyDB image archives")
+    return [SourceShard(name=shard_name_of(u), url=u) for u in urls]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Annotations
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _jsonl_lines(url: str) -> Iterator[bytes]:
+    """Lines of a .jsonl, .jsonl.gz, or a .tgz/.tar.gz holding one .jsonl."""
+    with open_url(url, "rb") as raw:
+        if url.endswith((".tgz", ".tar.gz")):
+            try:
+                with tarfile.open(fileobj=raw, mode="r|gz") as tf:
+                    for info in tf:
+                        if info.isreg() and info.name.endswith(".jsonl"):
+                            yield from io.BufferedReader(tf.extractfile(info), 1 << 20)  # type: ignore[arg-type]
+                            return
+            except (tarfile.TarError, EOFError, OSError) as e:
+                raise SourceError(f"{url}: annotation archive unreadable: {e}") from None
+            raise SourceError(f"{url}: annotation archive holds no .jsonl file")
+        stream = gzip.GzipFile(fileobj=raw) if url.endswith(".gz") else raw
+        try:
+            yield from stream
+        except (EOFError, OSError) as e:
+            raise SourceError(f"{url}: annotation file unreadable: {e}") from None
+
+
+def parse_record(line: bytes) -> dict[str, Any]:
+    """One jsonl line -> annotation fields; raises ValueError with a reason for malformed records."""
+    doc = json.loads(line)
+    if not isinstance(doc, dict):
+        raise ValueError("record is not a JSON object")
+    img_path = doc.get("img_path")
+    if not isinstance(img_path, str) or not img_path.strip():
+        raise ValueError("record has no img_path")
+    rel, _ = normalize_member_name(img_path.strip())
+    folder = posixpath.dirname(rel)
+    stem, _ = member_stem(posixpath.basename(rel))
+    prompt_raw = doc.get("prompt")
+    task2 = doc.get("Task2")
+    caption = task2.get("Caption") if isinstance(task2, dict) else None
+    return {
+        "folder": folder,
+        "key": safe_name(stem),
+        "img_path": img_path,
+        "prompt_raw": prompt_raw if isinstance(prompt_raw, str) else None,
+        "prompt": strip_midjourney_flags(prompt_raw) if isinstance(prompt_raw, str) else None,
+        "caption": caption if isinstance(caption, str) and caption.strip() else None,
+    }
+
+
+def iter_annotations(url: str) -> Iterator[dict[str, Any]]:
+    """Every record, or {"line": N, "error": reason} for a malformed line."""
+    for line_no, line in enumerate(_jsonl_lines(url), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = parse_record(line)
+        except (ValueError, TypeError, AttributeError) as e:
+            yield {"line": line_no, "error": f"malformed annotation line {line_no}: {e}"}
+            continue
+        rec["line"] = line_no
+        yield rec
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def iter_samples(shard: SourceShard, records: list[dict[str, Any]]) -> Iterator[SourceSample]:
+    """Join the images of one archive to that folder's annotation records."""
+    by_key = {r["key"]: r for r in records}
+    seen: set[str] = set()
+    missing = "annotation record without its image"
+    for entry in iter_tar(shard.url):
+        if entry.truncated:
+            yield SourceSample(key=shard.name, error=entry.error)
+            missing = f"image not reached: {entry.error}"
+            break
+        stem, ext = member_stem(entry.name)
+        key = safe_name(stem.rsplit("/", 1)[-1])
+        if entry.error:
+            yield SourceSample(key=key, member=entry.name, error=entry.error)
+            continue
+        if ext not in IMAGE_EXTS:
+            yield SourceSample(key=key, member=entry.name, error=f"unexpected member {entry.name!r}")
+            continue
+        if key in seen:
+            yield SourceSample(key=key, member=entry.name, error=f"duplicate image for key {key!r}")
+            continue
+        seen.add(key)
+        rec = by_key.get(key)
+        if rec is None:
+            yield SourceSample(key=key, member=entry.name, error="image without an annotation record")
+            continue
+        fields = {k: rec[k] for k in ("prompt", "prompt_raw", "caption")}
+        yield SourceSample(key=key, member=entry.name, data=entry.data, offset=entry.offset, fields=fields)
+    for key, rec in by_key.items():
+        if key not in seen:
+            yield SourceSample(key=key, member=rec["img_path"], error=missing)

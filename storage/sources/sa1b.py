@@ -1,0 +1,95 @@
+"""SA-1B reader: `sa_NNNNNN.tar` archives holding `sa_<id>.jpg` + `sa_<id>.json` pairs.
+
+Input is a directory of tars, a glob, a single tar, or Meta's links TSV (`file_name<TAB>cdn_link`, header row).
+Only `image.{image_id,width,height,file_name}` of each JSON is used; width/height are checked against the image.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator
+
+from storage.errors import SourceError
+from storage.sources.base import SourceSample, SourceShard, list_archives, safe_name, shard_name_of
+from storage.tarstream import iter_tar, member_stem
+from storage.urls import read_text
+
+IMAGE_EXTS = (".jpg", ".jpeg")
+
+
+def _links(tsv_url: str) -> list[SourceShard]:
+    rows = list(csv.reader(io.StringIO(read_text(tsv_url)), delimiter="\t"))
+    if not rows or [c.strip().lower() for c in rows[0][:2]] != ["file_name", "cdn_link"]:
+        raise SourceError(f"{tsv_url}: not an SA-1B links file (expected a 'file_name<TAB>cdn_link' header)")
+    shards = []
+    for line_no, row in enumerate(rows[1:], start=2):
+        if not row or not "".join(row).strip():
+            continue
+        if len(row) < 2 or not row[1].strip():
+            raise SourceError(f"{tsv_url}:{line_no}: expected 'file_name<TAB>cdn_link', got {row!r}")
+        shards.append(SourceShard(name=shard_name_of(row[0].strip()), url=row[1].strip()))
+    if not shards:
+        raise SourceError(f"{tsv_url}: links file lists no tars")
+    return shards
+
+
+def list_shards(source: str) -> list[SourceShard]:
+    if source.endswith((".tsv", ".txt")):
+        return _links(source)
+    return [SourceShard(name=shard_name_of(u), url=u) for u in list_archives(source, ("sa_*.tar",), "SA-1B tars")]
+
+
+def _parse_json(data: bytes) -> tuple[dict | None, str | None]:
+    try:
+        doc = json.loads(data)
+        image = doc["image"]
+        return {"json_width": int(image["width"]), "json_height": int(image["height"]),
+                "image_id": image.get("image_id"), "file_name": image.get("file_name")}, None
+    except (ValueError, TypeError) as e:
+        return None, f"malformed JSON: {e}"
+    except KeyError as e:
+        return None, f"JSON lacks image field {e}"
+
+
+def _pair(key: str, image, meta) -> SourceSample:
+    if meta is None:
+        return SourceSample(key=key, member=image.name, error="image without its JSON")
+    if image is None:
+        return SourceSample(key=key, member=meta.name, error="JSON without its image")
+    fields, err = _parse_json(meta.data)
+    return SourceSample(key=key, member=image.name, data=image.data, offset=image.offset, fields=fields or {},
+                        error=err)
+
+
+def iter_samples(shard: SourceShard) -> Iterator[SourceSample]:
+    pending: dict[str, dict] = {}
+    seen: set[str] = set()
+    for entry in iter_tar(shard.url, compressed=False):
+        if entry.truncated:
+            for key, parts in pending.items():
+                yield SourceSample(key=key, member=(parts.get("img") or parts["json"]).name,
+                                   error=f"sample incomplete: {entry.error}")
+            yield SourceSample(key=shard.name, error=entry.error)
+            return
+        stem, ext = member_stem(entry.name)
+        key = safe_name(stem.rsplit("/", 1)[-1])
+        if entry.error:
+            yield SourceSample(key=key, member=entry.name, error=entry.error)
+            continue
+        slot = "img" if ext in IMAGE_EXTS else "json" if ext == ".json" else None
+        if slot is None:
+            yield SourceSample(key=key, member=entry.name, error=f"unexpected member {entry.name!r} in SA-1B tar")
+            continue
+        if key in seen or slot in pending.get(key, {}):
+            yield SourceSample(key=key, member=entry.name, error=f"duplicate member for key {key!r}")
+            continue
+        parts = pending.setdefault(key, {})
+        parts[slot] = entry
+        if len(parts) == 2:
+            del pending[key]
+            seen.add(key)
+            yield _pair(key, parts["img"], parts["json"])
+    for key, parts in pending.items():
+        yield _pair(key, parts.get("img"), parts.get("json"))
