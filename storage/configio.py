@@ -35,14 +35,19 @@ M = TypeVar("M", bound=StrictModel)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def resolve_preset(preset: str | Path) -> Path:
-    """A YAML path as given, or a preset name under `configs/` ("ingest/sam" -> configs/ingest/sam.yaml)."""
+def resolve_preset(preset: str | Path, kind: str | None = None) -> Path:
+    """A YAML path as given, or a preset name under `configs/`.
+
+    "ingest/sam" -> configs/ingest/sam.yaml; with kind="ingest", plain "sam" resolves to the same file.
+    """
     path = Path(preset)
-    if path.suffix in (".yaml", ".yml") and path.exists():
-        return path
-    named = CONFIG_DIR / f"{preset}.yaml"
-    if named.exists():
-        return named
+    if path.suffix in (".yaml", ".yml"):
+        if path.exists():
+            return path
+        raise ConfigError(f"config file {preset} does not exist")
+    for named in ([CONFIG_DIR / kind / f"{preset}.yaml"] if kind else []) + [CONFIG_DIR / f"{preset}.yaml"]:
+        if named.exists():
+            return named
     known = sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml"))
     raise ConfigError(f"config {preset!r} is neither a YAML file nor a preset; presets: {', '.join(known)}")
 
@@ -87,12 +92,12 @@ def _format_validation_error(cls: type, err: ValidationError) -> str:
 
 
 def load_config(
-    cls: type[M], preset: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+    cls: type[M], preset: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), kind: str | None = None
 ) -> M:
     """Build `cls` from an optional preset plus overrides; raises ConfigError with one line per bad field."""
     data: dict[str, Any] = {}
     if preset:
-        path = resolve_preset(preset)
+        path = resolve_preset(preset, kind)
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
