@@ -1,1 +1,1 @@
-"""captioning package."""
+"""LLaVA captioning library. Filled in by the captioning issue."""

@@ -28,7 +28,7 @@ from storage.errors import PipelineError
 from storage.ingest import ShardResult, ingest_shard, list_shards, prepare
 from storage.manifest import manifest_dir
 from storage.sources.base import SourceShard
-from storage.urls import join
+from storage.urls import describe_error, join
 
 MAX_TASK_THREADS = 16
 
@@ -68,9 +68,10 @@ def ingest(config: str = "ingest/sam", overrides: list[str] | None = None, force
         shards = list_shards(cfg)
         extra = prepare(cfg)
         write_atomic(join(manifest_dir(cfg.output_root, cfg.dataset), "config.resolved.yaml"), dump_yaml(cfg).encode())
-    except PipelineError as e:  # bad config or source: one clear line, no traceback
-        logger.error(str(e))
-        return Failed(message=str(e))
+    except (PipelineError, OSError) as e:  # bad config, source or output root: one clear line, no traceback
+        message = str(e) if isinstance(e, PipelineError) else describe_error(str(overrides or config), e)
+        logger.error(message)
+        return Failed(message=message)
     logger.info("ingest %s: %d shards from %s -> %s", cfg.dataset, len(shards), cfg.source, cfg.output_root)
 
     results: list[dict[str, Any]] = []

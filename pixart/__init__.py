@@ -1,1 +1,1 @@
-"""pixart package."""
+"""Text-to-image training library (models, buckets, features, loader, loss). Filled in by later issues."""

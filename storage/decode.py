@@ -40,9 +40,9 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         raise ImageDecodeError("empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies below
             im = Image.open(io.BytesIO(data))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except Image.DecompressionBombError as e:  # above 2x Image.MAX_IMAGE_PIXELS, whatever max_pixels says
         raise ImageDecodeError(f"decompression bomb refused by Pillow: {e}") from None
     except UnidentifiedImageError:
         raise ImageDecodeError(f"not an image (first bytes {data[:8]!r})") from None
@@ -103,7 +103,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         arr = np.asarray(im, dtype=np.float64)
         peak = 65535.0 if im.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
         arr = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
+        return Image.fromarray(arr).convert("RGB")
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):

@@ -23,7 +23,7 @@ from storage.commit import commit_shard, is_done, read_done, write_done
 from storage.config import IngestConfig
 from storage.configio import config_dict, config_hash
 from storage.decode import probe_image
-from storage.errors import ImageDecodeError
+from storage.errors import ImageDecodeError, SourceError
 from storage.manifest import STATUS_ERROR, STATUS_OK, manifest_dir, manifest_url, write_manifest
 from storage.sources import imagenet, journeydb, sa1b
 from storage.sources.base import SourceSample, SourceShard
@@ -60,6 +60,11 @@ def list_shards(cfg: IngestConfig) -> list[SourceShard]:
     """The source shards of `cfg.dataset`, in name order, limited to `max_shards`."""
     lister = {"sam": sa1b.list_shards, "journeydb": journeydb.list_shards, "imagenet": imagenet.list_shards}
     shards = sorted(lister[cfg.dataset](cfg.source), key=lambda s: s.name)
+    if cfg.dataset == "imagenet":
+        if cfg.synset_mapping:
+            imagenet.load_synset_mapping(cfg.synset_mapping)  # a bad mapping fails the run now, not every shard
+        elif any(s.kind == "folder" for s in shards):
+            raise SourceError(f"{cfg.source}: ImageNet class folders need synset_mapping (LOC_synset_mapping.txt)")
     return shards[: cfg.max_shards] if cfg.max_shards else shards
 
 

@@ -1,0 +1,55 @@
+"""The config system: strict models, presets, dotted overrides, clear errors."""
+
+import pytest
+import yaml
+
+from storage.config import IngestConfig
+from storage.configio import config_hash, dump_yaml, load_config, parse_overrides
+from storage.errors import ConfigError
+
+
+def test_overrides_parse_yaml_values_and_nest():
+    assert parse_overrides(["a.b=3", "a.c=true", "d=x y", "e=[1, 2]"]) == {
+        "a": {"b": 3, "c": True}, "d": "x y", "e": [1, 2]}
+
+
+@pytest.mark.parametrize("bad", ["novalue", "=3", "a=[unclosed"])
+def test_malformed_override_is_a_config_error(bad):
+    with pytest.raises(ConfigError, match="override"):
+        parse_overrides([bad])
+
+
+def test_preset_plus_overrides():
+    cfg = load_config(IngestConfig, "sam", ["source=/x", "decode.max_pixels=1000", "workers=4"], kind="ingest")
+    assert (cfg.dataset, cfg.source, cfg.decode.max_pixels, cfg.workers) == ("sam", "/x", 1000, 4)
+    assert cfg.decode.verify == "header"
+
+
+def test_unknown_keys_are_rejected_at_every_level():
+    with pytest.raises(ConfigError, match="bogus"):
+        load_config(IngestConfig, "sam", ["bogus=1"], kind="ingest")
+    with pytest.raises(ConfigError, match="decode.bogus"):
+        load_config(IngestConfig, "sam", ["decode.bogus=1"], kind="ingest")
+
+
+def test_contradictions_raise():
+    with pytest.raises(ConfigError, match="annotations"):
+        load_config(IngestConfig, "journeydb", ["annotations=null"], kind="ingest")
+    with pytest.raises(ConfigError, match="synset_mapping is only used by imagenet"):
+        load_config(IngestConfig, "sam", ["synset_mapping=/m.txt"], kind="ingest")
+
+
+def test_unknown_preset_lists_the_known_ones(tmp_path):
+    with pytest.raises(ConfigError, match="ingest/sam"):
+        load_config(IngestConfig, "nope", kind="ingest")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(IngestConfig, str(tmp_path / "missing.yaml"))
+
+
+def test_yaml_file_and_resolved_round_trip(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("dataset: imagenet\nsource: /in\nsynset_mapping: /m.txt\n")
+    cfg = load_config(IngestConfig, str(path), ["force=true"])
+    again = IngestConfig.model_validate(yaml.safe_load(dump_yaml(cfg)))
+    assert again == cfg and again.force is True
+    assert config_hash(again) == config_hash(cfg) != config_hash(cfg.model_copy(update={"workers": 9}))

@@ -1,0 +1,78 @@
+"""The `ingest` flow run through Prefect (a temporary server per session), and the `pixart` CLI."""
+
+import subprocess
+import sys
+
+import pytest
+from prefect.client.orchestration import get_client
+
+import flows.ingest as ingest_flow_mod
+from flows.ingest import ingest
+from storage import ingest as ingest_lib
+from storage.manifest import committed_manifests, read_dataset
+
+
+def _artifacts(keys: list[str]) -> dict[str, str]:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+    return {a.key: a.data for a in found}
+
+
+def test_flow_ingests_all_three_datasets(prefect_server, samples, tmp_path):
+    out = str(tmp_path)
+    runs = {"sam": [f"source={samples['sam']}"],
+            "journeydb": [f"source={samples['journeydb']}", f"annotations={samples['journeydb_annotations']}"],
+            "imagenet": [f"source={samples['imagenet']}", f"synset_mapping={samples['synset_mapping']}"]}
+    for preset, overrides in runs.items():
+        state = ingest(config=preset, overrides=[*overrides, f"output_root={out}"], return_state=True)
+        assert state.is_completed(), state.message
+        outcome = state.result()
+        assert outcome["num_ok"] == 8 and outcome["num_error"] == 0 and outcome["failed"] == []
+        assert len(committed_manifests(out, preset)) == outcome["shards"]
+        assert (tmp_path / "manifests" / preset / "config.resolved.yaml").read_text().startswith(f"dataset: {preset}")
+    arts = _artifacts(["ingest-sam-summary", "ingest-sam-shards"])
+    assert "samples: 8 ok, 0 error rows" in arts["ingest-sam-summary"]
+    assert "sa_000001" in str(arts["ingest-sam-shards"])
+
+
+def test_flow_rerun_skips_and_force_redoes(prefect_server, samples, tmp_path):
+    args = dict(config="sam", overrides=[f"source={samples['sam']}", f"output_root={tmp_path}"])
+    assert ingest(**args, return_state=True).result()["skipped"] == 0
+    assert ingest(**args, return_state=True).result()["skipped"] == 2
+    assert ingest(**args, force=True, return_state=True).result()["skipped"] == 0
+
+
+def test_one_failing_shard_does_not_stop_the_others(prefect_server, samples, tmp_path, monkeypatch):
+    real = ingest_lib._samples
+
+    def flaky(shard, cfg):
+        if shard.name == "sa_000000":
+            raise OSError("connection reset by peer")
+        return real(shard, cfg)
+
+    monkeypatch.setattr(ingest_lib, "_samples", flaky)
+    monkeypatch.setattr(ingest_flow_mod, "ingest_shard_task",
+                        ingest_flow_mod.ingest_shard_task.with_options(retries=1, retry_delay_seconds=0))
+    state = ingest(config="sam", overrides=[f"source={samples['sam']}", f"output_root={tmp_path}"],
+                   return_state=True)
+    assert state.is_failed() and "1 of 2 shards failed: sa_000000" in state.message
+    assert [r["shard"] for r in read_dataset(str(tmp_path), "sam").to_pylist()] == ["sa_000001"] * 4
+
+
+def test_bad_config_fails_the_run_with_one_message(prefect_server, tmp_path):
+    state = ingest(config="sam", overrides=["source=/definitely/missing", f"output_root={tmp_path}"],
+                   return_state=True)
+    assert state.is_failed() and state.message == "/definitely/missing: does not exist"
+
+
+@pytest.mark.slow
+def test_cli_help_and_ingest(samples, tmp_path):
+    help_text = subprocess.run([sys.executable, "-m", "flows", "--help"], capture_output=True, text=True).stdout
+    assert "ingest" in help_text and "demo" in help_text
+    proc = subprocess.run([sys.executable, "-m", "flows", "ingest", "imagenet", f"source={samples['imagenet_wds']}",
+                           f"synset_mapping={samples['synset_mapping']}", f"output_root={tmp_path}"],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert "imagenet: 1 shards (0 already committed), 8 samples ok, 0 error rows" in proc.stdout
