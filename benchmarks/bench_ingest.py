@@ -6,6 +6,7 @@ data) in a temp dir, warms the page cache, then times, interleaved and --repeats
     raw r:         tarfile.open(mode="r:")  (seekable) - iterate members, read every member's bytes
     raw r|         tarfile.open(mode="r|")  (streaming) - the same
     ingest header  ingest_shard with decode.verify="header" (the default): parse, sha256, probe, write the manifest
+    ingest header, 2 workers   the same, two shards at a time in threads (what the flow does with workers=2)
     ingest full    ingest_shard with decode.verify="full" (JPEG pixels decoded at 1/8 scale)
 
 The faster raw mode is the baseline; each row shows images/s, MB/s (tar bytes) and its time ratio to the baseline
@@ -18,11 +19,13 @@ Timings use the best of the repeats (the median is shown too). Nothing is assert
 from __future__ import annotations
 
 import argparse
+import hashlib
 import statistics
 import tarfile
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from storage.config import DecodeConfig, IngestConfig
@@ -58,8 +61,16 @@ def raw_read(paths: list[Path], mode: str) -> int:
     return n
 
 
-def run_ingest(cfg: IngestConfig) -> int:
-    results = [ingest_shard(shard, cfg) for shard in list_shards(cfg)]
+def hash_only(paths: list[Path]) -> int:
+    """sha256 of every tar's bytes and nothing else: the floor under any ingest that hashes each image."""
+    for p in paths:
+        hashlib.sha256(p.read_bytes())
+    return 0
+
+
+def run_ingest(cfg: IngestConfig, workers: int = 1) -> int:
+    with ThreadPoolExecutor(workers) as pool:
+        results = list(pool.map(lambda shard: ingest_shard(shard, cfg), list_shards(cfg)))
     assert not any(r.skipped or r.num_error for r in results), results  # a sanity check, not a timing assertion
     return sum(r.num_ok for r in results)
 
@@ -98,29 +109,31 @@ def main(argv: list[str] | None = None) -> None:
               f"{total / 1e6:.1f} MB of tar, built in {time.perf_counter() - t0:.1f} s; "
               f"{args.repeats} interleaved repeats, best time used")
 
-        def ingest(verify: str) -> Callable[[], int]:
+        def ingest(verify: str, workers: int = 1) -> Callable[[], int]:
             cfg = IngestConfig(dataset="sam", source=str(src), output_root=str(out), force=True,
                                decode=DecodeConfig(verify=verify))
-            return lambda: run_ingest(cfg)
+            return lambda: run_ingest(cfg, workers)
 
         cases = {"raw tarfile r:": lambda: raw_read(paths, "r:"), "raw tarfile r|": lambda: raw_read(paths, "r|"),
-                 "ingest header": ingest("header"), "ingest full": ingest("full")}
+                 "ingest header": ingest("header"), "ingest header x2": ingest("header", 2),
+                 "ingest full": ingest("full"), "sha256 only": lambda: hash_only(paths)}
         counts = {name: fn() for name, fn in cases.items()}
         assert counts["raw tarfile r:"] == counts["raw tarfile r|"] == 2 * args.images, counts
-        assert counts["ingest header"] == counts["ingest full"] == args.images, counts
+        assert counts["ingest header"] == counts["ingest header x2"] == counts["ingest full"] == args.images, counts
         times = measure(cases, max(1, args.repeats))
 
     best = {name: min(ts) for name, ts in times.items()}
     base = min(("raw tarfile r:", "raw tarfile r|"), key=best.get)
     print(f"baseline: {base} (the faster plain tarfile read)\n")
-    print(f"{'case':<16}{'best s':>9}{'median s':>10}{'images/s':>10}{'MB/s':>9}{'vs baseline':>13}")
+    print(f"{'case':<18}{'best s':>9}{'median s':>10}{'images/s':>10}{'MB/s':>9}{'vs baseline':>13}")
     for name, ts in times.items():
         t = best[name]
-        print(f"{name:<16}{t:>9.4f}{statistics.median(ts):>10.4f}{args.images / t:>10.1f}{total / 1e6 / t:>9.1f}"
+        print(f"{name:<18}{t:>9.4f}{statistics.median(ts):>10.4f}{args.images / t:>10.1f}{total / 1e6 / t:>9.1f}"
               f"{best[base] / t:>12.3f}x")
-    ratio = best[base] / best["ingest header"]
-    verdict = "MET" if ratio >= GOAL else "NOT MET"
-    print(f"\ngoal ingest(header) >= {GOAL} x raw read ({base}): {ratio:.3f} -> {verdict}")
+    for name in ("ingest header", "ingest header x2"):
+        ratio = best[base] / best[name]
+        print(f"goal {name} >= {GOAL} x raw read ({base}): {ratio:.3f} -> {'MET' if ratio >= GOAL else 'NOT MET'}")
+    print("(the 'sha256 only' row is a ceiling: ingest must hash every image, single-threaded per shard)")
 
 
 if __name__ == "__main__":

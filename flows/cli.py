@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
+from storage.config import IngestConfig
 from storage.errors import PipelineError
 
 app = typer.Typer(help="PixArt-alpha data and training pipeline.", no_args_is_help=True, add_completion=False)
@@ -24,7 +26,6 @@ def _fail(message: str, code: int = 2) -> None:
 
 def _run_ingest(config: str, overrides: list[str], force: bool) -> dict:
     from flows.ingest import ingest as ingest_flow
-    from storage.config import IngestConfig
     from storage.configio import load_config
 
     load_config(IngestConfig, config, overrides, kind="ingest")  # fail fast, before a Prefect server starts
@@ -34,11 +35,23 @@ def _run_ingest(config: str, overrides: list[str], force: bool) -> dict:
     return state.result()
 
 
-@app.command()
+def _config_keys(model, prefix: str = "") -> list[str]:
+    """'key: description' lines for every field of a config model (nested models flattened with dots)."""
+    lines = []
+    for name, field in model.model_fields.items():
+        sub = field.annotation if isinstance(field.annotation, type) else None
+        if sub is not None and hasattr(sub, "model_fields"):
+            lines += _config_keys(sub, f"{prefix}{name}.")
+        else:
+            lines.append(f"{prefix}{name}: {field.description or ''}")
+    return lines
+
+
+@app.command(epilog="Config keys (override with key=value):\n\n" + "\n\n".join(_config_keys(IngestConfig)))
 def ingest(
-    config: str = typer.Argument(..., help="Preset (sam, journeydb, imagenet) or a YAML path."),
-    overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. source=/data/sa1b"),
-    force: bool = typer.Option(False, "--force", help="Re-ingest shards that are already committed."),
+    config: Annotated[str, typer.Argument(help="Preset (sam, journeydb, imagenet) or a YAML path.")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. source=/data/sa1b")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Re-ingest shards that are already committed.")] = False,
 ) -> None:
     """Index source shards into parquet manifests under <output_root>/manifests/<dataset>/."""
     try:
@@ -51,8 +64,8 @@ def ingest(
 
 @app.command()
 def demo(
-    root: Path = typer.Option(Path("demo-output"), help="Where sample data and outputs are written."),
-    short_side: int = typer.Option(768, help="Short side of the sample SA-1B images (the real ones have 1500)."),
+    root: Annotated[Path, typer.Option(help="Where sample data and outputs are written.")] = Path("demo-output"),
+    short_side: Annotated[int, typer.Option(help="Short side of the sample SA-1B images (real: 1500).")] = 768,
 ) -> None:
     """Build sample SA-1B, JourneyDB and ImageNet shards from real photos, then ingest all three."""
     from storage.manifest import read_dataset

@@ -18,7 +18,8 @@ class DecodeConfig(StrictModel):
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0, description="Larger images are refused (decompression bombs).")
     verify: Literal["header", "full"] = Field(
         "header",
-        description="header: parse header + end marker (fast); full: also decode pixels (JPEG at 1/8 scale).",
+        description="header: image header + end marker, SA-1B JSON `image` object only (fast); "
+        "full: also decode pixels (JPEG at 1/8 scale) and parse every SA-1B JSON whole.",
     )
 
 

@@ -92,7 +92,10 @@ def _format_validation_error(cls: type, err: ValidationError) -> str:
 
 
 def load_config(
-    cls: type[M], preset: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), kind: str | None = None
+    cls: type[M],
+    preset: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    kind: str | None = None,
 ) -> M:
     """Build `cls` from an optional preset plus overrides; raises ConfigError with one line per bad field."""
     data: dict[str, Any] = {}

@@ -106,7 +106,7 @@ def _journeydb_records(cfg: IngestConfig, folder: str) -> list[dict[str, Any]]:
 
 def _samples(shard: SourceShard, cfg: IngestConfig) -> Iterator[SourceSample]:
     if cfg.dataset == "sam":
-        return sa1b.iter_samples(shard)
+        return sa1b.iter_samples(shard, full_json=cfg.decode.verify == "full")
     if cfg.dataset == "journeydb":
         return journeydb.iter_samples(shard, _journeydb_records(cfg, shard.name))
     mapping = imagenet.load_synset_mapping(cfg.synset_mapping) if cfg.synset_mapping else None

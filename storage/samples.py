@@ -135,7 +135,7 @@ def build_samples(out_dir: str | Path, *, short_side: int = 256, per_shard: int 
                 records.append({"img_path": f"./{folder}/{img_id}.jpg", "prompt": PROMPTS[k % len(PROMPTS)],
                                 "Task1": {"Style": ["watercolor"], "Content": ["window"], "Atmosphere": ["cozy"],
                                           "Others": []},
-                                "Task2": {"Caption": None if k % 3 == 2 else f"An image of {PHOTOS[k % len(PHOTOS)]}."},
+                                "Task2": {"Caption": None if k % 3 == 2 else f"A photo of {PHOTOS[k % len(PHOTOS)]}."},
                                 "Task3": {"Style Relevant Questions and Answers": [],
                                           "Content Relevant Questions and Answers": []}})
     jsonl = "".join(json.dumps(r) + "\n" for r in records).encode()

@@ -13,9 +13,12 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from storage.urls import open_url
+from storage.urls import filesystem, open_url, protocol_of
 
-READ_BUFFER = 1 << 20
+STREAM_BUFFER = 1 << 16  # tarfile's stream reader copies its leftover buffer on every read: keep it small
+# Filesystems whose files seek backwards cheaply: plain tars on them are read in random-access mode ("r:"), about
+# twice as fast as streaming. HTTP files (SA-1B CDN links) claim to seek but cannot go back, so they stream.
+SEEKABLE_PROTOCOLS = {"file", "local", "s3", "s3a", "gs", "gcs", "memory"}
 _ZERO_BLOCK = tarfile.NUL * tarfile.BLOCKSIZE
 
 
@@ -73,18 +76,23 @@ def _kind(info: tarfile.TarInfo) -> str | None:
 def iter_tar(url: str, *, compressed: bool | None = None) -> Iterator[TarEntry]:
     """Yield every member of the tar at `url` in archive order (see module doc for the error entries).
 
-    `compressed=None` lets tarfile detect gzip/bz2/xz. Raises SourceError only when the URL cannot be opened.
+    `compressed=None` lets tarfile detect gzip/bz2/xz; `compressed=False` promises a plain tar, which is then read
+    in random-access mode where the filesystem allows. Raises SourceError only when the URL cannot be opened.
     """
-    mode = "r|*" if compressed is None else ("r|gz" if compressed else "r|")
+    fs, _ = filesystem(url)
+    if compressed is False and protocol_of(fs) in SEEKABLE_PROTOCOLS:
+        mode, kwargs = "r:", {}
+    else:
+        mode, kwargs = ("r|*" if compressed is None else "r|gz" if compressed else "r|"), {"bufsize": STREAM_BUFFER}
     raw = open_url(url, "rb")
     count = 0
     try:
         try:
-            tf = tarfile.open(fileobj=raw, mode=mode, tarinfo=_HeaderTrackingInfo, bufsize=READ_BUFFER)
+            tf = tarfile.open(fileobj=raw, mode=mode, tarinfo=_HeaderTrackingInfo, **kwargs)
         except (tarfile.TarError, EOFError, OSError) as e:
             yield TarEntry(name="", error=f"not a readable tar archive: {e}", truncated=True)
             return
-        is_plain = getattr(tf.fileobj, "comptype", "tar") == "tar"
+        is_plain = mode == "r:" or getattr(tf.fileobj, "comptype", "tar") == "tar"
         try:
             for info in tf:
                 name, unsafe = normalize_member_name(info.name)

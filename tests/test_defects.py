@@ -216,3 +216,23 @@ def test_bad_config_is_reported_before_anything_runs(tmp_path):
     proc = _pixart("ingest", "sam", "nonsense_key=1")
     assert proc.returncode == 2 and "nonsense_key: Extra inputs are not permitted" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_sa1b_json_checks_by_verify_level(tmp_path):
+    image_last = json.dumps({"annotations": [{"id": 1, "segmentation": {"size": [60, 90], "counts": "0a1b"}}],
+                             "image": {"image_id": 2, "width": 90, "height": 60, "file_name": "sa_2.jpg"}}).encode()
+    bad_masks = b'{"image": {"image_id": 3, "width": 90, "height": 60}, "annotations": [{"id": 1,, }]}'
+    members = [*sa1b_pair(1, GOOD, 90, 60),
+               file_member("sa_2.jpg", GOOD), file_member("sa_2.json", image_last),  # key order varies
+               file_member("sa_3.jpg", GOOD), file_member("sa_3.json", bad_masks),
+               file_member("sa_4.jpg", GOOD), file_member("sa_4.json", image_last[:-30])]  # cut short
+    (tmp_path / "src").mkdir()
+    write_tar(tmp_path / "src" / "sa_000000.tar", members)
+    header = ingest_rows(IngestConfig(dataset="sam", source=str(tmp_path / "src"), output_root=str(tmp_path / "h")))
+    full = ingest_rows(IngestConfig(dataset="sam", source=str(tmp_path / "src"), output_root=str(tmp_path / "f"),
+                                    decode={"verify": "full"}))
+    assert sorted(k for k, r in header.items() if r["status"] == "ok") == ["sa_1", "sa_2", "sa_3"]
+    assert_only_error(header, "sa_4", "cut short")
+    assert sorted(k for k, r in full.items() if r["status"] == "ok") == ["sa_1", "sa_2"]
+    assert_only_error(full, "sa_3", "malformed JSON")
+    assert_only_error(full, "sa_4", "malformed JSON")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Iterator
 
 from storage.errors import SourceError
@@ -41,10 +42,37 @@ def list_shards(source: str) -> list[SourceShard]:
     return [SourceShard(name=shard_name_of(u), url=u) for u in list_archives(source, ("sa_*.tar",), "SA-1B tars")]
 
 
-def _parse_json(data: bytes) -> tuple[dict | None, str | None]:
+_IMAGE_KEY = re.compile(rb'"image"\s*:\s*')
+_DECODER = json.JSONDecoder()
+
+
+def _image_object(data: bytes, full: bool) -> dict:
+    """The `image` object of an SA-1B JSON.
+
+    A file holds up to thousands of mask RLE strings that ingest never uses, so unless `full`, only the small
+    `image` object is decoded (RLE strings cannot contain '"image"': their alphabet has no quote). A document that
+    does not end in '}' is reported as cut short; any doubt falls back to parsing the whole document.
+    """
+    if not full:
+        if not data.rstrip().endswith(b"}"):
+            raise ValueError("document is cut short (no closing brace)")
+        m = _IMAGE_KEY.search(data)
+        if m is not None:
+            try:
+                image, _ = _DECODER.raw_decode(data[m.end():m.end() + 4096].decode("utf-8", "replace"))
+                if isinstance(image, dict):
+                    return image
+            except ValueError:
+                pass
+    doc = json.loads(data)
+    if not isinstance(doc, dict):
+        raise TypeError("top level is not an object")
+    return doc["image"]
+
+
+def _parse_json(data: bytes, full: bool = False) -> tuple[dict | None, str | None]:
     try:
-        doc = json.loads(data)
-        image = doc["image"]
+        image = _image_object(data, full)
         return {"json_width": int(image["width"]), "json_height": int(image["height"]),
                 "image_id": image.get("image_id"), "file_name": image.get("file_name")}, None
     except (ValueError, TypeError) as e:
@@ -53,17 +81,18 @@ def _parse_json(data: bytes) -> tuple[dict | None, str | None]:
         return None, f"JSON lacks image field {e}"
 
 
-def _pair(key: str, image, meta) -> SourceSample:
+def _pair(key: str, image, meta, full_json: bool) -> SourceSample:
     if meta is None:
         return SourceSample(key=key, member=image.name, error="image without its JSON")
     if image is None:
         return SourceSample(key=key, member=meta.name, error="JSON without its image")
-    fields, err = _parse_json(meta.data)
+    fields, err = _parse_json(meta.data, full_json)
     return SourceSample(key=key, member=image.name, data=image.data, offset=image.offset, fields=fields or {},
                         error=err)
 
 
-def iter_samples(shard: SourceShard) -> Iterator[SourceSample]:
+def iter_samples(shard: SourceShard, full_json: bool = False) -> Iterator[SourceSample]:
+    """Pair `sa_<id>.jpg` with `sa_<id>.json`; `full_json` parses each JSON whole (masks included)."""
     pending: dict[str, dict] = {}
     seen: set[str] = set()
     for entry in iter_tar(shard.url, compressed=False):
@@ -90,6 +119,6 @@ def iter_samples(shard: SourceShard) -> Iterator[SourceSample]:
         if len(parts) == 2:
             del pending[key]
             seen.add(key)
-            yield _pair(key, parts["img"], parts["json"])
+            yield _pair(key, parts["img"], parts["json"], full_json)
     for key, parts in pending.items():
-        yield _pair(key, parts.get("img"), parts.get("json"))
+        yield _pair(key, parts.get("img"), parts.get("json"), full_json)
