@@ -49,6 +49,8 @@ def describe_error(url: str, err: BaseException) -> str:
     name = err.__class__.__name__
     text = str(err).splitlines()[0] if str(err) else name
     if isinstance(err, FileNotFoundError):
+        if url.startswith(("http://", "https://")):  # fsspec reports refused connections the same way
+            return f"{url}: not found or unreachable (an expired signed link?)"
         return f"{url}: does not exist"
     if isinstance(err, PermissionError) or name in ("NoCredentialsError", "PartialCredentialsError", "ClientError"):
         return f"{url}: access denied or credentials unusable ({name}: {text})"

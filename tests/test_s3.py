@@ -15,22 +15,19 @@ import tarfile
 import urllib.request
 from pathlib import Path
 
+import boto3
 import pytest
+import s3fs
+from moto.server import ThreadedMotoServer
+from PIL import Image
 
-pytest.importorskip("moto.server")
-s3fs = pytest.importorskip("s3fs")
-boto3 = pytest.importorskip("boto3")
-
-from moto.server import ThreadedMotoServer  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from storage.commit import DONE_SUFFIX, TMP_MARK, commit_shard, is_done  # noqa: E402
-from storage.config import IngestConfig  # noqa: E402
-from storage.errors import SourceError  # noqa: E402
-from storage.ingest import ingest_shard, list_shards  # noqa: E402
-from storage.manifest import STATUS_OK, manifest_url, read_dataset, read_manifest  # noqa: E402
-from storage.samples import build_samples  # noqa: E402
-from storage.urls import exists, filesystem  # noqa: E402
+from storage.commit import DONE_SUFFIX, TMP_MARK, commit_shard, is_done
+from storage.config import IngestConfig
+from storage.errors import SourceError
+from storage.ingest import ingest_shard, list_shards
+from storage.manifest import STATUS_OK, manifest_url, read_dataset, read_manifest
+from storage.samples import build_samples
+from storage.urls import exists, filesystem
 
 BUCKET = "pixart-test"
 RAW = f"s3://{BUCKET}/raw/sa1b"
