@@ -1,0 +1,96 @@
+"""Config of the captioning stage. Presets live in `configs/caption/`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from storage.config import DecodeConfig
+from storage.configio import StrictModel
+
+PAPER_PROMPT = "Describe this image and its style in a very detailed manner"
+DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
+
+
+class GenerationConfig(StrictModel):
+    """Arguments of `generate()`. Greedy by default; `do_sample=true` uses temperature/top_p with `seed`."""
+
+    max_new_tokens: int = Field(300, gt=0, description="Generation stops here (finish_reason 'length').")
+    do_sample: bool = Field(False, description="Temperature sampling instead of greedy decoding.")
+    temperature: float = Field(0.2, gt=0, description="Used only with do_sample (LLaVA's default 0.2).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Used only with do_sample.")
+    num_beams: int = Field(1, ge=1, description="Beam search width (1: none).")
+    repetition_penalty: float = Field(1.0, gt=0, description="1.0: off.")
+    seed: int = Field(0, description="Seeds sampling; every batch starts from it, so runs are repeatable.")
+
+    def generate_kwargs(self) -> dict:
+        kw = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "num_beams": self.num_beams,
+              "repetition_penalty": self.repetition_penalty}
+        if self.do_sample:
+            kw.update(temperature=self.temperature, top_p=self.top_p)
+        return kw
+
+
+class RayCaptionConfig(StrictModel):
+    """Ray Data execution: one model replica per GPU, decoding on CPU tasks alongside."""
+
+    address: str | None = Field(None, description="Ray cluster address; None starts or joins a local Ray.")
+    num_replicas: int = Field(1, gt=0, description="Captioner actors (model replicas).")
+    num_gpus_per_replica: float = Field(1.0, ge=0, description="GPUs per actor; 0 runs on CPU (tests).")
+    num_cpus_per_decoder: float = Field(1.0, gt=0, description="CPUs per image-decoding task.")
+
+
+class CaptionConfig(StrictModel):
+    """Caption the ok rows of `<output_root>/manifests/<dataset>/` into `<output_root>/captions/<dataset>/<set>/`."""
+
+    dataset: Literal["sam", "journeydb"] = Field(description="Which ingested dataset to caption.")
+    output_root: str = Field("data/pixart", description="Root of manifests (input) and captions (output).")
+    caption_set: str | None = Field(
+        None, description="Name of this (model, prompt, generation) combination; default <model>-<hash>."
+    )
+    model: str = Field(DEFAULT_MODEL, description="Any LLaVA-family image-text-to-text model id or local dir.")
+    prompt: str = Field(PAPER_PROMPT, min_length=1, description="User prompt, sent through the chat template.")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    pad_to_square: bool = Field(True, description="Pad images to square (LLaVA-1.5 training) instead of cropping.")
+    batch_size: int = Field(16, gt=0, description="Images per generate() call.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="auto: bf16 GPU, fp32 CPU.")
+    t5_tokenizer: str = Field("google/t5-v1_1-xxl", description="Tokenizer for counting T5 tokens (id or dir).")
+    max_t5_tokens: int = Field(120, gt=0, description="PixArt-alpha truncates captions to this many T5 tokens.")
+    training_text: Literal["llava", "prompt", "caption"] = Field(
+        "llava", description="JourneyDB: text used for training: LLaVA caption, Midjourney prompt, or Task2.Caption."
+    )
+    part_rows: int = Field(256, gt=0, description="Rows per resumable part file (a crash loses at most this many).")
+    prefetch_batches: int = Field(2, ge=1, description="Batches decoded ahead of generation on CPU threads.")
+    decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    executor: Literal["local", "ray"] = Field("local", description="local: in process; ray: Ray Data actor pool.")
+    ray: RayCaptionConfig = Field(default_factory=RayCaptionConfig)
+    max_shards: int | None = Field(None, gt=0, description="Only the first N shards (smoke runs).")
+    force: bool = Field(False, description="Re-caption shards already committed in this caption set.")
+
+    @model_validator(mode="after")
+    def _check(self) -> CaptionConfig:
+        if self.dataset != "journeydb" and self.training_text != "llava":
+            raise ValueError("training_text other than 'llava' needs dataset journeydb (SA-1B has no prompts)")
+        if self.caption_set is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", self.caption_set):
+            raise ValueError("caption_set may hold only letters, digits, '.', '_' and '-'")
+        return self
+
+    def identity(self) -> dict:
+        """What defines a caption set: changing any of it makes a new set."""
+        return {"model": self.model, "prompt": self.prompt, "generation": self.generation.model_dump(),
+                "pad_to_square": self.pad_to_square}
+
+    def prompt_hash(self) -> str:
+        return hashlib.sha256(self.prompt.encode()).hexdigest()[:12]
+
+    def resolved_caption_set(self) -> str:
+        if self.caption_set:
+            return self.caption_set
+        digest = hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:8]
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", self.model.rstrip("/").rsplit("/", 1)[-1]).strip("-").lower()
+        return f"{slug}-{digest}"

@@ -1,0 +1,53 @@
+"""Caption post-processing: clean the model's text, flag degenerate output, count T5 tokens."""
+
+from __future__ import annotations
+
+import re
+
+_ROLE_PREFIX = re.compile(r"^\s*(?:ASSISTANT|assistant|Assistant)\s*:\s*")
+_SPACES = re.compile(r"\s+")
+MIN_REPEATS = 4  # a tail made of one chunk repeated this often is a repetition loop
+MAX_PERIOD = 120  # longest repeated chunk looked for, in characters
+
+
+def clean_caption(text: str, prompt: str) -> str:
+    """Strip whitespace, a leading role tag, and an echo of the prompt."""
+    text = _ROLE_PREFIX.sub("", text.strip())
+    if prompt and text.startswith(prompt):
+        text = _ROLE_PREFIX.sub("", text[len(prompt):].strip())
+    return text.strip()
+
+
+def is_repetition_loop(text: str) -> bool:
+    """True when the text ends in one chunk (1..120 chars) repeated at least 4 times in a row."""
+    s = _SPACES.sub(" ", text).strip()
+    for period in range(1, min(MAX_PERIOD, len(s) // MIN_REPEATS) + 1):
+        chunk = s[-period:]
+        if chunk.strip() and s.endswith(chunk * MIN_REPEATS):
+            return True
+    return False
+
+
+def degenerate_reason(text: str, finish_reason: str) -> str | None:
+    """'empty', 'repetition' or 'truncated' (cut off at max_new_tokens); None for a usable caption."""
+    if not text.strip():
+        return "empty"
+    if is_repetition_loop(text):
+        return "repetition"
+    if finish_reason == "length":
+        return "truncated"
+    return None
+
+
+class T5TokenCounter:
+    """Counts tokens as PixArt's T5 tokenizer sees them (EOS included), to compare with the 120-token budget."""
+
+    def __init__(self, tokenizer_id: str) -> None:
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_id)
+
+    def __call__(self, texts: list[str]) -> list[int]:
+        if not texts:
+            return []
+        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=True)["input_ids"]]
