@@ -1,7 +1,7 @@
 """`Captioner`: a LLaVA-family model loaded once, turning batches of RGB images into captions.
 
     cap = Captioner(CaptionConfig(dataset="sam", model="llava-hf/llava-1.5-7b-hf"))
-    inputs = cap.encode([cap.prepare_image(im) for im in images])   # CPU: pad, resize, tokenize
+    inputs = cap.encode([cap.prep.shrink(im) for im in images])     # CPU: pad, shrink, tokenize
     captions = cap.generate(inputs)                                  # accelerator: generate()
 
 The model goes through `AutoModelForImageTextToText` + `AutoProcessor` and the processor's chat template, so any
@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from captioning.config import CaptionConfig
+from captioning.images import ImagePrep
 
 
 @dataclass
@@ -43,19 +44,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def _target_side(image_processor: Any) -> int:
-    """The square side the vision tower sees (336 for LLaVA-1.5)."""
-    for attr in ("crop_size", "size"):
-        size = getattr(image_processor, attr, None)
-        if isinstance(size, int):
-            return size
-        for key in ("height", "shortest_edge", "longest_edge"):  # dict (v4) or SizeDict (v5)
-            value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
-            if value:
-                return int(value)
-    return 336
-
-
 class Captioner:
     """Loads the processor and model once; CPU-side `prepare_image`/`encode`, device-side `generate`."""
 
@@ -72,30 +60,13 @@ class Captioner:
         self.model.to(self.device).eval()
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": cfg.prompt}]}]
         self.prompt_text = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
-        self.side = _target_side(self.processor.image_processor)
-        mean = getattr(self.processor.image_processor, "image_mean", None) or [0.5, 0.5, 0.5]
-        self.pad_color = tuple(int(round(255 * m)) for m in mean[:3])
+        self.prep = ImagePrep.from_processor(self.processor, cfg.pad_to_square, cfg.decode.max_pixels)
         tok = self.processor.tokenizer
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [tok.eos_token_id])
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else next(iter(self.eos_ids))
 
-    # -- CPU side -------------------------------------------------------------------------------------------------
-
-    def prepare_image(self, image: Image.Image) -> Image.Image:
-        """Pad to square with the processor's mean colour (LLaVA-1.5's 'pad' mode) and shrink to about the size the
-        vision tower sees, so the processor and any transfer handle small images only."""
-        if self.cfg.pad_to_square and image.width != image.height:
-            side = max(image.size)
-            canvas = Image.new("RGB", (side, side), self.pad_color)
-            canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
-            image = canvas
-        short = min(image.size)
-        if short > 2 * self.side:
-            scale = 2 * self.side / short
-            image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                                 Image.BICUBIC)
-        return image
+    # -- CPU side (see captioning.images.ImagePrep for decoding and padding) -------------------------------------
 
     def encode(self, images: list[Image.Image]) -> Any:
         """Processor inputs for a batch (pixel values + left-padded prompt tokens), on CPU."""
@@ -123,14 +94,20 @@ class Captioner:
         return captions
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Ray Data form: batch["image"] holds HxWx3 uint8 arrays (already prepared); adds caption columns."""
-        images = [Image.fromarray(np.asarray(a, dtype=np.uint8)) for a in batch["image"]]
+        """Ray Data form: batch["image"] holds prepared HxWx3 uint8 arrays and batch["error"] a reason or "" per
+        row; rows with an error pass through uncaptioned. Adds caption, n_tokens, finish_reason, seconds."""
+        n = len(batch["image"])
+        good = [i for i in range(n) if not batch["error"][i]]
+        images = [Image.fromarray(np.asarray(batch["image"][i], dtype=np.uint8)) for i in good]
         start = time.perf_counter()
         captions = self.generate(self.encode(images)) if images else []
         per_image = (time.perf_counter() - start) / max(1, len(images))
         out = {k: v for k, v in batch.items() if k != "image"}
-        out["caption"] = np.array([c.text for c in captions], dtype=object)
-        out["n_tokens"] = np.array([c.n_tokens for c in captions], dtype=np.int64)
-        out["finish_reason"] = np.array([c.finish_reason for c in captions], dtype=object)
-        out["seconds"] = np.full(len(captions), per_image, dtype=np.float64)
+        out["caption"] = np.full(n, "", dtype=object)
+        out["n_tokens"] = np.zeros(n, dtype=np.int64)
+        out["finish_reason"] = np.full(n, "", dtype=object)
+        out["seconds"] = np.zeros(n, dtype=np.float64)
+        for i, cap in zip(good, captions, strict=True):
+            out["caption"][i], out["n_tokens"][i], out["finish_reason"][i] = cap.text, cap.n_tokens, cap.finish_reason
+            out["seconds"][i] = per_image
         return out

@@ -25,7 +25,6 @@ from captioning.records import CAPTION_SCHEMA, add_t5_counts, caption_row, capti
 from captioning.text import clean_caption, degenerate_reason
 from storage.commit import commit_shard, is_done, read_done, write_done
 from storage.configio import config_dict
-from storage.decode import decode_image
 from storage.errors import ImageDecodeError, PipelineError
 from storage.manifest import read_manifest
 from storage.readers import iter_manifest_images
@@ -128,11 +127,9 @@ def finalize_shard(manifest_rows: list[Row], parts: PartStore, result: CaptionSh
 def _prepare_batch(items: list[tuple[Row, bytes]], cfg: CaptionConfig, captioner: Captioner):
     """Decode and encode one batch on a CPU thread -> (good rows, error rows, processor inputs or None)."""
     good, images, errors = [], [], []
-    side = "long" if cfg.pad_to_square else "short"
     for row, data in items:
         try:
-            image = decode_image(data, max_pixels=cfg.decode.max_pixels, min_side=2 * captioner.side, side=side)
-            images.append(captioner.prepare_image(image))
+            images.append(captioner.prep.shrink(captioner.prep.decode(data)))
             good.append(row)
         except ImageDecodeError as e:
             errors.append(error_row(row, cfg, f"image not decodable: {e}"))
@@ -197,39 +194,74 @@ def caption_rows(todo: list[Row], cfg: CaptionConfig, captioner: Captioner, coun
             yield rows
 
 
+class ShardAssembler:
+    """Collects the finished rows of one shard from any executor, commits them as parts, and finalizes the shard
+    once every manifest key has its row. Resumes from the parts of an earlier, interrupted attempt."""
+
+    def __init__(self, manifest_url: str, cfg: CaptionConfig) -> None:
+        self.cfg = cfg
+        self.manifest_url = manifest_url
+        shard = basename(manifest_url).removesuffix(".parquet")
+        self.caption_set = cfg.resolved_caption_set()
+        self.result = CaptionShardResult(shard=shard, output_url=caption_url(cfg.output_root, cfg.dataset,
+                                                                             self.caption_set, shard))
+        self.manifest_rows = read_manifest(manifest_url).to_pylist()
+        self.parts = PartStore(parts_dir(cfg.output_root, cfg.dataset, self.caption_set, shard))
+        if cfg.force:
+            self.parts.clear()
+        done = {r["key"] for r in self.parts.read()}
+        self.result.resumed_rows = len(done)
+        self.todo = [r for r in self.manifest_rows if r["key"] not in done]
+        self.remaining = {r["key"] for r in self.todo}
+        self.buffer: list[Row] = []
+        self.start = time.perf_counter()
+
+    @property
+    def complete(self) -> bool:
+        return not self.remaining
+
+    def add(self, rows: list[Row]) -> None:
+        for r in rows:
+            self.remaining.discard(r["key"])
+        self.buffer += rows
+        if len(self.buffer) >= self.cfg.part_rows or self.complete:
+            self.parts.write(self.buffer)
+            self.buffer = []
+
+    def finalize(self) -> CaptionShardResult:
+        self.parts.write(self.buffer)
+        self.buffer = []
+        self.result.wall_seconds = round(time.perf_counter() - self.start, 3)
+        finalize_shard(self.manifest_rows, self.parts, self.result,
+                       {"manifest_url": self.manifest_url, "caption_set": self.caption_set,
+                        "config": config_dict(self.cfg)})
+        return self.result
+
+
+def skipped_result(manifest_url: str, cfg: CaptionConfig) -> CaptionShardResult | None:
+    """The stored result when this shard is already committed in the caption set (and not forced), else None."""
+    shard = basename(manifest_url).removesuffix(".parquet")
+    out = caption_url(cfg.output_root, cfg.dataset, cfg.resolved_caption_set(), shard)
+    if cfg.force or not is_done(out):
+        return None
+    done = read_done(out) or {}
+    result = CaptionShardResult(**{k: v for k, v in done.items() if k in CaptionShardResult.__dataclass_fields__})
+    result.skipped = True
+    return result
+
+
 def caption_shard(manifest_url: str, cfg: CaptionConfig, captioner: Captioner, counter,
                   progress: Callable[[int], None] | None = None) -> CaptionShardResult:
     """Caption every key of one committed manifest into the caption set; skip when already committed."""
-    shard = basename(manifest_url).removesuffix(".parquet")
-    caption_set = cfg.resolved_caption_set()
-    out = caption_url(cfg.output_root, cfg.dataset, caption_set, shard)
-    result = CaptionShardResult(shard=shard, output_url=out)
-    if is_done(out) and not cfg.force:
-        done = read_done(out) or {}
-        result = CaptionShardResult(**{k: v for k, v in done.items() if k in CaptionShardResult.__dataclass_fields__})
-        result.skipped = True
-        return result
-    start = time.perf_counter()
-    manifest_rows = read_manifest(manifest_url).to_pylist()
-    parts = PartStore(parts_dir(cfg.output_root, cfg.dataset, caption_set, shard))
-    if cfg.force:
-        parts.clear()
-    done_keys = {r["key"] for r in parts.read()}
-    result.resumed_rows = len(done_keys)
-    todo = [r for r in manifest_rows if r["key"] not in done_keys]
-    buffer: list[Row] = []
-    for rows in caption_rows(todo, cfg, captioner, counter, result):
-        buffer += rows
+    skipped = skipped_result(manifest_url, cfg)
+    if skipped is not None:
+        return skipped
+    shard = ShardAssembler(manifest_url, cfg)
+    for rows in caption_rows(shard.todo, cfg, captioner, counter, shard.result):
+        shard.add(rows)
         if progress is not None:
             progress(len(rows))
-        if len(buffer) >= cfg.part_rows:
-            parts.write(buffer)
-            buffer = []
-    parts.write(buffer)
-    result.wall_seconds = round(time.perf_counter() - start, 3)
-    finalize_shard(manifest_rows, parts, result,
-                   {"manifest_url": manifest_url, "caption_set": caption_set, "config": config_dict(cfg)})
-    return result
+    return shard.finalize()
 
 
 def pending_manifests(manifests: Iterable[str], cfg: CaptionConfig) -> list[str]:

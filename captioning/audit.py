@@ -1,0 +1,40 @@
+"""`pixart audit`: prove that every manifest key has exactly one caption or error row in a caption set."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from captioning.records import caption_set_dir, caption_url
+from storage.commit import is_done
+from storage.manifest import committed_manifests, read_manifest
+from storage.urls import basename, filesystem
+
+
+def audit_caption_set(root: str, dataset: str, caption_set: str) -> dict[str, Any]:
+    """Per-shard and total counts of missing, duplicated and unknown keys; `ok` is True only when all are zero."""
+    shards, totals = [], {"keys": 0, "rows": 0, "missing": 0, "duplicated": 0, "unknown": 0, "uncommitted": 0}
+    for manifest in committed_manifests(root, dataset):
+        shard = basename(manifest).removesuffix(".parquet")
+        keys = read_manifest(manifest).column("key").to_pylist()
+        out = caption_url(root, dataset, caption_set, shard)
+        entry = {"shard": shard, "keys": len(keys), "rows": 0, "missing": len(keys), "duplicated": 0, "unknown": 0,
+                 "committed": is_done(out)}
+        if entry["committed"]:
+            fs, path = filesystem(out)
+            with fs.open(path, "rb") as f:
+                got = pq.read_table(f, columns=["key"]).column("key").to_pylist()
+            seen: dict[str, int] = {}
+            for k in got:
+                seen[k] = seen.get(k, 0) + 1
+            entry.update(rows=len(got), missing=len(set(keys) - seen.keys()),
+                         duplicated=sum(n - 1 for n in seen.values() if n > 1), unknown=len(seen.keys() - set(keys)))
+        else:
+            totals["uncommitted"] += 1
+        for k in ("keys", "rows", "missing", "duplicated", "unknown"):
+            totals[k] += entry[k]
+        shards.append(entry)
+    ok = bool(shards) and all(totals[k] == 0 for k in ("missing", "duplicated", "unknown", "uncommitted"))
+    return {"dataset": dataset, "caption_set": caption_set, "location": caption_set_dir(root, dataset, caption_set),
+            "ok": ok, **totals, "shards": shards}
