@@ -6,6 +6,7 @@ processor centre-crops; padding keeps the edges of wide SA-1B and JourneyDB imag
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +14,8 @@ import numpy as np
 from PIL import Image
 
 from storage.decode import decode_image
+from storage.errors import ImageDecodeError
+from storage.readers import iter_manifest_images
 
 
 def target_side(image_processor: Any) -> int:
@@ -68,3 +71,16 @@ class ImagePrep:
         image = image.resize((w, h), Image.BICUBIC)
         left, top = (w - self.side) // 2, (h - self.side) // 2
         return np.asarray(image.crop((left, top, left + self.side, top + self.side)), dtype=np.uint8)
+
+
+def iter_prepared(rows: list[dict[str, Any]], prep: ImagePrep) -> Iterator[dict[str, Any]]:
+    """{"key", "image" (side x side x 3 uint8), "error" ("" when fine)} for every manifest row, read from sources."""
+    blank = np.zeros((prep.side, prep.side, 3), dtype=np.uint8)
+    for row, data, error in iter_manifest_images(rows):
+        image = blank
+        if error is None:
+            try:
+                image, error = prep.fixed(prep.decode(data)), ""
+            except ImageDecodeError as e:
+                error = f"image not decodable: {e}"
+        yield {"key": row["key"], "image": image, "error": error}

@@ -156,6 +156,14 @@ def _batches(rows: list[Row], cfg: CaptionConfig) -> Iterator[tuple[list[tuple[R
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def finished_row(manifest_row: Row, cfg: CaptionConfig, raw_text: str, n_tokens: int, finish_reason: str,
+                 seconds: float) -> Row:
+    """The output row of one generated caption: cleaned, flagged if degenerate (T5 counts added per batch)."""
+    text = clean_caption(raw_text, cfg.prompt)
+    return caption_row(manifest_row, cfg, caption=text, n_tokens=n_tokens, finish_reason=finish_reason,
+                       degenerate=degenerate_reason(text, finish_reason), seconds=seconds)
+
+
 def caption_rows(todo: list[Row], cfg: CaptionConfig, captioner: Captioner, counter,
                  stats: CaptionShardResult) -> Iterator[list[Row]]:
     """Caption the manifest rows `todo`; yields the finished rows batch by batch."""
@@ -184,12 +192,9 @@ def caption_rows(todo: list[Row], cfg: CaptionConfig, captioner: Captioner, coun
                 took = time.perf_counter() - start
                 stats.generate_seconds += took
                 for row, cap in zip(good, captions, strict=True):
-                    text = clean_caption(cap.text, cfg.prompt)
                     stats.generated_tokens += cap.n_tokens
-                    rows.append(caption_row(row, cfg, caption=text, n_tokens=cap.n_tokens,
-                                            finish_reason=cap.finish_reason,
-                                            degenerate=degenerate_reason(text, cap.finish_reason),
-                                            seconds=took / len(captions)))
+                    rows.append(finished_row(row, cfg, cap.text, cap.n_tokens, cap.finish_reason,
+                                             took / len(captions)))
             add_t5_counts(rows, counter, cfg.max_t5_tokens)
             yield rows
 

@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from captioning.config import CaptionConfig
 from storage.config import IngestConfig
 from storage.errors import PipelineError
 
@@ -60,6 +61,49 @@ def ingest(
         _fail(str(e))
     typer.echo(f"{outcome['dataset']}: {outcome['done']} shards ({outcome['skipped']} already committed), "
                f"{outcome['num_ok']} samples ok, {outcome['num_error']} error rows")
+
+
+@app.command(epilog="Config keys (override with key=value):\n\n" + "\n\n".join(_config_keys(CaptionConfig)))
+def caption(
+    config: Annotated[str, typer.Argument(help="Preset (sam, journeydb) or a YAML path.")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. model=/m/llava")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Re-caption shards already in this caption set.")] = False,
+) -> None:
+    """Caption ingested shards with LLaVA into <output_root>/captions/<dataset>/<caption_set>/."""
+    from flows.caption import caption as caption_flow
+    from storage.configio import load_config
+
+    try:
+        load_config(CaptionConfig, config, overrides or [], kind="caption")  # fail fast, before Prefect starts
+        state = caption_flow(config=config, overrides=overrides or [], force=force, return_state=True)
+    except PipelineError as e:
+        _fail(str(e))
+    if not state.is_completed():
+        _fail(state.message or state.name, code=1)
+    out = state.result()
+    typer.echo(f"{out['dataset']}/{out['caption_set']}: {out['captions']} captions, {out['errors']} error rows, "
+               f"exactly-once {'verified' if out['exactly_once'] else 'NOT verified'}")
+
+
+@app.command()
+def audit(
+    dataset: Annotated[str, typer.Argument(help="sam or journeydb")],
+    caption_set: Annotated[str, typer.Argument(help="Caption set name (a folder under captions/<dataset>/).")],
+    output_root: Annotated[str, typer.Option(help="Root of manifests and captions.")] = "data/pixart",
+) -> None:
+    """Check that every manifest key has exactly one caption or error row; exit 1 if not."""
+    from captioning.audit import audit_caption_set
+
+    report = audit_caption_set(output_root, dataset, caption_set)
+    for s in report["shards"]:
+        if not s["committed"] or s["missing"] or s["duplicated"] or s["unknown"]:
+            typer.echo(f"  {s['shard']}: committed={s['committed']} missing={s['missing']} "
+                       f"duplicated={s['duplicated']} unknown={s['unknown']}")
+    typer.echo(f"{dataset}/{caption_set}: {report['keys']} manifest keys, {report['rows']} rows, "
+               f"{report['missing']} missing, {report['duplicated']} duplicated, {report['unknown']} unknown, "
+               f"{report['uncommitted']} shards uncommitted -> {'OK' if report['ok'] else 'FAILED'}")
+    if not report["ok"]:
+        raise typer.Exit(1)
 
 
 @app.command()
