@@ -1,33 +1,31 @@
-"""Caption one ingested shard, exactly once per manifest key, resumable after a crash.
+"""Exactly once per manifest key, resumable after a crash: how captioned rows become a committed shard.
 
-    result = caption_shard(manifest_url, cfg, captioner, t5_counter)
+    shard = ShardAssembler(manifest_url, cfg)     # reads the manifest and the parts of an interrupted attempt
+    shard.todo                                    # manifest rows that still need a row
+    shard.add(rows)                               # from any executor; committed as small part files
+    shard.finalize()                              # merge, check exactly-once, commit <shard>.parquet + marker
 
-Rows are appended to small committed part files as batches finish; a re-run reads the parts, captions only the
-keys that are still missing, then merges everything into `<shard>.parquet`, checks that every manifest key has
-exactly one row, commits it with its done marker, and deletes the parts. Images are read and decoded on CPU
-threads, `prefetch_batches` ahead of `generate()`.
+A re-run reads the parts and captions only the keys still missing. `finalize` checks that every manifest key has
+exactly one row before committing, then deletes the parts.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from captioning.captioner import Captioner
 from captioning.config import CaptionConfig
-from captioning.records import CAPTION_SCHEMA, add_t5_counts, caption_row, caption_url, error_row, parts_dir
+from captioning.records import CAPTION_SCHEMA, caption_row, caption_url, parts_dir
 from captioning.text import clean_caption, degenerate_reason
 from storage.commit import commit_shard, is_done, read_done, write_done
 from storage.configio import config_dict
-from storage.errors import ImageDecodeError, PipelineError
+from storage.errors import PipelineError
 from storage.manifest import read_manifest
-from storage.readers import iter_manifest_images
 from storage.urls import basename, filesystem, join
 
 Row = dict[str, Any]
@@ -120,39 +118,7 @@ def finalize_shard(manifest_rows: list[Row], parts: PartStore, result: CaptionSh
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# CPU side: read, decode, prepare, encode
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def _prepare_batch(items: list[tuple[Row, bytes]], cfg: CaptionConfig, captioner: Captioner):
-    """Decode and encode one batch on a CPU thread -> (good rows, error rows, processor inputs or None)."""
-    good, images, errors = [], [], []
-    for row, data in items:
-        try:
-            images.append(captioner.prep.shrink(captioner.prep.decode(data)))
-            good.append(row)
-        except ImageDecodeError as e:
-            errors.append(error_row(row, cfg, f"image not decodable: {e}"))
-    return good, errors, captioner.encode(images) if images else None
-
-
-def _batches(rows: list[Row], cfg: CaptionConfig) -> Iterator[tuple[list[tuple[Row, bytes]], list[Row]]]:
-    """(images to caption, error rows) per batch, reading sources in manifest order."""
-    items, errors = [], []
-    for row, data, err in iter_manifest_images(rows):
-        if err is not None:
-            errors.append(error_row(row, cfg, err))
-        else:
-            items.append((row, data))
-        if len(items) == cfg.batch_size:
-            yield items, errors
-            items, errors = [], []
-    if items or errors:
-        yield items, errors
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# One shard
+# Assembling a shard from finished rows (any executor)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -162,41 +128,6 @@ def finished_row(manifest_row: Row, cfg: CaptionConfig, raw_text: str, n_tokens:
     text = clean_caption(raw_text, cfg.prompt)
     return caption_row(manifest_row, cfg, caption=text, n_tokens=n_tokens, finish_reason=finish_reason,
                        degenerate=degenerate_reason(text, finish_reason), seconds=seconds)
-
-
-def caption_rows(todo: list[Row], cfg: CaptionConfig, captioner: Captioner, counter,
-                 stats: CaptionShardResult) -> Iterator[list[Row]]:
-    """Caption the manifest rows `todo`; yields the finished rows batch by batch."""
-    not_ingested = [error_row(r, cfg, f"not ingested: {r['error']}") for r in todo if r["status"] != "ok"]
-    if not_ingested:
-        yield not_ingested
-    pending: list[tuple[Future, list[Row]]] = []
-    with ThreadPoolExecutor(max_workers=cfg.prefetch_batches, thread_name_prefix="decode") as pool:
-        source = _batches([r for r in todo if r["status"] == "ok"], cfg)
-        exhausted = False
-        while pending or not exhausted:
-            while not exhausted and len(pending) < cfg.prefetch_batches:
-                nxt = next(source, None)
-                if nxt is None:
-                    exhausted = True
-                else:
-                    pending.append((pool.submit(_prepare_batch, nxt[0], cfg, captioner), nxt[1]))
-            if not pending:
-                break
-            future, read_errors = pending.pop(0)
-            good, decode_errors, inputs = future.result()
-            rows = read_errors + decode_errors
-            if inputs is not None:
-                start = time.perf_counter()
-                captions = captioner.generate(inputs)
-                took = time.perf_counter() - start
-                stats.generate_seconds += took
-                for row, cap in zip(good, captions, strict=True):
-                    stats.generated_tokens += cap.n_tokens
-                    rows.append(finished_row(row, cfg, cap.text, cap.n_tokens, cap.finish_reason,
-                                             took / len(captions)))
-            add_t5_counts(rows, counter, cfg.max_t5_tokens)
-            yield rows
 
 
 class ShardAssembler:
@@ -253,20 +184,6 @@ def skipped_result(manifest_url: str, cfg: CaptionConfig) -> CaptionShardResult 
     result = CaptionShardResult(**{k: v for k, v in done.items() if k in CaptionShardResult.__dataclass_fields__})
     result.skipped = True
     return result
-
-
-def caption_shard(manifest_url: str, cfg: CaptionConfig, captioner: Captioner, counter,
-                  progress: Callable[[int], None] | None = None) -> CaptionShardResult:
-    """Caption every key of one committed manifest into the caption set; skip when already committed."""
-    skipped = skipped_result(manifest_url, cfg)
-    if skipped is not None:
-        return skipped
-    shard = ShardAssembler(manifest_url, cfg)
-    for rows in caption_rows(shard.todo, cfg, captioner, counter, shard.result):
-        shard.add(rows)
-        if progress is not None:
-            progress(len(rows))
-    return shard.finalize()
 
 
 def pending_manifests(manifests: Iterable[str], cfg: CaptionConfig) -> list[str]:

@@ -46,6 +46,7 @@ class T5TokenCounter:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_id)
+        self.tokenizer.model_max_length = 1 << 30  # we count, never truncate: silence the too-long warning
 
     def __call__(self, texts: list[str]) -> list[int]:
         if not texts:

@@ -31,7 +31,7 @@ from captioning.audit import audit_caption_set
 from captioning.config import CaptionConfig
 from captioning.quality import quality_markdown, quality_stats
 from captioning.records import caption_set_dir, ensure_caption_set
-from captioning.shard import caption_shard, pending_manifests
+from captioning.shard import pending_manifests
 from storage.commit import write_atomic
 from storage.configio import dump_yaml, load_config
 from storage.errors import PipelineError
@@ -43,25 +43,30 @@ SAMPLE_ROWS = 20
 
 @task(name="caption-shard", task_run_name="caption-{shard}", retries=2, retry_delay_seconds=[10, 60],
       cache_policy=NO_CACHE, tags=["caption", "gpu"])
-def caption_shard_task(manifest_url: str, shard: str, cfg: CaptionConfig, captioner, counter, progress=None) -> dict:
+def caption_shard_task(manifest_url: str, shard: str, runner, upcoming: str | None, progress=None) -> dict:
     """Retry-safe: committed parts are kept, so a retry captions only the keys still missing."""
-    return caption_shard(manifest_url, cfg, captioner, counter, progress).to_dict()
+    return runner.run(manifest_url, progress, upcoming).to_dict()
 
 
 def _run_local(pending: list[str], cfg: CaptionConfig, on_shard) -> dict[str, str]:
     from captioning.captioner import Captioner
+    from captioning.runner import CaptionRunner
     from captioning.text import T5TokenCounter
 
-    captioner, counter = Captioner(cfg), T5TokenCounter(cfg.t5_tokenizer)
+    runner = CaptionRunner(cfg, Captioner(cfg), T5TokenCounter(cfg.t5_tokenizer))
     failed: dict[str, str] = {}
     bar = tqdm(unit="img", desc=f"caption {cfg.dataset}", disable=None)
-    for url in pending:
-        shard = url.rsplit("/", 1)[-1].removesuffix(".parquet")
-        try:
-            on_shard(caption_shard_task(url, shard, cfg, captioner, counter, bar.update))
-        except Exception as e:  # noqa: BLE001 - one shard's failure must not stop the others
-            failed[shard] = f"{e.__class__.__name__}: {e}"
-    bar.close()
+    try:
+        for i, url in enumerate(pending):
+            shard = url.rsplit("/", 1)[-1].removesuffix(".parquet")
+            upcoming = pending[i + 1] if i + 1 < len(pending) else None
+            try:
+                on_shard(caption_shard_task(url, shard, runner, upcoming, bar.update))
+            except Exception as e:  # noqa: BLE001 - one shard's failure must not stop the others
+                failed[shard] = f"{e.__class__.__name__}: {e}"
+    finally:
+        runner.close()
+        bar.close()
     return failed
 
 

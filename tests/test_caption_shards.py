@@ -16,7 +16,7 @@ from captioning.audit import audit_caption_set
 from captioning.captioner import Captioner
 from captioning.config import CaptionConfig
 from captioning.records import caption_set_dir, ensure_caption_set
-from captioning.shard import caption_shard
+from captioning.runner import caption_shard
 from captioning.text import T5TokenCounter
 from storage.config import IngestConfig
 from storage.errors import ConfigError
@@ -206,3 +206,20 @@ def test_audit_command_catches_a_duplicate(sam_root, tiny_llava, tiny_t5):
     pq.write_table(pa.concat_tables([table, table.slice(0, 1)]), path)  # one key twice
     bad = subprocess.run(cmd, capture_output=True, text=True)
     assert bad.returncode == 1 and "duplicated=1" in bad.stdout and "FAILED" in bad.stdout
+
+
+def test_runner_decodes_the_next_shard_ahead(sam_root, tiny_llava, tiny_t5):
+    from captioning.runner import CaptionRunner
+
+    cfg = config(sam_root, tiny_llava, tiny_t5, caption_set="ahead")
+    ensure_caption_set(cfg)
+    first, second = committed_manifests(sam_root, "sam")
+    runner = CaptionRunner(cfg, Captioner(cfg), T5TokenCounter(tiny_t5))
+    try:
+        runner.run(first, upcoming=second)
+        assert runner.warm is not None and runner.warm.url == second and runner.warm.pending
+        result = runner.run(second)
+        assert runner.warm is None and (result.num_ok, result.num_error) == (2, 2)
+    finally:
+        runner.close()
+    assert audit_caption_set(sam_root, "sam", "ahead")["ok"]

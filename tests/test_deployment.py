@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from captioning.audit import audit_caption_set
 from storage.manifest import committed_manifests, read_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,29 +75,40 @@ def run(args: list[str], env: dict, timeout: float = 120) -> subprocess.Complete
     return proc
 
 
+def deployment_run(name: str, overrides: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([*PREFECT, "deployment", "run", name, "--watch", "--watch-timeout", "240",
+                           "-p", f"overrides={json.dumps(overrides)}"],
+                          env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
 @pytest.mark.slow
-def test_deployment_run_ingest_sam(prefect_env, samples, tmp_path):
+def test_deployment_runs_ingest_then_caption(prefect_env, samples, tiny_llava, tiny_t5, tmp_path):
     env = prefect_env
     run([*PREFECT, "work-pool", "create", "local", "--type", "process"], env)
     deployed = run([*PREFECT, "--no-prompt", "deploy", "--all"], env)
-    assert "ingest/ingest-sam" in deployed.stdout
+    assert "ingest/ingest-sam" in deployed.stdout and "caption/caption-sam" in deployed.stdout
     listed = run([*PREFECT, "deployment", "ls"], env).stdout
-    assert all(name in listed for name in ("ingest-sam", "ingest-journeydb", "ingest-imagenet"))
+    assert all(name in listed for name in ("ingest-sam", "ingest-journeydb", "ingest-imagenet", "caption-sam",
+                                           "caption-journeydb"))
 
     worker_log = open(tmp_path / "worker.log", "wb")
     worker = subprocess.Popen([*PREFECT, "worker", "start", "--pool", "local"], env=env, cwd=tmp_path,
                               stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True)
     out = tmp_path / "out"
     try:
-        proc = subprocess.run(
-            [*PREFECT, "deployment", "run", "ingest/ingest-sam", "--watch", "--watch-timeout", "240",
-             "-p", f'overrides=["source={samples["sam_links"]}", "output_root={out}"]'],
-            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        ingested = deployment_run("ingest/ingest-sam", [f"source={samples['sam_links']}", f"output_root={out}"],
+                                  env, tmp_path)
+        captioned = deployment_run("caption/caption-sam", [f"output_root={out}", f"model={tiny_llava}",
+                                                           f"t5_tokenizer={tiny_t5}", "generation.max_new_tokens=8",
+                                                           "caption_set=deployed"], env, tmp_path)
     finally:
         stop(worker)
         worker_log.close()
-    assert proc.returncode == 0, proc.stdout[-3000:] + (tmp_path / "worker.log").read_text()[-3000:]
-    assert "Completed" in proc.stdout
+    worker_tail = (tmp_path / "worker.log").read_text()[-3000:]
+    assert ingested.returncode == 0, ingested.stdout[-3000:] + worker_tail
+    assert "Completed" in ingested.stdout
     assert len(committed_manifests(str(out), "sam")) == 2
     rows = read_dataset(str(out), "sam").to_pylist()
     assert len(rows) == 8 and {r["status"] for r in rows} == {"ok"}
+    assert captioned.returncode == 0, captioned.stdout[-3000:] + worker_tail
+    assert audit_caption_set(str(out), "sam", "deployed")["ok"]

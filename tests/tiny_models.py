@@ -18,8 +18,15 @@ def make_tiny_llava(out_dir: str | Path) -> str:
     """LLaVA-1.5-shaped: CLIP vision tower 32 px / patch 8 (16 image tokens), 2-layer Llama, byte-level BPE."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
 
     torch.manual_seed(0)
     specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
