@@ -47,7 +47,7 @@ def main() -> None:
         tmp = Path(tmp)
         model, t5 = args.model, args.t5_tokenizer
         if model is None or t5 is None:
-            from tests.tiny_models import make_tiny_llava, make_tiny_t5_tokenizer
+            from captioning.tiny import make_tiny_llava, make_tiny_t5_tokenizer
 
             model = model or make_tiny_llava(tmp / "tiny-llava")
             t5 = t5 or make_tiny_t5_tokenizer(tmp / "tiny-t5")

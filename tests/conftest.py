@@ -29,13 +29,13 @@ def prefect_server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_llava(tmp_path_factory) -> str:
-    from tests.tiny_models import make_tiny_llava
+    from captioning.tiny import make_tiny_llava
 
     return make_tiny_llava(tmp_path_factory.mktemp("tiny-llava"))
 
 
 @pytest.fixture(scope="session")
 def tiny_t5(tmp_path_factory) -> str:
-    from tests.tiny_models import make_tiny_t5_tokenizer
+    from captioning.tiny import make_tiny_t5_tokenizer
 
     return make_tiny_t5_tokenizer(tmp_path_factory.mktemp("tiny-t5"))

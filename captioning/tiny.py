@@ -1,5 +1,6 @@
-"""Tiny random models saved with `save_pretrained`, loaded back through the same `from_pretrained(dir)` code path
-that real hub ids use. Built at test time (tokenizer files are not portable across transformers majors)."""
+"""Tiny random models for tests and the offline demo: saved with `save_pretrained`, loaded back through the same
+`from_pretrained(dir)` code path that real hub ids use. Their captions are noise: they exercise the pipeline, not
+the language. Built on the fly (tokenizer files are not portable across transformers major versions)."""
 
 from __future__ import annotations
 
