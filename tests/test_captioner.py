@@ -18,6 +18,7 @@ def captioner(tiny_llava, tiny_t5):
 
 def test_uses_the_chat_template_and_the_paper_prompt(captioner):
     assert captioner.prompt_text == f"USER: <image>\n{PAPER_PROMPT} ASSISTANT:"
+    assert type(captioner.model).__name__ == "LlavaForConditionalGeneration"
     assert captioner.processor.tokenizer.padding_side == "left"
     assert captioner.dtype.is_floating_point and str(captioner.device) == "cpu"
 
