@@ -20,6 +20,7 @@ from captioning.images import ImagePrep, iter_prepared
 from captioning.records import add_t5_counts, error_row
 from captioning.shard import ShardAssembler, finished_row
 from captioning.text import T5TokenCounter
+from storage.errors import PipelineError
 
 
 def _read_shard(item: dict[str, Any], prep: ImagePrep):
@@ -36,9 +37,14 @@ def caption_on_ray(pending: list[str], cfg: CaptionConfig, on_shard: Callable[[d
         ray.init(address=cfg.ray.address, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
-        prep = ImagePrep.from_processor(AutoProcessor.from_pretrained(cfg.model), cfg.pad_to_square,
-                                        cfg.decode.max_pixels)
-        counter = T5TokenCounter(cfg.t5_tokenizer)
+        try:
+            prep = ImagePrep.from_processor(AutoProcessor.from_pretrained(cfg.model), cfg.pad_to_square,
+                                            cfg.decode.max_pixels)
+            counter = T5TokenCounter(cfg.t5_tokenizer)
+        except (OSError, ValueError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+            raise PipelineError(f"cannot load processor of {cfg.model!r} or tokenizer {cfg.t5_tokenizer!r}: "
+                                f"{reason}") from None
         shards: dict[str, ShardAssembler] = {}
         items = []
         for url in pending:

@@ -53,7 +53,11 @@ def _run_local(pending: list[str], cfg: CaptionConfig, on_shard) -> dict[str, st
     from captioning.runner import CaptionRunner
     from captioning.text import T5TokenCounter
 
-    runner = CaptionRunner(cfg, Captioner(cfg), T5TokenCounter(cfg.t5_tokenizer))
+    try:
+        runner = CaptionRunner(cfg, Captioner(cfg), T5TokenCounter(cfg.t5_tokenizer))
+    except (OSError, ValueError) as e:  # unknown id, no network for a hub id, broken checkpoint
+        raise PipelineError(f"cannot load model {cfg.model!r} or tokenizer {cfg.t5_tokenizer!r}: "
+                            f"{str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__}") from None
     failed: dict[str, str] = {}
     bar = tqdm(unit="img", desc=f"caption {cfg.dataset}", disable=None)
     try:
@@ -90,9 +94,11 @@ def caption(config: str = "caption/sam", overrides: list[str] | None = None, for
         force: re-caption shards already committed in this caption set.
     """
     logger = get_run_logger()
+    where = config
     try:
         cfg = load_config(CaptionConfig, config, (overrides or []) + (["force=true"] if force else []),
                           kind="caption")
+        where = cfg.output_root
         name = ensure_caption_set(cfg)
         manifests = committed_manifests(cfg.output_root, cfg.dataset)[: cfg.max_shards]
         if not manifests:
@@ -101,7 +107,7 @@ def caption(config: str = "caption/sam", overrides: list[str] | None = None, for
         set_dir = caption_set_dir(cfg.output_root, cfg.dataset, name)
         write_atomic(join(set_dir, "config.resolved.yaml"), dump_yaml(cfg).encode())
     except (PipelineError, OSError) as e:
-        message = str(e) if isinstance(e, PipelineError) else describe_error(str(overrides or config), e)
+        message = str(e) if isinstance(e, PipelineError) else describe_error(where, e)
         logger.error(message)
         return Failed(message=message)
 
@@ -123,12 +129,16 @@ def caption(config: str = "caption/sam", overrides: list[str] | None = None, for
         logger.info("%s: %d captions, %d errors, %d degenerate (%.2f images/s overall)", result["shard"],
                     result["num_ok"], result["num_error"], result["num_degenerate"], rate)
 
-    if cfg.executor == "ray":
-        from flows._ray_caption import caption_on_ray
+    try:
+        if cfg.executor == "ray":
+            from flows._ray_caption import caption_on_ray
 
-        failed = caption_on_ray(pending, cfg, on_shard)
-    else:
-        failed = _run_local(pending, cfg, on_shard)
+            failed = caption_on_ray(pending, cfg, on_shard)
+        else:
+            failed = _run_local(pending, cfg, on_shard)
+    except PipelineError as e:
+        logger.error(str(e))
+        return Failed(message=str(e))
 
     rows = _committed_rows(cfg, name)
     stats = quality_stats(rows, cfg.max_t5_tokens)

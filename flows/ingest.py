@@ -63,13 +63,16 @@ def ingest(config: str = "ingest/sam", overrides: list[str] | None = None, force
         force: re-ingest shards that are already committed.
     """
     logger = get_run_logger()
+    where = config
     try:
         cfg = load_config(IngestConfig, config, (overrides or []) + (["force=true"] if force else []), kind="ingest")
+        where = cfg.source
         shards = list_shards(cfg)
         extra = prepare(cfg)
+        where = cfg.output_root
         write_atomic(join(manifest_dir(cfg.output_root, cfg.dataset), "config.resolved.yaml"), dump_yaml(cfg).encode())
     except (PipelineError, OSError) as e:  # bad config, source or output root: one clear line, no traceback
-        message = str(e) if isinstance(e, PipelineError) else describe_error(str(overrides or config), e)
+        message = str(e) if isinstance(e, PipelineError) else describe_error(where, e)
         logger.error(message)
         return Failed(message=message)
     logger.info("ingest %s: %d shards from %s -> %s", cfg.dataset, len(shards), cfg.source, cfg.output_root)

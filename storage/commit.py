@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from storage.urls import filesystem, to_url
+from storage.urls import filesystem, protocol_of, to_url
 
 DONE_SUFFIX = ".done"
 TMP_MARK = ".tmp-"
@@ -49,17 +49,11 @@ def _remove_stale(fs, path: str) -> None:
 
 
 def _publish(fs, tmp: str, final: str) -> None:
-    if protocol_is_local(fs):
+    if protocol_of(fs) in ("file", "local"):
         fs.mv(tmp, final)  # os.replace: atomic on one filesystem
     else:
         fs.copy(tmp, final)  # object stores: the final key appears complete or not at all
         fs.rm(tmp)
-
-
-def protocol_is_local(fs) -> bool:
-    proto = fs.protocol
-    protos = proto if isinstance(proto, (tuple, list)) else (proto,)
-    return "file" in protos or "local" in protos
 
 
 @contextmanager

@@ -190,6 +190,9 @@ def test_caption_flow_publishes_artifacts(prefect_server, sam_root, tiny_llava, 
     assert "noun figures unavailable" in arts["caption-sam-quality"].data
     again = caption(config="sam", overrides=overrides, return_state=True).result()
     assert again["pending"] == 0
+    missing = caption(config="sam", overrides=[*overrides, f"model={sam_root}/no-such-model", "caption_set=x"],
+                      force=True, return_state=True)
+    assert missing.is_failed() and missing.message.startswith("cannot load model")
 
 
 def test_audit_command_catches_a_duplicate(sam_root, tiny_llava, tiny_t5):
