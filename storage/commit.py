@@ -79,6 +79,33 @@ def commit_shard(out_url: str) -> Iterator[str]:
         raise
 
 
+@contextmanager
+def commit_dir(out_url: str) -> Iterator[tuple[object, str]]:
+    """Like `commit_shard` for a directory: yields (filesystem, temporary path); replaces `out_url` on success."""
+    fs, path = filesystem(out_url)
+    marker = path + DONE_SUFFIX
+    if fs.exists(marker):
+        fs.rm(marker)
+    for stale in fs.glob(path + TMP_MARK + "*"):
+        fs.rm(stale, recursive=True)
+    tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex[:8]}"
+    fs.makedirs(tmp, exist_ok=True)
+    try:
+        yield fs, tmp
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+        if protocol_of(fs) in ("file", "local"):
+            fs.mv(tmp, path, recursive=True)  # one rename
+        else:  # object stores have no directories: copy object by object, then drop the temporary prefix
+            for src in fs.find(tmp):
+                fs.copy(src, path + src[len(tmp):])
+            fs.rm(tmp, recursive=True)
+    except BaseException:
+        if fs.exists(tmp):
+            fs.rm(tmp, recursive=True)
+        raise
+
+
 def write_done(out_url: str, record: dict[str, Any]) -> None:
     """Write the marker (a JSON result record) last, itself atomically."""
     fs, path = filesystem(out_url)

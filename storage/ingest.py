@@ -17,9 +17,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-from storage.commit import commit_shard, is_done, read_done, write_done
+from storage.commit import commit_dir, commit_shard, is_done, read_done, write_done
 from storage.config import IngestConfig
 from storage.configio import config_dict, config_hash
 from storage.decode import probe_image
@@ -69,39 +71,65 @@ def list_shards(cfg: IngestConfig) -> list[SourceShard]:
 
 
 def annotation_index_url(cfg: IngestConfig) -> str:
-    return join(manifest_dir(cfg.output_root, cfg.dataset), "_index", "annotations.parquet")
+    """JourneyDB annotations, partitioned by image folder: `<index>/folder=NNN/*.parquet` (+ `<index>.done`)."""
+    return join(manifest_dir(cfg.output_root, cfg.dataset), "_index", "annotations")
 
 
 _INDEX_SCHEMA = pa.schema([("folder", pa.string()), ("key", pa.string()), ("img_path", pa.string()),
                            ("prompt", pa.string()), ("prompt_raw", pa.string()), ("caption", pa.string()),
-                           ("line", pa.int64()), ("error", pa.string())])
+                           ("line", pa.int64())])
+_INDEX_BATCH = 50_000
+MAX_REPORTED_ERRORS = 100
 
 
 def prepare(cfg: IngestConfig) -> dict[str, Any]:
-    """Dataset-wide work done once before the shards. JourneyDB: index the annotation jsonl by folder."""
+    """Dataset-wide work done once before the shards.
+
+    JourneyDB: stream the annotation jsonl (4M+ lines) once into a folder-partitioned parquet dataset, so each
+    shard later reads only its own folder's records. Memory stays bounded by one batch.
+    """
     if cfg.dataset != "journeydb":
         return {}
     url = annotation_index_url(cfg)
     done = read_done(url)
     if done and done.get("annotations") == cfg.annotations and not cfg.force:
         return done
-    rows = sorted(journeydb.iter_annotations(cfg.annotations or ""), key=lambda r: (r.get("folder") or "", r["line"]))
-    with commit_shard(url) as tmp:
-        fs, path = filesystem(tmp)
-        with fs.open(path, "wb") as f:
-            pq.write_table(pa.Table.from_pylist(rows, schema=_INDEX_SCHEMA), f, row_group_size=50_000)
-    errors = [r["error"] for r in rows if r.get("error")]
-    record = {"annotations": cfg.annotations, "num_records": len(rows) - len(errors), "num_error": len(errors),
-              "errors": errors[:100]}
+    counts, errors = {"records": 0, "errors": 0}, []
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        buffer = []
+        for rec in journeydb.iter_annotations(cfg.annotations or ""):
+            if "error" in rec:
+                counts["errors"] += 1
+                if len(errors) < MAX_REPORTED_ERRORS:
+                    errors.append(rec["error"])
+                continue
+            counts["records"] += 1
+            buffer.append(rec)
+            if len(buffer) == _INDEX_BATCH:
+                yield pa.RecordBatch.from_pylist(buffer, schema=_INDEX_SCHEMA)
+                buffer = []
+        if buffer:
+            yield pa.RecordBatch.from_pylist(buffer, schema=_INDEX_SCHEMA)
+
+    with commit_dir(url) as (fs, tmp):
+        pads.write_dataset(pa.RecordBatchReader.from_batches(_INDEX_SCHEMA, batches()), tmp, format="parquet",
+                           filesystem=PyFileSystem(FSSpecHandler(fs)), partitioning=["folder"],
+                           partitioning_flavor="hive", max_rows_per_group=_INDEX_BATCH,
+                           existing_data_behavior="overwrite_or_ignore")
+    record = {"annotations": cfg.annotations, "num_records": counts["records"], "num_error": counts["errors"],
+              "errors": errors}
     write_done(url, record)
     return record
 
 
 def _journeydb_records(cfg: IngestConfig, folder: str) -> list[dict[str, Any]]:
     fs, path = filesystem(annotation_index_url(cfg))
-    with fs.open(path, "rb") as f:
-        table = pq.read_table(f, filters=[("folder", "=", folder)])
-    return [r for r in table.to_pylist() if not r["error"]]
+    rows: list[dict[str, Any]] = []
+    for part in sorted(fs.glob(f"{path}/folder={folder}/*.parquet")):
+        with fs.open(part, "rb") as f:
+            rows += pq.read_table(f).to_pylist()
+    return rows
 
 
 def _samples(shard: SourceShard, cfg: IngestConfig) -> Iterator[SourceSample]:

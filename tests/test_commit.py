@@ -103,3 +103,21 @@ def test_wds_writer_publishes_readable_tars_only(tmp_path):
             w.write({"__key__": "a", "txt": "x"})
             raise RuntimeError("crash")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.tar"]
+
+
+def test_commit_dir_replaces_whole_directories_atomically(tmp_path):
+    from storage.commit import commit_dir
+
+    out = str(tmp_path / "index")
+    with commit_dir(out) as (fs, tmp):
+        fs.pipe_file(f"{tmp}/a/part-0.parquet", b"v1")
+    with pytest.raises(RuntimeError):
+        with commit_dir(out) as (fs, tmp):
+            fs.pipe_file(f"{tmp}/b/part-0.parquet", b"v2")
+            raise RuntimeError("crash mid-write")
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == [
+        "index/a/part-0.parquet"]
+    with commit_dir(out) as (fs, tmp):
+        fs.pipe_file(f"{tmp}/b/part-0.parquet", b"v2")
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == [
+        "index/b/part-0.parquet"]

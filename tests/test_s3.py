@@ -355,3 +355,24 @@ def test_credentials_restored_after_rejection(s3_endpoint, sa1b_bucket):
     assert os.environ["AWS_ACCESS_KEY_ID"] == ACCESS_KEY
     assert os.environ["AWS_ENDPOINT_URL"] == s3_endpoint
     assert filesystem(RAW)[0].s3.meta.endpoint_url == s3_endpoint
+
+
+def test_journeydb_index_and_ingest_on_s3(sa1b_bucket, s3_client, tmp_path):
+    """The folder-partitioned annotation index (pyarrow dataset through fsspec) works on s3 too."""
+    local = build_samples(tmp_path / "raw", short_side=96, per_shard=2, num_shards=2)
+    for f in sorted(Path(local["journeydb"]).glob("*.tgz")):
+        s3_client.upload_file(str(f), BUCKET, f"raw/jdb/imgs/{f.name}")
+    s3_client.upload_file(local["journeydb_annotations"], BUCKET, "raw/jdb/anno.jsonl.tgz")
+    _clear_s3fs_cache()
+    cfg = IngestConfig(dataset="journeydb", source=f"s3://{BUCKET}/raw/jdb/imgs",
+                       annotations=f"s3://{BUCKET}/raw/jdb/anno.jsonl.tgz", output_root=f"s3://{BUCKET}/jdb-out")
+    from storage.ingest import prepare
+
+    assert prepare(cfg)["num_records"] == 4
+    for shard in list_shards(cfg):
+        assert ingest_shard(shard, cfg).num_ok == 2
+    rows = read_dataset(cfg.output_root, "journeydb").to_pylist()
+    assert len(rows) == 4 and all(r["status"] == STATUS_OK and r["prompt"] for r in rows)
+    assert not [k for k in _keys(s3_client, "jdb-out/") if TMP_MARK in k]
+    assert prepare(cfg) == prepare(cfg) and any(k.endswith("_index/annotations.done")
+                                                for k in _keys(s3_client, "jdb-out/"))

@@ -75,7 +75,7 @@ def parse_record(line: bytes) -> dict[str, Any]:
     if not isinstance(img_path, str) or not img_path.strip():
         raise ValueError("record has no img_path")
     rel, _ = normalize_member_name(img_path.strip())
-    folder = posixpath.dirname(rel)
+    folder = safe_name(posixpath.dirname(rel))  # matches the shard name of NNN.tgz
     stem, _ = member_stem(posixpath.basename(rel))
     prompt_raw = doc.get("prompt")
     task2 = doc.get("Task2")
