@@ -109,15 +109,19 @@ def test_commit_dir_replaces_whole_directories_atomically(tmp_path):
     from storage.commit import commit_dir
 
     out = str(tmp_path / "index")
+    def put(fs, path: str, data: bytes) -> None:
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(path, data)
+
     with commit_dir(out) as (fs, tmp):
-        fs.pipe_file(f"{tmp}/a/part-0.parquet", b"v1")
+        put(fs, f"{tmp}/a/part-0.parquet", b"v1")
     with pytest.raises(RuntimeError):
         with commit_dir(out) as (fs, tmp):
-            fs.pipe_file(f"{tmp}/b/part-0.parquet", b"v2")
+            put(fs, f"{tmp}/b/part-0.parquet", b"v2")
             raise RuntimeError("crash mid-write")
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == [
         "index/a/part-0.parquet"]
     with commit_dir(out) as (fs, tmp):
-        fs.pipe_file(f"{tmp}/b/part-0.parquet", b"v2")
+        put(fs, f"{tmp}/b/part-0.parquet", b"v2")
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == [
         "index/b/part-0.parquet"]
