@@ -42,10 +42,14 @@ def read_done(out_url: str) -> dict[str, Any] | None:
         return json.loads(f.read())
 
 
-def _remove_stale(fs, path: str) -> None:
-    """Delete leftovers of crashed attempts (`<path>.tmp-*`)."""
+def _unmark(fs, path: str) -> str:
+    """Before (re)writing `path`: drop its marker and the leftovers of crashed attempts; return a fresh temp path."""
+    marker = path + DONE_SUFFIX
+    if fs.exists(marker):
+        fs.rm(marker)  # a shard being replaced must never look done
     for stale in fs.glob(path + TMP_MARK + "*"):
-        fs.rm(stale)
+        fs.rm(stale, recursive=True)
+    return f"{path}{TMP_MARK}{uuid.uuid4().hex[:8]}"
 
 
 def _publish(fs, tmp: str, final: str) -> None:
@@ -65,11 +69,7 @@ def commit_shard(out_url: str) -> Iterator[str]:
     """
     fs, path = filesystem(out_url)
     fs.makedirs(fs._parent(path), exist_ok=True)
-    marker = path + DONE_SUFFIX
-    if fs.exists(marker):
-        fs.rm(marker)
-    _remove_stale(fs, path)
-    tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex[:8]}"
+    tmp = _unmark(fs, path)
     try:
         yield to_url(fs, tmp)
         _publish(fs, tmp, path)
@@ -83,12 +83,7 @@ def commit_shard(out_url: str) -> Iterator[str]:
 def commit_dir(out_url: str) -> Iterator[tuple[object, str]]:
     """Like `commit_shard` for a directory: yields (filesystem, temporary path); replaces `out_url` on success."""
     fs, path = filesystem(out_url)
-    marker = path + DONE_SUFFIX
-    if fs.exists(marker):
-        fs.rm(marker)
-    for stale in fs.glob(path + TMP_MARK + "*"):
-        fs.rm(stale, recursive=True)
-    tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex[:8]}"
+    tmp = _unmark(fs, path)
     fs.makedirs(tmp, exist_ok=True)
     try:
         yield fs, tmp
