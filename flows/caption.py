@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from captioning.audit import audit_caption_set
 from captioning.config import CaptionConfig
-from captioning.quality import quality_markdown, quality_stats
+from captioning.quality import QualityAccumulator, quality_markdown
 from captioning.records import caption_set_dir, ensure_caption_set
 from captioning.shard import pending_manifests
 from storage.commit import write_atomic
@@ -74,14 +74,20 @@ def _run_local(pending: list[str], cfg: CaptionConfig, on_shard) -> dict[str, st
     return failed
 
 
-def _committed_rows(cfg: CaptionConfig, name: str) -> list[dict[str, Any]]:
+QUALITY_COLUMNS = ["key", "caption", "t5_tokens", "t5_truncated", "degenerate", "status", "error"]
+
+
+def _quality_of_set(cfg: CaptionConfig, name: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Quality statistics over every committed shard of the set (read shard by shard), and a few sample rows."""
     fs, path = filesystem(caption_set_dir(cfg.output_root, cfg.dataset, name))
-    rows: list[dict[str, Any]] = []
+    acc, sample = QualityAccumulator(cfg.max_t5_tokens), []
     for p in sorted(fs.glob(f"{path}/*.parquet")):
         if fs.exists(p + ".done"):
             with fs.open(p, "rb") as f:
-                rows += pq.read_table(f).to_pylist()
-    return rows
+                rows = pq.read_table(f, columns=QUALITY_COLUMNS).to_pylist()
+            acc.add(rows)
+            sample += rows[: max(0, SAMPLE_ROWS - len(sample))]
+    return acc.stats(), sample
 
 
 @flow(name="caption", task_runner=ThreadPoolTaskRunner(max_workers=1), validate_parameters=True)
@@ -140,14 +146,13 @@ def caption(config: str = "caption/sam", overrides: list[str] | None = None, for
         logger.error(str(e))
         return Failed(message=str(e))
 
-    rows = _committed_rows(cfg, name)
-    stats = quality_stats(rows, cfg.max_t5_tokens)
+    stats, rows = _quality_of_set(cfg, name)
     report = quality_markdown(stats, f"{cfg.dataset} / {name}")
     write_atomic(join(set_dir, "quality.md"), report.encode())
     write_atomic(join(set_dir, "quality.json"), json.dumps(stats, indent=1).encode())
     create_markdown_artifact(report, key=key + "-quality", description="caption-quality report")
     sample = [{"key": r["key"], "caption": (r["caption"] or "")[:300], "t5_tokens": r["t5_tokens"],
-               "degenerate": r["degenerate"], "error": r["error"]} for r in rows[:SAMPLE_ROWS]]
+               "degenerate": r["degenerate"], "error": r["error"]} for r in rows]
     create_table_artifact(sample, key=key + "-samples", description="sample captions")
     audit = audit_caption_set(cfg.output_root, cfg.dataset, name)
     outcome = {"dataset": cfg.dataset, "caption_set": name, "shards": len(manifests), "pending": len(pending),
