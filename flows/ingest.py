@@ -10,7 +10,9 @@ the run at the end, after every other shard has been processed.
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -25,7 +27,7 @@ from storage.commit import write_atomic
 from storage.config import IngestConfig
 from storage.configio import dump_yaml, load_config
 from storage.errors import PipelineError
-from storage.ingest import ShardResult, ingest_shard, list_shards, prepare
+from storage.ingest import ShardResult, ingest_shard, ingest_shard_record, list_shards, prepare
 from storage.manifest import manifest_dir
 from storage.sources.base import SourceShard
 from storage.urls import describe_error, join
@@ -35,8 +37,11 @@ MAX_TASK_THREADS = 16
 
 @task(name="ingest-shard", task_run_name="ingest-{shard.name}", retries=2, retry_delay_seconds=[5, 30],
       cache_policy=NO_CACHE, tags=["ingest"])
-def ingest_shard_task(shard: SourceShard, cfg: IngestConfig, progress=None) -> dict[str, Any]:
-    """Retry-safe: a committed shard is skipped, a half-written one was never published."""
+def ingest_shard_task(shard: SourceShard, cfg: IngestConfig, progress=None, pool=None) -> dict[str, Any]:
+    """Retry-safe: a committed shard is skipped, a half-written one was never published. With a process `pool`
+    the work runs in a worker process (decoding and hashing scale past the GIL)."""
+    if pool is not None:
+        return pool.submit(ingest_shard_record, shard, cfg).result()
     return ingest_shard(shard, cfg, progress).to_dict()
 
 
@@ -88,12 +93,14 @@ def ingest(config: str = "ingest/sam", overrides: list[str] | None = None, force
             if counts["images"] % 256 == 0:
                 bar.set_postfix(images=counts["images"], refresh=False)
 
+    pool = (ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn"))
+            if cfg.worker_type == "process" and shards else None)
     pending = list(reversed(shards))
     running = {}
     while pending or running:
         while pending and len(running) < cfg.workers:
             shard = pending.pop()
-            running[ingest_shard_task.submit(shard, cfg, on_sample)] = shard
+            running[ingest_shard_task.submit(shard, cfg, on_sample, pool)] = shard
         future = next(as_completed(list(running)))
         shard = running.pop(future)
         try:
@@ -103,11 +110,15 @@ def ingest(config: str = "ingest/sam", overrides: list[str] | None = None, force
             logger.error("%s failed after retries: %s", shard.name, failed[shard.name])
         else:
             results.append(res)
+            if pool is not None and not res["skipped"]:
+                on_sample(res["num_ok"] + res["num_error"])
             logger.info("%s: %d ok, %d errors%s", shard.name, res["num_ok"], res["num_error"],
                         " (already committed)" if res["skipped"] else "")
         bar.update(1)
         bar.set_postfix(images=counts["images"], errors=sum(r["num_error"] for r in results))
     bar.close()
+    if pool is not None:
+        pool.shutdown()
 
     key = f"ingest-{cfg.dataset}".lower()
     fields = [f for f in ShardResult.__dataclass_fields__ if f not in ("dataset", "config_hash")]

@@ -36,6 +36,10 @@ class IngestConfig(StrictModel):
     max_shards: int | None = Field(None, gt=0, description="Only the first N shards (smoke runs).")
     force: bool = Field(False, description="Re-ingest shards that are already committed.")
     workers: int = Field(2, gt=0, description="Shards processed concurrently.")
+    worker_type: Literal["process", "thread"] = Field(
+        "process", description="process: one process per worker (scales with cores); thread: in-process threads "
+        "(no start-up cost, per-image progress)."
+    )
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
 
     @model_validator(mode="after")

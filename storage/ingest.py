@@ -212,3 +212,8 @@ def ingest_shard(
     result.seconds = round(time.perf_counter() - start, 3)
     write_done(out, {**result.to_dict(), "config": config_dict(cfg)})
     return result
+
+
+def ingest_shard_record(shard: SourceShard, cfg: IngestConfig) -> dict[str, Any]:
+    """`ingest_shard` as a plain, picklable call returning a dict: the unit a process pool runs."""
+    return ingest_shard(shard, cfg).to_dict()

@@ -55,7 +55,8 @@ def test_one_failing_shard_does_not_stop_the_others(prefect_server, samples, tmp
     monkeypatch.setattr(ingest_lib, "_samples", flaky)
     monkeypatch.setattr(ingest_flow_mod, "ingest_shard_task",
                         ingest_flow_mod.ingest_shard_task.with_options(retries=1, retry_delay_seconds=0))
-    state = ingest(config="sam", overrides=[f"source={samples['sam']}", f"output_root={tmp_path}"],
+    state = ingest(config="sam", overrides=[f"source={samples['sam']}", f"output_root={tmp_path}",
+                                            "worker_type=thread"],  # the patch lives in this process
                    return_state=True)
     assert state.is_failed() and "1 of 2 shards failed: sa_000000" in state.message
     assert [r["shard"] for r in read_dataset(str(tmp_path), "sam").to_pylist()] == ["sa_000001"] * 4
