@@ -111,6 +111,7 @@ def demo(
     root: Annotated[Path, typer.Option(help="Where sample data and outputs are written.")] = Path("demo-output"),
     short_side: Annotated[int, typer.Option(help="Short side of the sample SA-1B images (real: 1500).")] = 768,
     caption_model: Annotated[str | None, typer.Option(help="LLaVA id or dir; default: a tiny random one.")] = None,
+    t5_tokenizer: Annotated[str | None, typer.Option(help="T5 tokenizer id or dir; default: a tiny one.")] = None,
 ) -> None:
     """Sample SA-1B, JourneyDB and ImageNet shards from real photos -> manifests -> LLaVA captions.
 
@@ -131,12 +132,10 @@ def demo(
             _run_ingest(preset, [*overrides, f"output_root={out}"], force=True)
     except PipelineError as e:
         _fail(str(e))
-    model, t5 = caption_model, "google/t5-v1_1-xxl"
-    if model is None:
-        from captioning.tiny import make_tiny_llava, make_tiny_t5_tokenizer
+    from captioning.tiny import make_tiny_llava, make_tiny_t5_tokenizer
 
-        model = make_tiny_llava(root / "models" / "tiny-llava")
-        t5 = make_tiny_t5_tokenizer(root / "models" / "tiny-t5")
+    model = caption_model or make_tiny_llava(root / "models" / "tiny-llava")
+    t5 = t5_tokenizer or make_tiny_t5_tokenizer(root / "models" / "tiny-t5")
     from flows.caption import caption as caption_flow
 
     captions = {}
