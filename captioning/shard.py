@@ -86,6 +86,11 @@ class PartStore:
             self.fs.rm(self.path, recursive=True)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Assembling a shard from finished rows (any executor)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
 def check_exactly_once(manifest_keys: list[str], rows: list[Row]) -> None:
     """Every manifest key has exactly one row, and no row has a key outside the manifest."""
     counts: dict[str, int] = {}
@@ -115,11 +120,6 @@ def finalize_shard(manifest_rows: list[Row], parts: PartStore, result: CaptionSh
             pq.write_table(pa.Table.from_pylist(rows, schema=CAPTION_SCHEMA), f, compression="zstd")
     write_done(result.output_url, {**extra, **result.to_dict()})
     parts.clear()
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Assembling a shard from finished rows (any executor)
-# ---------------------------------------------------------------------------------------------------------------------
 
 
 def finished_row(manifest_row: Row, cfg: CaptionConfig, raw_text: str, n_tokens: int, finish_reason: str,
