@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import pyarrow.parquet as pq
+from pydantic import Field
 
-from captioning.records import caption_set_dir, caption_url
 from storage.commit import is_done
+from storage.configio import StrictModel
+from storage.errors import ConfigError
+from storage.layout import caption_set_dir, caption_url
 from storage.manifest import committed_manifests, read_manifest
-from storage.urls import basename, filesystem
+from storage.parquet import read_table
+from storage.urls import basename, exists, join
 
 
 def audit_caption_set(root: str, dataset: str, caption_set: str) -> dict[str, Any]:
@@ -22,9 +25,7 @@ def audit_caption_set(root: str, dataset: str, caption_set: str) -> dict[str, An
         entry = {"shard": shard, "keys": len(keys), "rows": 0, "missing": len(keys), "duplicated": 0, "unknown": 0,
                  "committed": is_done(out)}
         if entry["committed"]:
-            fs, path = filesystem(out)
-            with fs.open(path, "rb") as f:
-                got = pq.read_table(f, columns=["key"]).column("key").to_pylist()
+            got = read_table(out, ["key"]).column("key").to_pylist()
             seen: dict[str, int] = {}
             for k in got:
                 seen[k] = seen.get(k, 0) + 1
@@ -38,3 +39,24 @@ def audit_caption_set(root: str, dataset: str, caption_set: str) -> dict[str, An
     ok = bool(shards) and all(totals[k] == 0 for k in ("missing", "duplicated", "unknown", "uncommitted"))
     return {"dataset": dataset, "caption_set": caption_set, "location": caption_set_dir(root, dataset, caption_set),
             "ok": ok, **totals, "shards": shards}
+
+
+class AuditConfig(StrictModel):
+    """`pixart audit` arguments; every name that becomes a path is checked."""
+
+    dataset: str = Field(description="An ingested dataset (sam, journeydb, imagenet).")
+    caption_set: str | None = Field(None, description="A caption set under captions/<dataset>/.")
+    output_root: str = Field("data/pixart", description="Root of manifests and captions.")
+
+    def check(self) -> None:
+        """Refuse unknown datasets and caption sets (and any name that would leave the output root)."""
+        from storage.sources import source_names
+
+        if self.dataset not in source_names():
+            raise ConfigError(f"unknown dataset {self.dataset!r}; datasets: {', '.join(source_names())}")
+        if not committed_manifests(self.output_root, self.dataset):
+            raise ConfigError(f"no committed manifests for {self.dataset!r} under {self.output_root}")
+        if self.caption_set is not None:
+            url = caption_set_dir(self.output_root, self.dataset, self.caption_set)
+            if not exists(join(url, "caption_set.yaml")):
+                raise ConfigError(f"no caption set {self.caption_set!r} for {self.dataset} under {self.output_root}")

@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from storage.config import DecodeConfig
+from storage.config import DecodeConfig, StageConfig
 from storage.configio import StrictModel
 
 PAPER_PROMPT = "Describe this image and its style in a very detailed manner"
@@ -44,11 +44,10 @@ class RayCaptionConfig(StrictModel):
     num_cpus_per_decoder: float = Field(1.0, gt=0, description="CPUs per image-decoding task.")
 
 
-class CaptionConfig(StrictModel):
+class CaptionConfig(StageConfig):
     """Caption the ok rows of `<output_root>/manifests/<dataset>/` into `<output_root>/captions/<dataset>/<set>/`."""
 
     dataset: Literal["sam", "journeydb"] = Field(description="Which ingested dataset to caption.")
-    output_root: str = Field("data/pixart", description="Root of manifests (input) and captions (output).")
     caption_set: str | None = Field(
         None, description="Name of this (model, prompt, generation) combination; default <model>-<hash>."
     )
@@ -69,8 +68,6 @@ class CaptionConfig(StrictModel):
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
     executor: Literal["local", "ray"] = Field("local", description="local: in process; ray: Ray Data actor pool.")
     ray: RayCaptionConfig = Field(default_factory=RayCaptionConfig)
-    max_shards: int | None = Field(None, gt=0, description="Only the first N shards (smoke runs).")
-    force: bool = Field(False, description="Re-caption shards already committed in this caption set.")
 
     @model_validator(mode="after")
     def _check(self) -> CaptionConfig:

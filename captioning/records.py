@@ -1,8 +1,7 @@
-"""Caption rows, their parquet schema, and where caption sets live.
+"""Caption rows, their parquet schema, and the identity of a caption set.
 
-    <root>/captions/<dataset>/<caption_set>/<shard>.parquet (+ .done)   one row per manifest key
-    <root>/captions/<dataset>/<caption_set>/caption_set.yaml            what defines the set (model, prompt, ...)
-    <root>/captions/<dataset>/<caption_set>/_parts/<shard>/part-*.parquet   progress of an unfinished shard
+Paths come from `storage.layout`: `<root>/captions/<dataset>/<caption_set>/<shard>.parquet` (+ .done), one row
+per manifest key, and `caption_set.yaml` beside them, recording what defines the set (model, prompt, ...).
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ import yaml
 from captioning.config import CaptionConfig
 from storage.commit import write_atomic
 from storage.errors import ConfigError
+from storage.layout import caption_set_dir
 from storage.urls import filesystem, join
 
 CAPTION_SCHEMA = pa.schema([
@@ -38,18 +38,6 @@ CAPTION_SCHEMA = pa.schema([
     ("status", pa.string()),  # ok | error
     ("error", pa.string()),
 ])
-
-
-def caption_set_dir(root: str, dataset: str, caption_set: str) -> str:
-    return join(root, "captions", dataset, caption_set)
-
-
-def caption_url(root: str, dataset: str, caption_set: str, shard: str) -> str:
-    return join(caption_set_dir(root, dataset, caption_set), f"{shard}.parquet")
-
-
-def parts_dir(root: str, dataset: str, caption_set: str, shard: str) -> str:
-    return join(caption_set_dir(root, dataset, caption_set), "_parts", shard)
 
 
 def ensure_caption_set(cfg: CaptionConfig) -> str:

@@ -6,7 +6,9 @@
 
 Images are read and decoded on CPU threads `prefetch_batches` batches ahead of `generate()`; while a shard's last
 batches are generated, the first batches of the `upcoming` shard are already being decoded, so the model does not
-wait at shard boundaries. Rows go through `ShardAssembler`, so a crash loses at most one part of work.
+wait at shard boundaries. A look-ahead that fails (a missing archive, a shard leased by another run) is dropped
+quietly: that shard then fails, or is skipped, in its own task and never in the current one. Rows go through
+`CaptionShard`, so a crash loses at most one part of work.
 """
 
 from __future__ import annotations
@@ -19,51 +21,49 @@ from typing import Any
 
 from captioning.captioner import Captioner
 from captioning.config import CaptionConfig
-from captioning.records import add_t5_counts, error_row
-from captioning.shard import CaptionShardResult, ShardAssembler, finished_row, skipped_result
+from captioning.shard import CaptionShard, Outcome, skipped_result
 from storage.errors import ImageDecodeError
 from storage.readers import iter_manifest_images
+from storage.shard import ShardResult
 
 Row = dict[str, Any]
 
 
-def _batches(rows: list[Row], cfg: CaptionConfig) -> Iterator[tuple[list[tuple[Row, bytes]], list[Row]]]:
-    """(images to caption, error rows) per batch, reading each source archive once."""
+def _batches(rows: list[Row], batch_size: int) -> Iterator[tuple[list[tuple[Row, bytes]], list[Outcome]]]:
+    """(images to caption, read errors) per batch, reading each source archive once."""
     items, errors = [], []
     for row, data, err in iter_manifest_images(rows):
         if err is not None:
-            errors.append(error_row(row, cfg, err))
+            errors.append(Outcome(row["key"], error=err))
         else:
             items.append((row, data))
-        if len(items) == cfg.batch_size:
+        if len(items) == batch_size:
             yield items, errors
             items, errors = [], []
     if items or errors:
         yield items, errors
 
 
-def _prepare(items: list[tuple[Row, bytes]], cfg: CaptionConfig, captioner: Captioner):
-    """On a CPU thread: decode, pad, shrink and encode one batch -> (good rows, error rows, inputs or None)."""
+def _prepare(items: list[tuple[Row, bytes]], captioner: Captioner):
+    """On a CPU thread: decode, pad, shrink and encode one batch -> (good rows, error outcomes, inputs or None)."""
     good, images, errors = [], [], []
     for row, data in items:
         try:
             images.append(captioner.prep.shrink(captioner.prep.decode(data)))
             good.append(row)
         except ImageDecodeError as e:
-            errors.append(error_row(row, cfg, f"image not decodable: {e}"))
+            errors.append(Outcome(row["key"], error=f"image not decodable: {e}"))
     return good, errors, captioner.encode(images) if images else None
 
 
 class _Job:
-    """One shard in flight: its assembler, its batch source, and batches being decoded."""
+    """One shard in flight: its `CaptionShard`, its batch source, and batches being decoded."""
 
-    def __init__(self, url: str, cfg: CaptionConfig, captioner: Captioner, pool: ThreadPoolExecutor) -> None:
+    def __init__(self, url: str, cfg: CaptionConfig, captioner: Captioner, counter, pool: ThreadPoolExecutor):
         self.url, self.cfg, self.captioner, self.pool = url, cfg, captioner, pool
-        self.shard = ShardAssembler(url, cfg)
-        not_ingested = [error_row(r, cfg, f"not ingested: {r['error']}") for r in self.shard.todo
-                        if r["status"] != "ok"]
-        self.source = _batches([r for r in self.shard.todo if r["status"] == "ok"], cfg)
-        self.pending: deque[tuple[Future | None, list[Row]]] = deque([(None, not_ingested)] if not_ingested else [])
+        self.shard = CaptionShard(url, cfg, counter)
+        self.source = _batches(self.shard.todo, cfg.batch_size)
+        self.pending: deque[tuple[Future, list[Outcome]]] = deque()
         self.exhausted = False
 
     def fill(self) -> None:
@@ -72,7 +72,7 @@ class _Job:
             if nxt is None:
                 self.exhausted = True
             else:
-                self.pending.append((self.pool.submit(_prepare, nxt[0], self.cfg, self.captioner), nxt[1]))
+                self.pending.append((self.pool.submit(_prepare, nxt[0], self.captioner), nxt[1]))
 
 
 class CaptionRunner:
@@ -84,50 +84,65 @@ class CaptionRunner:
         self.warm: _Job | None = None
 
     def close(self) -> None:
+        self._drop_warm()
         self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def _drop_warm(self) -> None:
+        if self.warm is not None:
+            self.warm.shard.close()
+            self.warm = None
 
     def _job(self, url: str) -> _Job:
         if self.warm is not None and self.warm.url == url:
             job, self.warm = self.warm, None
             return job
-        return _Job(url, self.cfg, self.captioner, self.pool)
+        self._drop_warm()
+        return _Job(url, self.cfg, self.captioner, self.counter, self.pool)
+
+    def _warm_up(self, upcoming: str) -> None:
+        """Start decoding the next shard. Whatever goes wrong here belongs to that shard, not this one."""
+        try:
+            if skipped_result(upcoming, self.cfg) is None:
+                self.warm = _Job(upcoming, self.cfg, self.captioner, self.counter, self.pool)
+                self.warm.fill()
+        except Exception:  # noqa: BLE001 - re-raised, with its own retries, when that shard's task runs
+            self._drop_warm()
+            self.warm = None
 
     def run(self, manifest_url: str, progress: Callable[[int], None] | None = None,
-            upcoming: str | None = None) -> CaptionShardResult:
+            upcoming: str | None = None) -> ShardResult:
         """Caption one manifest into the caption set (skipped when committed); start decoding `upcoming` early."""
         skipped = skipped_result(manifest_url, self.cfg)
         if skipped is not None:
             return skipped
         job = self._job(manifest_url)
-        stats = job.shard.result
-        job.fill()
-        while job.pending:
-            if job.exhausted and self.warm is None and upcoming and skipped_result(upcoming, self.cfg) is None:
-                self.warm = _Job(upcoming, self.cfg, self.captioner, self.pool)
-                self.warm.fill()
-            future, rows = job.pending.popleft()
-            if future is not None:
+        try:
+            job.fill()
+            while job.pending:
+                if job.exhausted and self.warm is None and upcoming:
+                    self._warm_up(upcoming)
+                    upcoming = None
+                future, outcomes = job.pending.popleft()
                 good, decode_errors, inputs = future.result()
-                rows = rows + decode_errors
+                outcomes = outcomes + decode_errors
                 if inputs is not None:
                     start = time.perf_counter()
                     captions = self.captioner.generate(inputs)
-                    took = time.perf_counter() - start
-                    stats.generate_seconds += took
-                    for row, cap in zip(good, captions, strict=True):
-                        stats.generated_tokens += cap.n_tokens
-                        rows.append(finished_row(row, self.cfg, cap.text, cap.n_tokens, cap.finish_reason,
-                                                 took / len(captions)))
-            job.fill()
-            add_t5_counts(rows, self.counter, self.cfg.max_t5_tokens)
-            job.shard.add(rows)
-            if progress is not None:
-                progress(len(rows))
-        return job.shard.finalize()
+                    per_image = (time.perf_counter() - start) / len(captions)
+                    outcomes += [Outcome(row["key"], text=c.text, n_tokens=c.n_tokens, finish_reason=c.finish_reason,
+                                         seconds=per_image) for row, c in zip(good, captions, strict=True)]
+                job.fill()
+                job.shard.accept(outcomes)
+                if progress is not None:
+                    progress(len(outcomes))
+            return job.shard.finalize()
+        except BaseException:
+            job.shard.close()
+            raise
 
 
 def caption_shard(manifest_url: str, cfg: CaptionConfig, captioner: Captioner, counter,
-                  progress: Callable[[int], None] | None = None) -> CaptionShardResult:
+                  progress: Callable[[int], None] | None = None) -> ShardResult:
     """Caption one manifest (no look-ahead to other shards)."""
     runner = CaptionRunner(cfg, captioner, counter)
     try:

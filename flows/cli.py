@@ -1,8 +1,13 @@
-"""The `pixart` command: runs the project's flows locally (the same flows that the Prefect deployments run).
+"""The `pixart` command: runs the project's stages locally, through the same stage code as the Prefect flows,
+without starting a Prefect server (a local run starts in about a second).
 
     pixart ingest sam source=/data/sa1b output_root=s3://bucket/pixart
-    pixart ingest journeydb --force
-    pixart demo                                  # sample data in the real formats -> manifests
+    pixart caption sam output_root=/data/pixart model=/models/llava-1.5-7b-hf t5_tokenizer=/models/t5-v1_1-xxl
+    pixart audit dataset=sam caption_set=llava-1-5-7b-hf-1a2b3c4d output_root=/data/pixart
+    pixart demo                                  # sample data in the real formats -> manifests -> captions
+
+Exit codes: 0 done; 1 some shards failed (the others are committed); 2 the run could not start (bad config,
+missing source, unusable output root or model), reported as one `error:` line.
 """
 
 from __future__ import annotations
@@ -25,15 +30,20 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _run_ingest(config: str, overrides: list[str], force: bool) -> dict:
-    from flows.ingest import ingest as ingest_flow
-    from storage.configio import load_config
+def _run(stage, config: str, overrides: list[str], force: bool) -> dict:
+    """Run a stage locally; exit 2 when it cannot start, 1 when shards failed."""
+    from flows._stage import LocalRuntime, run_stage
 
-    load_config(IngestConfig, config, overrides, kind="ingest")  # fail fast, before a Prefect server starts
-    state = ingest_flow(config=config, overrides=overrides, force=force, return_state=True)
-    if not state.is_completed():
-        _fail(state.message or state.name, code=1)
-    return state.result()
+    try:
+        outcome = run_stage(stage, config, overrides, force, LocalRuntime())
+    except PipelineError as e:
+        _fail(str(e))
+    counts = outcome.counts()
+    if outcome.failed:
+        _fail(counts["message"], code=1)
+    if outcome.busy:
+        typer.echo(f"{len(outcome.busy)} shards are being processed by another run: {', '.join(sorted(outcome.busy))}")
+    return counts
 
 
 def _config_keys(model, prefix: str = "") -> list[str]:
@@ -50,59 +60,64 @@ def _config_keys(model, prefix: str = "") -> list[str]:
 
 @app.command(epilog="Config keys (override with key=value):\n\n" + "\n\n".join(_config_keys(IngestConfig)))
 def ingest(
-    config: Annotated[str, typer.Argument(help="Preset (sam, journeydb, imagenet) or a YAML path.")],
+    config: Annotated[str, typer.Argument(help="Preset under configs/ingest/ (sam, journeydb, imagenet) or a YAML "
+                                               "path.")],
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. source=/data/sa1b")] = None,
     force: Annotated[bool, typer.Option("--force", help="Re-ingest shards that are already committed.")] = False,
 ) -> None:
     """Index source shards into parquet manifests under <output_root>/manifests/<dataset>/."""
-    try:
-        outcome = _run_ingest(config, overrides or [], force)
-    except PipelineError as e:
-        _fail(str(e))
-    typer.echo(f"{outcome['dataset']}: {outcome['done']} shards ({outcome['skipped']} already committed), "
-               f"{outcome['num_ok']} samples ok, {outcome['num_error']} error rows")
+    from flows.ingest_stage import IngestStage
+
+    out = _run(IngestStage(), config, overrides or [], force)
+    typer.echo(f"{out['dataset']}: {out['done']} shards ({out['skipped']} already committed), "
+               f"{out['num_ok']} samples ok, {out['num_error']} error rows")
 
 
 @app.command(epilog="Config keys (override with key=value):\n\n" + "\n\n".join(_config_keys(CaptionConfig)))
 def caption(
-    config: Annotated[str, typer.Argument(help="Preset (sam, journeydb) or a YAML path.")],
+    config: Annotated[str, typer.Argument(help="Preset under configs/caption/ (sam, journeydb) or a YAML path.")],
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. model=/m/llava")] = None,
     force: Annotated[bool, typer.Option("--force", help="Re-caption shards already in this caption set.")] = False,
 ) -> None:
     """Caption ingested shards with LLaVA into <output_root>/captions/<dataset>/<caption_set>/."""
-    from flows.caption import caption as caption_flow
-    from storage.configio import load_config
+    from flows.caption_stage import CaptionStage
 
-    try:
-        load_config(CaptionConfig, config, overrides or [], kind="caption")  # fail fast, before Prefect starts
-        state = caption_flow(config=config, overrides=overrides or [], force=force, return_state=True)
-    except PipelineError as e:
-        _fail(str(e))
-    if not state.is_completed():
-        _fail(state.message or state.name, code=1)
-    out = state.result()
+    out = _run(CaptionStage(), config, overrides or [], force)
     typer.echo(f"{out['dataset']}/{out['caption_set']}: {out['captions']} captions, {out['errors']} error rows, "
                f"exactly-once {'verified' if out['exactly_once'] else 'NOT verified'}")
 
 
-@app.command()
+@app.command(epilog="Keys: dataset (sam, journeydb, imagenet), caption_set (optional), output_root.")
 def audit(
-    dataset: Annotated[str, typer.Argument(help="sam or journeydb")],
-    caption_set: Annotated[str, typer.Argument(help="Caption set name (a folder under captions/<dataset>/).")],
-    output_root: Annotated[str, typer.Option(help="Root of manifests and captions.")] = "data/pixart",
+    args: Annotated[list[str], typer.Argument(help="key=value: dataset=sam caption_set=<name> output_root=<root>")],
 ) -> None:
-    """Check that every manifest key has exactly one caption or error row; exit 1 if not."""
-    from captioning.audit import audit_caption_set
+    """Check a dataset's manifests (keys in two shards) and, with caption_set, that every manifest key has exactly
+    one caption or error row; exit 1 if not."""
+    from captioning.audit import AuditConfig, audit_caption_set
+    from storage.configio import load_config
+    from storage.dedupe import duplicate_report
 
-    report = audit_caption_set(output_root, dataset, caption_set)
-    for s in report["shards"]:
-        if not s["committed"] or s["missing"] or s["duplicated"] or s["unknown"]:
-            typer.echo(f"  {s['shard']}: committed={s['committed']} missing={s['missing']} "
-                       f"duplicated={s['duplicated']} unknown={s['unknown']}")
-    typer.echo(f"{dataset}/{caption_set}: {report['keys']} manifest keys, {report['rows']} rows, "
-               f"{report['missing']} missing, {report['duplicated']} duplicated, {report['unknown']} unknown, "
-               f"{report['uncommitted']} shards uncommitted -> {'OK' if report['ok'] else 'FAILED'}")
-    if not report["ok"]:
+    try:
+        cfg = load_config(AuditConfig, None, args)
+        cfg.check()
+        dups = duplicate_report(cfg.output_root, cfg.dataset)
+        report = audit_caption_set(cfg.output_root, cfg.dataset, cfg.caption_set) if cfg.caption_set else None
+    except PipelineError as e:
+        _fail(str(e))
+    ok = dups["unmarked_duplicates"] == 0
+    typer.echo(f"{cfg.dataset} manifests: {dups['marked_duplicates']} rows marked as duplicates of an earlier "
+               f"shard, {dups['unmarked_duplicates']} keys still ok in two shards")
+    if report is not None:
+        for s in report["shards"]:
+            if not s["committed"] or s["missing"] or s["duplicated"] or s["unknown"]:
+                typer.echo(f"  {s['shard']}: committed={s['committed']} missing={s['missing']} "
+                           f"duplicated={s['duplicated']} unknown={s['unknown']}")
+        typer.echo(f"{cfg.dataset}/{cfg.caption_set}: {report['keys']} manifest keys, {report['rows']} rows, "
+                   f"{report['missing']} missing, {report['duplicated']} duplicated, {report['unknown']} unknown, "
+                   f"{report['uncommitted']} shards uncommitted")
+        ok = ok and report["ok"]
+    typer.echo("OK" if ok else "FAILED")
+    if not ok:
         raise typer.Exit(1)
 
 
@@ -117,9 +132,13 @@ def demo(
 
     Without --caption-model the captions come from a tiny random LLaVA built on the spot (no downloads), so
     they are noise: the demo shows the pipeline and its outputs, not caption quality."""
+    from captioning.tiny import make_tiny_llava, make_tiny_t5_tokenizer
+    from flows.caption_stage import CaptionStage
+    from flows.ingest_stage import IngestStage
     from storage.manifest import read_dataset
     from storage.samples import build_samples
 
+    root = root.resolve()
     raw = build_samples(root / "raw", short_side=short_side)
     out = str(root / "pixart")
     runs = {
@@ -127,25 +146,15 @@ def demo(
         "journeydb": [f"source={raw['journeydb']}", f"annotations={raw['journeydb_annotations']}"],
         "imagenet": [f"source={raw['imagenet']}", f"synset_mapping={raw['synset_mapping']}"],
     }
-    try:
-        for preset, overrides in runs.items():
-            _run_ingest(preset, [*overrides, f"output_root={out}"], force=True)
-    except PipelineError as e:
-        _fail(str(e))
-    from captioning.tiny import make_tiny_llava, make_tiny_t5_tokenizer
-
+    for preset, overrides in runs.items():
+        _run(IngestStage(), preset, [*overrides, f"output_root={out}"], force=True)
     model = caption_model or make_tiny_llava(root / "models" / "tiny-llava")
     t5 = t5_tokenizer or make_tiny_t5_tokenizer(root / "models" / "tiny-t5")
-    from flows.caption import caption as caption_flow
-
     captions = {}
     for dataset in ("sam", "journeydb"):
-        state = caption_flow(config=dataset, overrides=[f"output_root={out}", f"model={model}", f"t5_tokenizer={t5}",
-                                                        "generation.max_new_tokens=40", "batch_size=4"],
-                             force=True, return_state=True)
-        if not state.is_completed():
-            _fail(state.message or state.name, code=1)
-        captions[dataset] = state.result()
+        captions[dataset] = _run(CaptionStage(), dataset, [f"output_root={out}", f"model={model}",
+                                                           f"t5_tokenizer={t5}", "generation.max_new_tokens=40",
+                                                           "batch_size=4"], force=True)
     typer.echo(f"\nmanifests under {out}/manifests:")
     for dataset in runs:
         table = read_dataset(out, dataset).to_pylist()

@@ -1,7 +1,7 @@
 """Atomic per-shard commits: write under a temporary name, publish, then write the done marker last.
 
     with commit_shard(out_url) as tmp_url:      # write the shard to tmp_url
-        write_manifest(rows, tmp_url)
+        write_table(rows, tmp_url)
     write_done(out_url, result)                 # marker last: only now does the shard count as done
 
 A reader trusts a shard only when its marker exists (`is_done`), so a crash at any point leaves either nothing or
@@ -11,7 +11,10 @@ on object stores it is a copy that becomes visible all at once.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,19 +45,53 @@ def read_done(out_url: str) -> dict[str, Any] | None:
         return json.loads(f.read())
 
 
+STALE_TMP_SECONDS = 3600  # a temporary older than this belongs to a crashed writer (a live one finishes in minutes)
+
+
+def _tmp_name(path: str) -> str:
+    return f"{path}{TMP_MARK}{uuid.uuid4().hex[:8]}"
+
+
+def sweep_stale(fs, path: str, max_age: float | None = None) -> int:
+    """Delete `<path>.tmp-*` and `<path>.done.tmp-*` left by crashed writers (disk full, kill -9).
+
+    Only temporaries older than `max_age` go: a younger one may belong to another run writing right now, and
+    deleting it under that run's feet is how two concurrent ingests once lost a whole shard.
+    """
+    removed = 0
+    now = time.time()
+    max_age = STALE_TMP_SECONDS if max_age is None else max_age
+    for stale in fs.glob(path + TMP_MARK + "*") + fs.glob(path + DONE_SUFFIX + TMP_MARK + "*"):
+        try:
+            modified = fs.modified(stale).timestamp()
+        except (FileNotFoundError, NotImplementedError, OSError):
+            continue
+        if now - modified > max_age:
+            fs.rm(stale, recursive=True)
+            removed += 1
+    return removed
+
+
 def _unmark(fs, path: str) -> str:
-    """Before (re)writing `path`: drop its marker and the leftovers of crashed attempts; return a fresh temp path."""
+    """Before (re)writing `path`: drop its marker and old leftovers of crashed attempts; return a fresh temp path."""
     marker = path + DONE_SUFFIX
     if fs.exists(marker):
         fs.rm(marker)  # a shard being replaced must never look done
-    for stale in fs.glob(path + TMP_MARK + "*"):
-        fs.rm(stale, recursive=True)
-    return f"{path}{TMP_MARK}{uuid.uuid4().hex[:8]}"
+    sweep_stale(fs, path)
+    return _tmp_name(path)
+
+
+def _discard(fs, tmp: str) -> None:
+    try:
+        if fs.exists(tmp):
+            fs.rm(tmp, recursive=True)
+    except OSError:
+        pass
 
 
 def _publish(fs, tmp: str, final: str) -> None:
     if protocol_of(fs) in ("file", "local"):
-        fs.mv(tmp, final)  # os.replace: atomic on one filesystem
+        os.replace(tmp, final)  # atomic on one filesystem
     else:
         fs.copy(tmp, final)  # object stores: the final key appears complete or not at all
         fs.rm(tmp)
@@ -65,7 +102,8 @@ def commit_shard(out_url: str) -> Iterator[str]:
     """Yield a temporary URL to write to; publish it as `out_url` when the block exits cleanly.
 
     An existing marker is removed first, so an overwritten shard is never marked done while it is being replaced.
-    On error the temporary file is deleted and nothing is published.
+    On error the temporary file is deleted and nothing is published. Two writers of the same shard each publish a
+    complete file; the last one wins.
     """
     fs, path = filesystem(out_url)
     fs.makedirs(fs._parent(path), exist_ok=True)
@@ -74,30 +112,41 @@ def commit_shard(out_url: str) -> Iterator[str]:
         yield to_url(fs, tmp)
         _publish(fs, tmp, path)
     except BaseException:
-        if fs.exists(tmp):
-            fs.rm(tmp)
+        _discard(fs, tmp)
         raise
 
 
 @contextmanager
-def commit_dir(out_url: str) -> Iterator[tuple[object, str]]:
-    """Like `commit_shard` for a directory: yields (filesystem, temporary path); replaces `out_url` on success."""
+def publish_dir_once(out_url: str) -> Iterator[tuple[object, str]]:
+    """Write a directory under a temporary name and publish it as `out_url`, unless it is already published.
+
+    For immutable, content-addressed directories (a JourneyDB annotation index keyed by the file's identity): a
+    published directory is never replaced or deleted, so a reader never sees it half-gone. When two runs build the
+    same directory at once, the first to publish wins and the other drops its copy. Yields (filesystem, tmp path);
+    check `is_done(out_url)` first to skip the work.
+    """
     fs, path = filesystem(out_url)
-    tmp = _unmark(fs, path)
+    fs.makedirs(fs._parent(path), exist_ok=True)
+    sweep_stale(fs, path)
+    tmp = _tmp_name(path)
     fs.makedirs(tmp, exist_ok=True)
     try:
         yield fs, tmp
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
         if protocol_of(fs) in ("file", "local"):
-            fs.mv(tmp, path, recursive=True)  # one rename
-        else:  # object stores have no directories: copy object by object, then drop the temporary prefix
+            try:
+                os.rename(tmp, path)  # fails if another run published first: keep theirs
+            except OSError as e:
+                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR):
+                    raise
+                _discard(fs, tmp)
+        elif not fs.exists(path + DONE_SUFFIX):  # object stores: the marker, written after this, is what counts
             for src in fs.find(tmp):
                 fs.copy(src, path + src[len(tmp):])
             fs.rm(tmp, recursive=True)
+        else:
+            _discard(fs, tmp)
     except BaseException:
-        if fs.exists(tmp):
-            fs.rm(tmp, recursive=True)
+        _discard(fs, tmp)
         raise
 
 
@@ -105,17 +154,23 @@ def write_done(out_url: str, record: dict[str, Any]) -> None:
     """Write the marker (a JSON result record) last, itself atomically."""
     fs, path = filesystem(out_url)
     marker = path + DONE_SUFFIX
-    tmp = f"{marker}{TMP_MARK}{uuid.uuid4().hex[:8]}"
-    with fs.open(tmp, "wb") as f:
-        f.write(json.dumps(record, indent=1, sort_keys=True, default=str).encode())
-    _publish(fs, tmp, marker)
+    _write_then_publish(fs, marker, json.dumps(record, indent=1, sort_keys=True, default=str).encode())
 
 
 def write_atomic(url: str, data: bytes) -> None:
     """Write a small file (a config, a report) atomically."""
     fs, path = filesystem(url)
     fs.makedirs(fs._parent(path), exist_ok=True)
-    tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex[:8]}"
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
-    _publish(fs, tmp, path)
+    _write_then_publish(fs, path, data)
+
+
+def _write_then_publish(fs, path: str, data: bytes) -> None:
+    """A full disk or a failed upload leaves nothing behind: the temporary is removed on any error."""
+    tmp = _tmp_name(path)
+    try:
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+        _publish(fs, tmp, path)
+    except BaseException:
+        _discard(fs, tmp)
+        raise

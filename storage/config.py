@@ -8,8 +8,7 @@ from pydantic import Field, model_validator
 
 from storage.configio import StrictModel
 from storage.decode import DEFAULT_MAX_PIXELS
-
-Dataset = Literal["sam", "journeydb", "imagenet"]
+from storage.errors import ConfigError
 
 
 class DecodeConfig(StrictModel):
@@ -23,18 +22,25 @@ class DecodeConfig(StrictModel):
     )
 
 
-class IngestConfig(StrictModel):
+class StageConfig(StrictModel):
+    """Fields every stage repeats: where outputs go, how much to do, and whether to redo committed shards."""
+
+    output_root: str = Field("data/pixart", description="Root URL of every output (local path or s3://...).")
+    max_shards: int | None = Field(None, gt=0, description="Only the first N shards (smoke runs).")
+    force: bool = Field(False, description="Redo shards that are already committed.")
+    create_bucket: bool = Field(False, description="s3 output_root: create the bucket if it does not exist "
+                                "(otherwise a missing bucket is an error, so a typo never creates one).")
+
+
+class IngestConfig(StageConfig):
     """Turn source archives of one dataset into parquet manifests under `<output_root>/manifests/<dataset>/`."""
 
-    dataset: Dataset = Field(description="Which reader: sam (SA-1B), journeydb, imagenet.")
+    dataset: str = Field(description="Which source reader (storage/sources/): sam (SA-1B), journeydb, imagenet.")
     source: str = Field(
         description="Directory, glob or single archive URL; for sam also the links TSV (file_name<TAB>cdn_link)."
     )
     annotations: str | None = Field(None, description="JourneyDB annotation jsonl (.jsonl, .jsonl.gz or .tgz).")
     synset_mapping: str | None = Field(None, description="ImageNet LOC_synset_mapping.txt (line number = class).")
-    output_root: str = Field("data/pixart", description="Root URL of every output (local path or s3://...).")
-    max_shards: int | None = Field(None, gt=0, description="Only the first N shards (smoke runs).")
-    force: bool = Field(False, description="Re-ingest shards that are already committed.")
     workers: int = Field(2, gt=0, description="Shards processed concurrently.")
     worker_type: Literal["process", "thread"] = Field(
         "process", description="process: one process per worker (scales with cores); thread: in-process threads "
@@ -44,10 +50,11 @@ class IngestConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> IngestConfig:
-        if self.dataset == "journeydb" and not self.annotations:
-            raise ValueError("dataset journeydb needs annotations=<path to the *_anno_repath.jsonl[.tgz]>")
-        if self.dataset != "journeydb" and self.annotations:
-            raise ValueError(f"annotations is only used by journeydb, not {self.dataset}")
-        if self.dataset != "imagenet" and self.synset_mapping:
-            raise ValueError(f"synset_mapping is only used by imagenet, not {self.dataset}")
+        from storage.sources import get_source
+
+        try:
+            source = get_source(self.dataset)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        source.check(self)
         return self

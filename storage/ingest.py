@@ -1,144 +1,50 @@
-"""Ingest one source shard into a parquet manifest: the per-shard function that the `ingest` flow maps.
+"""Ingest one source shard into a parquet manifest: the per-shard function that the `ingest` stage maps.
 
-    shards = list_shards(cfg)                    # SA-1B tars, JourneyDB tgz archives, ImageNet folders or tars
-    prepare(cfg)                                 # JourneyDB only: index the annotation jsonl once
-    result = ingest_shard(shards[0], cfg)        # -> ShardResult; manifest + done marker committed
+    shards = list_shards(cfg)                    # from the dataset's source (storage/sources/), names checked
+    ctx = prepare(cfg)                           # dataset-wide work once (JourneyDB: the annotation index)
+    result = ingest_shard(shards[0], cfg, ctx)   # -> ShardResult; manifest + done marker committed
+    mark_duplicates(cfg.output_root, cfg.dataset)   # after all shards: keys seen in two shards (storage.dedupe)
 
 Every sample ends as exactly one row: `ok` with size, hash and metadata, or `error` with a reason. Only an
-unreadable source (missing, access denied, network) raises, so the orchestrator can retry the shard.
+unreadable source (missing, access denied, network) raises, so the orchestrator can fail or retry the shard.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.dataset as pads
-import pyarrow.parquet as pq
-from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-from storage.commit import commit_dir, commit_shard, is_done, read_done, write_done
+from storage.commit import commit_shard, is_done, write_done
 from storage.config import IngestConfig
 from storage.configio import config_dict, config_hash
 from storage.decode import probe_image
-from storage.errors import ImageDecodeError, SourceError
-from storage.manifest import STATUS_ERROR, STATUS_OK, manifest_dir, manifest_url, write_manifest
-from storage.sources import imagenet, journeydb, sa1b
-from storage.sources.base import SourceSample, SourceShard
-from storage.urls import filesystem, join
+from storage.errors import ImageDecodeError
+from storage.layout import check_unique, manifest_url
+from storage.lease import Lease
+from storage.manifest import STATUS_ERROR, STATUS_OK, write_manifest
+from storage.shard import ShardResult, lineage, skipped
+from storage.sources import SourceSample, SourceShard, get_source
+from storage.urls import absolute_url
 
 _FIELDS = ("label", "wnid", "prompt", "prompt_raw", "caption")
 
 
-@dataclass
-class ShardResult:
-    """What one shard produced; stored in its done marker and returned to the orchestrator."""
-
-    dataset: str
-    shard: str
-    source_url: str
-    output_url: str
-    num_ok: int = 0
-    num_error: int = 0
-    bytes: int = 0
-    seconds: float = 0.0
-    skipped: bool = False
-    config_hash: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Shards and per-dataset preparation
-# ---------------------------------------------------------------------------------------------------------------------
-
-
 def list_shards(cfg: IngestConfig) -> list[SourceShard]:
-    """The source shards of `cfg.dataset`, in name order, limited to `max_shards`."""
-    lister = {"sam": sa1b.list_shards, "journeydb": journeydb.list_shards, "imagenet": imagenet.list_shards}
-    shards = sorted(lister[cfg.dataset](cfg.source), key=lambda s: s.name)
-    if cfg.dataset == "imagenet":
-        if cfg.synset_mapping:
-            imagenet.load_synset_mapping(cfg.synset_mapping)  # a bad mapping fails the run now, not every shard
-        elif any(s.kind == "folder" for s in shards):
-            raise SourceError(f"{cfg.source}: ImageNet class folders need synset_mapping (LOC_synset_mapping.txt)")
+    """The source shards of `cfg.dataset` with absolute URLs, in name order, limited to `max_shards`.
+
+    Two sources that would share an output name are refused here, naming both."""
+    shards = [SourceShard(name=s.name, url=absolute_url(s.url), kind=s.kind)
+              for s in get_source(cfg.dataset).list_shards(cfg)]
+    shards.sort(key=lambda s: s.name)
+    check_unique([(s.name, s.url) for s in shards], "source shards")
     return shards[: cfg.max_shards] if cfg.max_shards else shards
 
 
-def annotation_index_url(cfg: IngestConfig) -> str:
-    """JourneyDB annotations, partitioned by image folder: `<index>/folder=NNN/*.parquet` (+ `<index>.done`)."""
-    return join(manifest_dir(cfg.output_root, cfg.dataset), "_index", "annotations")
-
-
-_INDEX_SCHEMA = pa.schema([("folder", pa.string()), ("key", pa.string()), ("img_path", pa.string()),
-                           ("prompt", pa.string()), ("prompt_raw", pa.string()), ("caption", pa.string()),
-                           ("line", pa.int64())])
-_INDEX_BATCH = 50_000
-MAX_REPORTED_ERRORS = 100
-
-
 def prepare(cfg: IngestConfig) -> dict[str, Any]:
-    """Dataset-wide work done once before the shards.
-
-    JourneyDB: stream the annotation jsonl (4M+ lines) once into a folder-partitioned parquet dataset, so each
-    shard later reads only its own folder's records. Memory stays bounded by one batch.
-    """
-    if cfg.dataset != "journeydb":
-        return {}
-    url = annotation_index_url(cfg)
-    done = read_done(url)
-    if done and done.get("annotations") == cfg.annotations and not cfg.force:
-        return done
-    counts, errors = {"records": 0, "errors": 0}, []
-
-    def batches() -> Iterator[pa.RecordBatch]:
-        buffer = []
-        for rec in journeydb.iter_annotations(cfg.annotations or ""):
-            if "error" in rec:
-                counts["errors"] += 1
-                if len(errors) < MAX_REPORTED_ERRORS:
-                    errors.append(rec["error"])
-                continue
-            counts["records"] += 1
-            buffer.append(rec)
-            if len(buffer) == _INDEX_BATCH:
-                yield pa.RecordBatch.from_pylist(buffer, schema=_INDEX_SCHEMA)
-                buffer = []
-        if buffer:
-            yield pa.RecordBatch.from_pylist(buffer, schema=_INDEX_SCHEMA)
-
-    with commit_dir(url) as (fs, tmp):
-        pads.write_dataset(pa.RecordBatchReader.from_batches(_INDEX_SCHEMA, batches()), tmp, format="parquet",
-                           filesystem=PyFileSystem(FSSpecHandler(fs)), partitioning=["folder"],
-                           partitioning_flavor="hive", max_rows_per_group=_INDEX_BATCH,
-                           existing_data_behavior="overwrite_or_ignore")
-    record = {"annotations": cfg.annotations, "num_records": counts["records"], "num_error": counts["errors"],
-              "errors": errors}
-    write_done(url, record)
-    return record
-
-
-def _journeydb_records(cfg: IngestConfig, folder: str) -> list[dict[str, Any]]:
-    fs, path = filesystem(annotation_index_url(cfg))
-    rows: list[dict[str, Any]] = []
-    for part in sorted(fs.glob(f"{path}/folder={folder}/*.parquet")):
-        with fs.open(part, "rb") as f:
-            rows += pq.read_table(f).to_pylist()
-    return rows
-
-
-def _samples(shard: SourceShard, cfg: IngestConfig) -> Iterator[SourceSample]:
-    if cfg.dataset == "sam":
-        return sa1b.iter_samples(shard, full_json=cfg.decode.verify == "full")
-    if cfg.dataset == "journeydb":
-        return journeydb.iter_samples(shard, _journeydb_records(cfg, shard.name))
-    mapping = imagenet.load_synset_mapping(cfg.synset_mapping) if cfg.synset_mapping else None
-    return imagenet.iter_samples(shard, mapping)
+    """Dataset-wide work done once before the shards; returns the context every shard gets."""
+    return get_source(cfg.dataset).prepare(cfg)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -171,49 +77,61 @@ def sample_row(sample: SourceSample, shard: SourceShard, cfg: IngestConfig) -> d
     return row
 
 
+def _unique_key(key: str, keys: set[str]) -> str:
+    """A distinct key for a later duplicate: '#' never occurs in a real key, so it cannot shadow one."""
+    n = 2
+    while f"{key}#dup{n}" in keys:
+        n += 1
+    return f"{key}#dup{n}"
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # One shard -> one committed manifest
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def ingest_shard(
-    shard: SourceShard, cfg: IngestConfig, progress: Callable[[int], None] | None = None
-) -> ShardResult:
+def ingest_shard(shard: SourceShard, cfg: IngestConfig, ctx: dict[str, Any] | None = None,
+                 progress: Callable[[int], None] | None = None) -> ShardResult:
     """Write `<root>/manifests/<dataset>/<shard>.parquet` and its done marker; skip it when already committed.
 
-    `progress(n)` is called as samples are processed (for progress bars).
+    Holds the shard's lease while it works (ShardBusyError when another run holds it). `progress(n)` is called
+    as samples are processed.
     """
     out = manifest_url(cfg.output_root, cfg.dataset, shard.name)
-    if is_done(out) and not cfg.force:
-        previous = read_done(out) or {}
-        fields = {k: previous[k] for k in ShardResult.__dataclass_fields__ if k in previous}
-        result = ShardResult(**{**fields, "dataset": cfg.dataset, "shard": shard.name, "source_url": shard.url,
-                                "output_url": out})
-        result.skipped = True
-        return result
-    start = time.perf_counter()
-    result = ShardResult(dataset=cfg.dataset, shard=shard.name, source_url=shard.url, output_url=out,
-                         config_hash=config_hash(cfg))
-    rows, keys = [], set()
-    for sample in _samples(shard, cfg):
-        row = sample_row(sample, shard, cfg)
-        if row["key"] in keys:  # every key appears once per manifest; later duplicates become distinct error rows
-            row.update(key=f"{row['key']}__dup{len(rows)}", status=STATUS_ERROR,
-                       error=row["error"] or f"duplicate key {row['key']!r}")
-        keys.add(row["key"])
-        rows.append(row)
-        result.bytes += row.get("bytes") or 0
-        if progress is not None:
-            progress(1)
-    result.num_ok = sum(r["status"] == STATUS_OK for r in rows)
-    result.num_error = len(rows) - result.num_ok
-    with commit_shard(out) as tmp:
-        write_manifest(rows, tmp)
-    result.seconds = round(time.perf_counter() - start, 3)
-    write_done(out, {**result.to_dict(), "config": config_dict(cfg)})
+    fixed = {"stage": "ingest", "dataset": cfg.dataset, "shard": shard.name, "input_url": shard.url}
+    if not cfg.force and (done := skipped(out, **fixed)) is not None:
+        return done
+    ctx = prepare(cfg) if ctx is None else ctx
+    with Lease(out):
+        if not cfg.force and (done := skipped(out, **fixed)) is not None:  # finished by another run meanwhile
+            return done
+        start = time.perf_counter()
+        result = ShardResult(output_url=out, config_hash=config_hash(cfg), **fixed)
+        rows, keys = [], set()
+        for sample in get_source(cfg.dataset).iter_samples(shard, cfg, ctx):
+            row = sample_row(sample, shard, cfg)
+            if row["key"] in keys:  # every key appears once per manifest; later duplicates become error rows
+                row.update(key=_unique_key(row["key"], keys), status=STATUS_ERROR,
+                           error=row["error"] or f"duplicate key {row['key']!r} in this shard")
+            keys.add(row["key"])
+            rows.append(row)
+            result.bytes += row.get("bytes") or 0
+            if progress is not None:
+                progress(1)
+        result.num_ok = sum(r["status"] == STATUS_OK for r in rows)
+        result.num_error = len(rows) - result.num_ok
+        with commit_shard(out) as tmp:
+            write_manifest(rows, tmp)
+        result.seconds = round(time.perf_counter() - start, 3)
+        write_done(out, {**result.to_dict(), "config": config_dict(cfg),
+                         "lineage": lineage([shard.url], result.config_hash, committed_inputs=False)})
     return result
 
 
-def ingest_shard_record(shard: SourceShard, cfg: IngestConfig) -> dict[str, Any]:
+def ingest_shard_record(shard: SourceShard, cfg: IngestConfig, ctx: dict[str, Any] | None = None) -> dict[str, Any]:
     """`ingest_shard` as a plain, picklable call returning a dict: the unit a process pool runs."""
-    return ingest_shard(shard, cfg).to_dict()
+    return ingest_shard(shard, cfg, ctx).to_dict()
+
+
+def is_committed(shard: SourceShard, cfg: IngestConfig) -> bool:
+    return is_done(manifest_url(cfg.output_root, cfg.dataset, shard.name))

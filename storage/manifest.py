@@ -9,10 +9,14 @@ from __future__ import annotations
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from storage.commit import is_done
-from storage.urls import filesystem, join, to_url
+from storage.layout import manifest_dir, manifest_url
+from storage.parquet import read_table, write_table
+from storage.urls import filesystem, to_url
+
+__all__ = ["MANIFEST_SCHEMA", "STATUS_ERROR", "STATUS_OK", "committed_manifests", "manifest_dir", "manifest_url",
+           "read_dataset", "read_manifest", "write_manifest"]
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -41,28 +45,16 @@ STATUS_OK = "ok"
 STATUS_ERROR = "error"
 
 
-def manifest_dir(root: str, dataset: str) -> str:
-    return join(root, "manifests", dataset)
-
-
-def manifest_url(root: str, dataset: str, shard: str) -> str:
-    return join(manifest_dir(root, dataset), f"{shard}.parquet")
-
-
 def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
 
 
 def write_manifest(rows: list[dict[str, Any]], url: str) -> None:
-    fs, path = filesystem(url)
-    with fs.open(path, "wb") as f:
-        pq.write_table(rows_to_table(rows), f, compression="zstd")
+    write_table(rows, url, MANIFEST_SCHEMA)
 
 
-def read_manifest(url: str) -> pa.Table:
-    fs, path = filesystem(url)
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f)
+def read_manifest(url: str, columns: list[str] | None = None) -> pa.Table:
+    return read_table(url, columns)
 
 
 def committed_manifests(root: str, dataset: str) -> list[str]:

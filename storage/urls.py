@@ -7,13 +7,14 @@ message names the URL and the cause, never the credentials.
 
 from __future__ import annotations
 
+import os
 import posixpath
 from typing import IO, Any
 
 import fsspec
 from fsspec.core import url_to_fs
 
-from storage.errors import SourceError
+from storage.errors import SourceError, TransientSourceError, is_transient
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -64,7 +65,7 @@ def open_url(url: str, mode: str = "rb", **kwargs: Any) -> IO[bytes]:
         return fs.open(path, mode, **kwargs)
     except Exception as e:  # noqa: BLE001 - every backend raises its own types; we report them uniformly
         if "r" in mode:
-            raise SourceError(describe_error(url, e)) from None
+            raise (TransientSourceError if is_transient(e) else SourceError)(describe_error(url, e)) from None
         raise
 
 
@@ -80,3 +81,28 @@ def read_bytes(url: str) -> bytes:
 
 def read_text(url: str) -> str:
     return read_bytes(url).decode("utf-8")
+
+
+def absolute_url(url: str) -> str:
+    """A URL that means the same from any working directory: relative local paths become absolute."""
+    if "://" in url or url.startswith("/"):
+        return url
+    return os.path.abspath(url)
+
+
+def check_output_root(url: str, create_bucket: bool = False) -> None:
+    """Refuse an object-store output root whose bucket does not exist, unless asked to create it: a typo in
+    `s3://bucket/...` must not silently create a new bucket."""
+    fs, path = filesystem(url)
+    if protocol_of(fs) in ("file", "local"):
+        return
+    bucket = path.split("/", 1)[0]
+    try:
+        found = fs.exists(bucket)
+    except Exception as e:  # noqa: BLE001 - backend errors become one clear line
+        raise SourceError(describe_error(url, e)) from None
+    if found:
+        return
+    if not create_bucket:
+        raise SourceError(f"{url}: bucket {bucket!r} does not exist (pass create_bucket=true to create it)")
+    fs.mkdir(bucket)

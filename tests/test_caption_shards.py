@@ -201,9 +201,10 @@ def test_audit_command_catches_a_duplicate(sam_root, tiny_llava, tiny_t5):
     for m in committed_manifests(sam_root, "sam"):
         caption_shard(m, cfg, Captioner(cfg), T5TokenCounter(tiny_t5))
     name = cfg.resolved_caption_set()
-    cmd = [sys.executable, "-m", "flows", "audit", "sam", name, "--output-root", sam_root]
-    ok = subprocess.run(cmd, capture_output=True, text=True)
-    assert ok.returncode == 0 and "-> OK" in ok.stdout
+    cmd = [sys.executable, "-m", "flows", "audit", "dataset=sam", f"caption_set={name}", f"output_root={sam_root}"]
+    for _ in range(10):  # this command once aborted at exit ("terminate called ...") in most runs
+        ok = subprocess.run(cmd, capture_output=True, text=True)
+        assert ok.returncode == 0 and ok.stdout.rstrip().endswith("OK") and not ok.stderr, (ok.stdout, ok.stderr)
     path = f"{caption_set_dir(sam_root, 'sam', name)}/sa_000000.parquet"
     table = pq.read_table(path)
     pq.write_table(pa.concat_tables([table, table.slice(0, 1)]), path)  # one key twice

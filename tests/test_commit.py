@@ -1,6 +1,8 @@
 """Atomic shard commits, skip-on-rerun, --force, and the webdataset writer that never publishes a bad tar."""
 
 import json
+import os
+import time
 
 import pytest
 import webdataset as wds
@@ -32,6 +34,10 @@ def test_commit_publishes_only_on_success(tmp_path):
 def test_recommit_removes_the_marker_first_and_cleans_stale_temps(tmp_path):
     out = str(tmp_path / "x.parquet")
     (tmp_path / "x.parquet.tmp-deadbeef").write_bytes(b"left by a killed run")
+    (tmp_path / "x.parquet.done.tmp-0badf00d").write_bytes(b"left by a run that hit a full disk")
+    for stale in ("x.parquet.tmp-deadbeef", "x.parquet.done.tmp-0badf00d"):
+        os.utime(tmp_path / stale, (time.time() - 7200, time.time() - 7200))
+    (tmp_path / "x.parquet.tmp-cafe0001").write_bytes(b"another run writing this shard right now")
     with commit_shard(out) as tmp:
         open(tmp, "wb").write(b"v1")
     write_done(out, {"v": 1})
@@ -39,7 +45,8 @@ def test_recommit_removes_the_marker_first_and_cleans_stale_temps(tmp_path):
         with commit_shard(out) as tmp:
             assert not is_done(out), "a shard being replaced must not look done"
             raise RuntimeError
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.parquet"]
+    # old leftovers are swept; a live writer's fresh temporary is not deleted under its feet
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.parquet", "x.parquet.tmp-cafe0001"]
 
 
 def test_crash_mid_shard_leaves_nothing_and_rerun_completes(samples, tmp_path, monkeypatch):
@@ -74,7 +81,9 @@ def test_rerun_skips_committed_shards_unless_forced(samples, tmp_path, monkeypat
     def must_not_read(*a, **k):
         raise AssertionError("a committed shard was read again")
 
-    monkeypatch.setattr(ingest_mod, "_samples", must_not_read)
+    from storage.sources.sa1b import SA1B
+
+    monkeypatch.setattr(SA1B, "iter_samples", must_not_read)
     again = [ingest_shard(s, cfg) for s in list_shards(cfg)]
     assert all(r.skipped for r in again)
     assert [(r.num_ok, r.num_error, r.bytes) for r in again] == [(r.num_ok, r.num_error, r.bytes) for r in first]
@@ -105,23 +114,28 @@ def test_wds_writer_publishes_readable_tars_only(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.tar"]
 
 
-def test_commit_dir_replaces_whole_directories_atomically(tmp_path):
-    from storage.commit import commit_dir
+def test_published_directories_are_never_replaced_and_the_first_publisher_wins(tmp_path):
+    from storage.commit import publish_dir_once
 
     out = str(tmp_path / "index")
+
     def put(fs, path: str, data: bytes) -> None:
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         fs.pipe_file(path, data)
 
-    with commit_dir(out) as (fs, tmp):
-        put(fs, f"{tmp}/a/part-0.parquet", b"v1")
+    def files() -> list[str]:
+        return sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+
     with pytest.raises(RuntimeError):
-        with commit_dir(out) as (fs, tmp):
-            put(fs, f"{tmp}/b/part-0.parquet", b"v2")
+        with publish_dir_once(out) as (fs, tmp):
+            put(fs, f"{tmp}/a/part-0.parquet", b"v0")
             raise RuntimeError("crash mid-write")
-    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == [
-        "index/a/part-0.parquet"]
-    with commit_dir(out) as (fs, tmp):
-        put(fs, f"{tmp}/b/part-0.parquet", b"v2")
-    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == [
-        "index/b/part-0.parquet"]
+    assert files() == []  # nothing published, no temporary left
+    with publish_dir_once(out) as (fs, tmp):
+        put(fs, f"{tmp}/a/part-0.parquet", b"v1")
+        with publish_dir_once(out) as (fs2, tmp2):  # a second run building the same directory at the same time
+            put(fs2, f"{tmp2}/b/part-0.parquet", b"v2")
+    assert files() == ["index/b/part-0.parquet"]  # the first to publish wins; the other copy is dropped
+    with publish_dir_once(out) as (fs, tmp):
+        put(fs, f"{tmp}/c/part-0.parquet", b"v3")
+    assert files() == ["index/b/part-0.parquet"]  # a published directory is never replaced under its readers

@@ -4,11 +4,11 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 from prefect.client.orchestration import get_client
 
 import flows.ingest as ingest_flow_mod
 from flows.ingest import ingest
-from storage import ingest as ingest_lib
 from storage.manifest import committed_manifests, read_dataset
 
 
@@ -31,7 +31,8 @@ def test_flow_ingests_all_three_datasets(prefect_server, samples, tmp_path):
         outcome = state.result()
         assert outcome["num_ok"] == 8 and outcome["num_error"] == 0 and outcome["failed"] == []
         assert len(committed_manifests(out, preset)) == outcome["shards"]
-        assert (tmp_path / "manifests" / preset / "config.resolved.yaml").read_text().startswith(f"dataset: {preset}")
+        resolved = yaml.safe_load((tmp_path / "manifests" / preset / "config.resolved.yaml").read_text())
+        assert resolved["dataset"] == preset and resolved["output_root"] == out
     arts = _artifacts(["ingest-sam-summary", "ingest-sam-shards"])
     assert "samples: 8 ok, 0 error rows" in arts["ingest-sam-summary"]
     assert "sa_000001" in str(arts["ingest-sam-shards"])
@@ -45,14 +46,16 @@ def test_flow_rerun_skips_and_force_redoes(prefect_server, samples, tmp_path):
 
 
 def test_one_failing_shard_does_not_stop_the_others(prefect_server, samples, tmp_path, monkeypatch):
-    real = ingest_lib._samples
+    from storage.sources.sa1b import SA1B
 
-    def flaky(shard, cfg):
+    real = SA1B.iter_samples
+
+    def flaky(self, shard, cfg, ctx):
         if shard.name == "sa_000000":
             raise OSError("connection reset by peer")
-        return real(shard, cfg)
+        return real(self, shard, cfg, ctx)
 
-    monkeypatch.setattr(ingest_lib, "_samples", flaky)
+    monkeypatch.setattr(SA1B, "iter_samples", flaky)
     monkeypatch.setattr(ingest_flow_mod, "ingest_shard_task",
                         ingest_flow_mod.ingest_shard_task.with_options(retries=1, retry_delay_seconds=0))
     state = ingest(config="sam", overrides=[f"source={samples['sam']}", f"output_root={tmp_path}",

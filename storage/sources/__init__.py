@@ -1,5 +1,10 @@
-"""Source readers: stream samples out of SA-1B, JourneyDB and ImageNet shards without extracting archives."""
+"""Source readers: stream samples out of SA-1B, JourneyDB and ImageNet shards without extracting archives.
 
-from storage.sources.base import SourceSample, SourceShard
+Importing this package registers every source (`storage.sources.base.register`); a new dataset adds its module
+to the import below.
+"""
 
-__all__ = ["SourceSample", "SourceShard"]
+from storage.sources import imagenet, journeydb, sa1b  # noqa: F401 - registers the sources
+from storage.sources.base import Source, SourceSample, SourceShard, get_source, source_names
+
+__all__ = ["Source", "SourceSample", "SourceShard", "get_source", "source_names"]

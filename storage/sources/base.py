@@ -1,15 +1,29 @@
-"""What every source reader yields, and how shards are found under a directory, glob or single URL."""
+"""The source protocol and registry, what every source reader yields, and how archives are found.
+
+A source is one module under `storage/sources/` defining a `Source` subclass registered under its dataset name:
+
+    @register
+    class MySource(Source):
+        name = "mydataset"
+        def list_shards(self, cfg): ...                 # -> [SourceShard]
+        def prepare(self, cfg): ...                     # dataset-wide work done once -> JSON-able context
+        def iter_samples(self, shard, cfg, ctx): ...    # -> SourceSample per sample (errors included)
+
+Adding a dataset means that module (imported in `storage/sources/__init__.py`) and a preset in `configs/ingest/`.
+"""
 
 from __future__ import annotations
 
-import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
-from storage.errors import SourceError
-from storage.urls import basename, describe_error, filesystem, to_url
+from storage.errors import ConfigError, SourceError
+from storage.layout import safe_name, shard_name_of
+from storage.urls import describe_error, filesystem, to_url
 
-_SHARD_NAME = re.compile(r"[^A-Za-z0-9_-]+")
+__all__ = ["Source", "SourceSample", "SourceShard", "get_source", "list_archives", "register", "safe_name",
+           "shard_name_of", "source_names"]
 
 
 @dataclass(frozen=True)
@@ -33,19 +47,43 @@ class SourceSample:
     error: str | None = None
 
 
-def safe_name(text: str) -> str:
-    """A string usable as a file stem and a webdataset key (no dots, no slashes)."""
-    name = _SHARD_NAME.sub("_", text).strip("_")
-    return name or "unnamed"
+class Source:
+    """One dataset's reader. Subclasses set `name` and implement the three methods; see the module docstring."""
+
+    name: ClassVar[str] = ""
+
+    def check(self, cfg: Any) -> None:
+        """Raise ValueError for options this source does not take or lacks (called by config validation)."""
+
+    def list_shards(self, cfg: Any) -> list[SourceShard]:
+        raise NotImplementedError
+
+    def prepare(self, cfg: Any) -> dict[str, Any]:
+        return {}
+
+    def iter_samples(self, shard: SourceShard, cfg: Any, ctx: dict[str, Any]) -> Iterator[SourceSample]:
+        raise NotImplementedError
 
 
-def shard_name_of(url: str) -> str:
-    stem = basename(url)
-    for ext in (".tar.gz", ".tgz", ".tar"):
-        if stem.endswith(ext):
-            stem = stem[: -len(ext)]
-            break
-    return safe_name(stem)
+_REGISTRY: dict[str, Source] = {}
+
+
+def register(cls: type[Source]) -> type[Source]:
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def source_names() -> list[str]:
+    import storage.sources  # noqa: F401 - importing the package registers every source
+
+    return sorted(_REGISTRY)
+
+
+def get_source(name: str) -> Source:
+    names = source_names()
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown dataset {name!r}; sources: {', '.join(names)}")
+    return _REGISTRY[name]
 
 
 def list_archives(source: str, patterns: tuple[str, ...], what: str) -> list[str]:

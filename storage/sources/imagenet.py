@@ -12,7 +12,15 @@ import re
 from collections.abc import Iterator
 
 from storage.errors import SourceError
-from storage.sources.base import SourceSample, SourceShard, list_archives, safe_name, shard_name_of
+from storage.sources.base import (
+    Source,
+    SourceSample,
+    SourceShard,
+    list_archives,
+    register,
+    safe_name,
+    shard_name_of,
+)
 from storage.tarstream import iter_tar, member_stem
 from storage.urls import describe_error, filesystem, read_text, to_url
 
@@ -128,3 +136,24 @@ def iter_samples(shard: SourceShard, mapping: dict[str, int] | None) -> Iterator
             raise SourceError("ImageNet class folders need synset_mapping (LOC_synset_mapping.txt) for labels")
         return _iter_folder(shard, mapping)
     return _iter_wds(shard, mapping)
+
+
+@register
+class ImageNet(Source):
+    name = "imagenet"
+
+    def check(self, cfg) -> None:
+        if cfg.annotations:
+            raise ValueError("annotations is only used by journeydb, not imagenet")
+
+    def list_shards(self, cfg) -> list[SourceShard]:
+        shards = list_shards(cfg.source)
+        if cfg.synset_mapping:
+            load_synset_mapping(cfg.synset_mapping)  # a bad mapping fails the run now, not every shard
+        elif any(s.kind == "folder" for s in shards):
+            raise SourceError(f"{cfg.source}: ImageNet class folders need synset_mapping (LOC_synset_mapping.txt)")
+        return shards
+
+    def iter_samples(self, shard: SourceShard, cfg, ctx) -> Iterator[SourceSample]:
+        mapping = load_synset_mapping(cfg.synset_mapping) if cfg.synset_mapping else None
+        return iter_samples(shard, mapping)

@@ -1,7 +1,8 @@
 """JourneyDB reader: `imgs/NNN.tgz` archives (members `NNN/<id>.jpg`) joined to the annotation jsonl.
 
-The annotation file (`*_anno_repath.jsonl`, optionally `.tgz`/`.gz`) is global. `index_annotations` streams it
-once into rows keyed by folder `NNN` and image stem; each shard then loads only its own folder's rows. Records are
+The annotation file (`*_anno_repath.jsonl`, optionally `.tgz`/`.gz`) is global. `JourneyDB.prepare` streams it
+once into a parquet index partitioned by folder `NNN` (keyed by image stem), named by the file's content identity;
+each shard then loads only its own folder's rows. Records are
 matched by folder plus stem, so `.png`/`.jpg` naming differences do not matter. `Task2.Caption` may be missing or
 null. Midjourney parameters (`--ar 16:9`, `--v 5`, ...) are stripped from the prompt; the raw prompt is kept.
 """
@@ -9,6 +10,7 @@ null. Midjourney parameters (`--ar 16:9`, `--v 5`, ...) are stripped from the pr
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import posixpath
@@ -17,10 +19,26 @@ import tarfile
 from collections.abc import Iterator
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.dataset as pads
+from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+from storage.commit import publish_dir_once, read_done, write_done
 from storage.errors import SourceError
-from storage.sources.base import SourceSample, SourceShard, list_archives, safe_name, shard_name_of
+from storage.layout import index_dir
+from storage.parquet import read_rows
+from storage.shard import source_identity
+from storage.sources.base import (
+    Source,
+    SourceSample,
+    SourceShard,
+    list_archives,
+    register,
+    safe_name,
+    shard_name_of,
+)
 from storage.tarstream import iter_tar, member_stem, normalize_member_name
-from storage.urls import open_url
+from storage.urls import filesystem, open_url, to_url
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 # Midjourney parameters go at the end of a prompt; some clients turn "--" into an em dash.
@@ -140,3 +158,82 @@ def iter_samples(shard: SourceShard, records: list[dict[str, Any]]) -> Iterator[
     for key, rec in by_key.items():
         if key not in seen:
             yield SourceSample(key=key, member=rec["img_path"], error=missing)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The source: a folder-partitioned annotation index, built once per annotation file content
+# ---------------------------------------------------------------------------------------------------------------------
+
+_INDEX_SCHEMA = pa.schema([("folder", pa.string()), ("key", pa.string()), ("img_path", pa.string()),
+                           ("prompt", pa.string()), ("prompt_raw", pa.string()), ("caption", pa.string()),
+                           ("line", pa.int64())])
+_INDEX_BATCH = 50_000
+MAX_REPORTED_ERRORS = 100
+
+
+def index_url(cfg) -> str:
+    """`<root>/manifests/journeydb/_index/annotations-<id>/folder=NNN/*.parquet` (+ `.done`), where <id> hashes
+    the annotation file's URL, size and mtime/etag: a replaced or grown file gets a new index, never a stale one."""
+    ident = f"{cfg.annotations}|{source_identity(cfg.annotations)}"
+    return index_dir(cfg.output_root, cfg.dataset, "annotations", hashlib.sha256(ident.encode()).hexdigest()[:12])
+
+
+def build_index(annotations: str, url: str) -> dict[str, Any]:
+    """Stream the annotation jsonl (4M+ lines) once into a folder-partitioned parquet dataset; memory stays
+    bounded by one batch. Published once and never replaced, so concurrent runs never read a half-built index."""
+    counts, errors = {"records": 0, "errors": 0}, []
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        buffer = []
+        for rec in iter_annotations(annotations):
+            if "error" in rec:
+                counts["errors"] += 1
+                if len(errors) < MAX_REPORTED_ERRORS:
+                    errors.append(rec["error"])
+                continue
+            counts["records"] += 1
+            buffer.append(rec)
+            if len(buffer) == _INDEX_BATCH:
+                yield pa.RecordBatch.from_pylist(buffer, schema=_INDEX_SCHEMA)
+                buffer = []
+        if buffer:
+            yield pa.RecordBatch.from_pylist(buffer, schema=_INDEX_SCHEMA)
+
+    with publish_dir_once(url) as (fs, tmp):
+        pads.write_dataset(pa.RecordBatchReader.from_batches(_INDEX_SCHEMA, batches()), tmp, format="parquet",
+                           filesystem=PyFileSystem(FSSpecHandler(fs)), partitioning=["folder"],
+                           partitioning_flavor="hive", max_rows_per_group=_INDEX_BATCH,
+                           existing_data_behavior="overwrite_or_ignore")
+    record = {"annotations": annotations, "index_url": url, "num_records": counts["records"],
+              "num_error": counts["errors"], "errors": errors}
+    write_done(url, record)
+    return record
+
+
+def folder_records(url: str, folder: str) -> list[dict[str, Any]]:
+    fs, path = filesystem(url)
+    rows: list[dict[str, Any]] = []
+    for part in sorted(fs.glob(f"{path}/folder={folder}/*.parquet")):
+        rows += read_rows(to_url(fs, part))
+    return rows
+
+
+@register
+class JourneyDB(Source):
+    name = "journeydb"
+
+    def check(self, cfg) -> None:
+        if not cfg.annotations:
+            raise ValueError("dataset journeydb needs annotations=<path to the *_anno_repath.jsonl[.tgz]>")
+        if cfg.synset_mapping:
+            raise ValueError("synset_mapping is only used by imagenet, not journeydb")
+
+    def list_shards(self, cfg) -> list[SourceShard]:
+        return list_shards(cfg.source)
+
+    def prepare(self, cfg) -> dict[str, Any]:
+        url = index_url(cfg)
+        return read_done(url) or build_index(cfg.annotations, url)
+
+    def iter_samples(self, shard: SourceShard, cfg, ctx) -> Iterator[SourceSample]:
+        return iter_samples(shard, folder_records(ctx["index_url"], shard.name))

@@ -13,7 +13,15 @@ import re
 from collections.abc import Iterator
 
 from storage.errors import SourceError
-from storage.sources.base import SourceSample, SourceShard, list_archives, safe_name, shard_name_of
+from storage.sources.base import (
+    Source,
+    SourceSample,
+    SourceShard,
+    list_archives,
+    register,
+    safe_name,
+    shard_name_of,
+)
 from storage.tarstream import iter_tar, member_stem
 from storage.urls import read_text
 
@@ -122,3 +130,20 @@ def iter_samples(shard: SourceShard, full_json: bool = False) -> Iterator[Source
             yield _pair(key, parts["img"], parts["json"], full_json)
     for key, parts in pending.items():
         yield _pair(key, parts.get("img"), parts.get("json"), full_json)
+
+
+@register
+class SA1B(Source):
+    name = "sam"
+
+    def check(self, cfg) -> None:
+        if cfg.annotations:
+            raise ValueError("annotations is only used by journeydb, not sam")
+        if cfg.synset_mapping:
+            raise ValueError("synset_mapping is only used by imagenet, not sam")
+
+    def list_shards(self, cfg) -> list[SourceShard]:
+        return list_shards(cfg.source)
+
+    def iter_samples(self, shard: SourceShard, cfg, ctx) -> Iterator[SourceSample]:
+        return iter_samples(shard, full_json=cfg.decode.verify == "full")

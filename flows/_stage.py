@@ -1,0 +1,234 @@
+"""The stage skeleton every flow shares, free of Prefect so that local CLI runs start in about a second.
+
+A stage says what is its own (`Stage`: load its config, list pending shards, run one shard, summarise); this
+module does the rest the same way for every stage: config and error mapping, the pending list, retries of
+transient errors only, busy shards (leased by another run), progress, the summary and its artifacts.
+
+    outcome = run_stage(IngestStage(), "sam", ["source=/data/sa1b"], force=False, runtime=LocalRuntime())
+
+`flows/ingest.py` and `flows/caption.py` wrap the same call in a Prefect flow (`flows/_prefect.py` supplies a
+runtime whose shard calls are Prefect tasks with retries and whose artifacts go to the Prefect UI); `pixart`
+runs it with `LocalRuntime`, which never starts a Prefect server.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+from storage.commit import write_atomic
+from storage.configio import dump_yaml
+from storage.errors import PipelineError, ShardBusyError, is_transient, one_line
+from storage.urls import describe_error, join
+
+RETRY_DELAYS = (5.0, 30.0)  # seconds before the 1st and 2nd retry of a transient shard failure
+
+
+@dataclass
+class Shard:
+    """One unit of work as the runner sees it: a name and whatever the stage needs to run it."""
+
+    name: str
+    item: Any
+
+
+@dataclass
+class StageOutcome:
+    """What a run did: per-shard results, failures with reasons, and shards another run is working on."""
+
+    stage: str
+    dataset: str
+    total: int
+    results: list[dict[str, Any]] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    busy: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def counts(self) -> dict[str, Any]:
+        return {"stage": self.stage, "dataset": self.dataset, "shards": self.total, "done": len(self.results),
+                "skipped": sum(bool(r.get("skipped")) for r in self.results), "failed": sorted(self.failed),
+                "busy": sorted(self.busy), "num_ok": sum(r["num_ok"] for r in self.results),
+                "num_error": sum(r["num_error"] for r in self.results), **self.extra}
+
+
+class Stage:
+    """What one stage supplies. `run_shard` must be retry-safe (committed output skipped, done marker last)."""
+
+    name = ""
+    workers = 1
+
+    def load(self, config: str, overrides: list[str]) -> Any:
+        raise NotImplementedError
+
+    def output_dir(self, cfg: Any) -> str:
+        raise NotImplementedError
+
+    def shards(self, cfg: Any, log: Callable[[str], None]) -> list[Shard]:
+        raise NotImplementedError
+
+    def open(self, cfg: Any) -> None:
+        """Load what every shard shares (a model, a process pool); raise PipelineError when that fails."""
+
+    def close(self) -> None:
+        pass
+
+    def run_shard(self, shard: Shard, cfg: Any, progress: Callable[[int], None]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def run_all(self, cfg: Any, shards: list[Shard], runtime: Runtime, on_done) -> None:
+        """Run every pending shard; a stage with its own distribution (Ray Data) overrides this."""
+        runtime.run_shards(self, cfg, shards, on_done)
+
+    def finish(self, cfg: Any, outcome: StageOutcome, runtime: Runtime) -> str:
+        """After every shard: dataset-wide steps, artifacts; returns the one-line success message."""
+        return f"{outcome.counts()['num_ok']} ok, {outcome.counts()['num_error']} error rows"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Runtimes: where shard calls run and where progress, logs and artifacts go
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class Runtime:
+    key = ""  # artifact key prefix, `<stage>-<dataset>`
+
+    def log(self, message: str, level: int = logging.INFO) -> None:
+        raise NotImplementedError
+
+    def run_shards(self, stage: Stage, cfg: Any, shards: list[Shard],
+                   on_done: Callable[[Shard, dict | None, BaseException | None], None]) -> None:
+        raise NotImplementedError
+
+    def progress(self, fraction: float, text: str) -> None:
+        pass
+
+    def table(self, key: str, rows: list[dict[str, Any]], description: str) -> None:
+        pass
+
+    def markdown(self, key: str, text: str, description: str) -> None:
+        pass
+
+
+def call_with_retries(fn: Callable[[], dict], delays=RETRY_DELAYS, log=None, name: str = "") -> dict:
+    """Run `fn`; retry only transient errors (network, throttling, a killed worker, a busy lease)."""
+    for attempt in range(len(delays) + 1):
+        try:
+            return fn()
+        except Exception as e:
+            if attempt == len(delays) or not is_transient(e):
+                raise
+            if log is not None:
+                log(f"{name}: {one_line(e)}; retrying in {delays[attempt]:.0f} s", logging.WARNING)
+            time.sleep(delays[attempt])
+    raise AssertionError("unreachable")
+
+
+class LocalRuntime(Runtime):
+    """In-process threads, stderr logging, a tqdm bar; artifacts are the summary files saved beside the outputs."""
+
+    def __init__(self, retry_delays=RETRY_DELAYS) -> None:
+        self.retry_delays = retry_delays
+        self.logger = logging.getLogger("pixart")
+        if not self.logger.handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+            self.logger.addHandler(handler)
+            self.logger.setLevel(logging.INFO)
+            self.logger.propagate = False
+
+    def log(self, message: str, level: int = logging.INFO) -> None:
+        self.logger.log(level, message)
+
+    def run_shards(self, stage, cfg, shards, on_done) -> None:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(shards), unit="shard", desc=f"{stage.name} {getattr(cfg, 'dataset', '')}",
+                   disable=None)
+        images = {"n": 0}
+
+        def progress(n: int) -> None:
+            images["n"] += n
+            bar.set_postfix(samples=images["n"], refresh=False)
+
+        def call(shard: Shard) -> dict:
+            return call_with_retries(lambda: stage.run_shard(shard, cfg, progress), self.retry_delays, self.log,
+                                     shard.name)
+
+        with ThreadPoolExecutor(max_workers=max(1, stage.workers), thread_name_prefix="shard") as pool:
+            todo = list(reversed(shards))
+            running: dict[Future, Shard] = {}
+            while todo or running:
+                while todo and len(running) < max(1, stage.workers):
+                    shard = todo.pop()
+                    running[pool.submit(call, shard)] = shard
+                finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                for future in finished:
+                    shard = running.pop(future)
+                    err = future.exception()
+                    on_done(shard, None if err else future.result(), err)
+                    bar.update(1)
+        bar.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def run_stage(stage: Stage, config: str, overrides: list[str], force: bool, runtime: Runtime) -> StageOutcome:
+    """Load config, list shards, run the pending ones, summarise. Raises PipelineError for a run that cannot start
+    (bad config, missing source, unusable output root, unloadable model); shard failures are in the outcome."""
+    where = config
+    try:
+        cfg = stage.load(config, list(overrides) + (["force=true"] if force else []))
+        where = getattr(cfg, "source", None) or cfg.output_root
+        shards = stage.shards(cfg, runtime.log)
+        where = cfg.output_root
+        write_atomic(join(stage.output_dir(cfg), "config.resolved.yaml"), dump_yaml(cfg).encode())
+    except OSError as e:
+        raise PipelineError(describe_error(where, e)) from None
+    outcome = StageOutcome(stage=stage.name, dataset=getattr(cfg, "dataset", ""), total=len(shards))
+    runtime.key = f"{stage.name}-{outcome.dataset}".lower()
+    runtime.log(f"{stage.name} {outcome.dataset}: {len(shards)} shards -> {stage.output_dir(cfg)}")
+    start = time.perf_counter()
+
+    def on_done(shard: Shard, result: dict | None, err: BaseException | None) -> None:
+        if err is None:
+            outcome.results.append(result)
+            runtime.log(f"{shard.name}: {result['num_ok']} ok, {result['num_error']} errors"
+                        + (" (already committed)" if result.get("skipped") else ""))
+        elif isinstance(err, ShardBusyError):
+            outcome.busy[shard.name] = one_line(err)
+            runtime.log(f"{shard.name}: {one_line(err)}", logging.WARNING)
+        else:
+            outcome.failed[shard.name] = one_line(err)
+            runtime.log(f"{shard.name} failed{' after retries' if is_transient(err) else ''}: {one_line(err)}",
+                        logging.ERROR)
+        done = len(outcome.results) + len(outcome.failed) + len(outcome.busy)
+        rate = sum(r["num_ok"] + r["num_error"] for r in outcome.results if not r.get("skipped")) / max(
+            1e-9, time.perf_counter() - start)
+        runtime.progress(done / max(1, len(shards)), f"{done}/{len(shards)} shards, {rate:.1f} samples/s")
+
+    if shards:
+        stage.open(cfg)
+        try:
+            stage.run_all(cfg, shards, runtime, on_done)
+        finally:
+            stage.close()
+    message = stage.finish(cfg, outcome, runtime)
+    outcome.extra["message"] = message
+    return outcome
+
+
+def failure_message(outcome: StageOutcome) -> str:
+    reasons = "; ".join(f"{k}: {v}" for k, v in sorted(outcome.failed.items())[:5])
+    return f"{len(outcome.failed)} of {outcome.total} shards failed: {reasons}"

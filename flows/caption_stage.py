@@ -1,0 +1,123 @@
+"""The caption stage: committed manifests -> LLaVA captions, one caption set per (model, prompt, generation).
+
+Prefect-free; run by `pixart caption` (LocalRuntime) and by the `caption` Prefect flow (`flows/caption.py`).
+executor=local loads one model in this process and runs shard after shard (decoding the next one ahead);
+executor=ray streams every pending shard through a Ray Data actor pool (`flows/_ray_caption.py`). Both hand rows
+to `captioning.shard.CaptionShard`, so every manifest key ends with exactly one caption or error row.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from captioning.audit import audit_caption_set
+from captioning.config import CaptionConfig
+from captioning.quality import QualityAccumulator, quality_markdown
+from captioning.records import ensure_caption_set
+from captioning.shard import pending_manifests
+from flows._stage import Shard, Stage, StageOutcome, failure_message
+from storage.commit import is_done, write_atomic
+from storage.configio import load_config
+from storage.errors import PipelineError, one_line
+from storage.layout import caption_set_dir, manifest_dir, shard_of
+from storage.manifest import committed_manifests
+from storage.parquet import read_rows
+from storage.urls import check_output_root, filesystem, join, to_url
+
+SAMPLE_ROWS = 20
+QUALITY_COLUMNS = ["key", "caption", "t5_tokens", "t5_truncated", "degenerate", "status", "error"]
+
+
+class CaptionStage(Stage):
+    name = "caption"
+
+    def __init__(self) -> None:
+        self.runner = None
+        self.order: list[str] = []
+
+    def load(self, config: str, overrides: list[str]) -> CaptionConfig:
+        return load_config(CaptionConfig, config, overrides, kind="caption")
+
+    def output_dir(self, cfg: CaptionConfig) -> str:
+        return caption_set_dir(cfg.output_root, cfg.dataset, cfg.resolved_caption_set())
+
+    def shards(self, cfg: CaptionConfig, log) -> list[Shard]:
+        manifests = committed_manifests(cfg.output_root, cfg.dataset)[: cfg.max_shards]
+        if not manifests:
+            raise PipelineError(f"no committed manifests under {manifest_dir(cfg.output_root, cfg.dataset)}: "
+                                f"run `pixart ingest {cfg.dataset}` first")
+        check_output_root(cfg.output_root, cfg.create_bucket)
+        self.manifests = manifests
+        pending = pending_manifests(manifests, cfg)
+        log(f"caption {cfg.dataset} into set {cfg.resolved_caption_set()}: {len(pending)} of {len(manifests)} "
+            f"shards pending, executor={cfg.executor}")
+        self.order = pending
+        return [Shard(shard_of(u), u) for u in pending]
+
+    def open(self, cfg: CaptionConfig) -> None:
+        ensure_caption_set(cfg)
+        if cfg.executor == "local":
+            from captioning.captioner import Captioner
+            from captioning.runner import CaptionRunner
+            from captioning.text import T5TokenCounter
+
+            try:
+                self.runner = CaptionRunner(cfg, Captioner(cfg), T5TokenCounter(cfg.t5_tokenizer))
+            except (OSError, ValueError) as e:  # unknown id, no network for a hub id, broken checkpoint
+                raise PipelineError(f"cannot load model {cfg.model!r} or tokenizer {cfg.t5_tokenizer!r}: "
+                                    f"{one_line(e)}") from None
+
+    def close(self) -> None:
+        if self.runner is not None:
+            self.runner.close()
+            self.runner = None
+
+    def run_shard(self, shard: Shard, cfg: CaptionConfig, progress) -> dict[str, Any]:
+        """Retry-safe: committed parts are kept, so a retry captions only the keys still missing."""
+        i = self.order.index(shard.item)
+        upcoming = self.order[i + 1] if i + 1 < len(self.order) else None
+        return self.runner.run(shard.item, progress, upcoming).to_dict()
+
+    def run_all(self, cfg: CaptionConfig, shards: list[Shard], runtime, on_done) -> None:
+        if cfg.executor == "local":
+            return super().run_all(cfg, shards, runtime, on_done)
+        from flows._ray_caption import caption_on_ray
+
+        by_name = {s.name: s for s in shards}
+        failed = caption_on_ray([s.item for s in shards], cfg, lambda r: on_done(by_name[r["shard"]], r, None))
+        for name, reason in failed.items():
+            on_done(by_name[name], None, PipelineError(reason))
+
+    def finish(self, cfg: CaptionConfig, outcome: StageOutcome, runtime) -> str:
+        name = cfg.resolved_caption_set()
+        set_dir = caption_set_dir(cfg.output_root, cfg.dataset, name)
+        stats, rows = quality_of_set(set_dir, cfg.max_t5_tokens)
+        report = quality_markdown(stats, f"{cfg.dataset} / {name}")
+        write_atomic(join(set_dir, "quality.md"), report.encode())
+        write_atomic(join(set_dir, "quality.json"), json.dumps(stats, indent=1).encode())
+        key = f"caption-{cfg.dataset}".lower()
+        runtime.markdown(key + "-quality", report, "caption-quality report")
+        runtime.table(key + "-samples", [{"key": r["key"], "caption": (r["caption"] or "")[:300],
+                                          "t5_tokens": r["t5_tokens"], "degenerate": r["degenerate"],
+                                          "error": r["error"]} for r in rows], "sample captions")
+        audit = audit_caption_set(cfg.output_root, cfg.dataset, name)
+        outcome.extra.update(caption_set=name, captions=stats["captions"], errors=stats["errors"],
+                             exactly_once=audit["ok"], pending=outcome.total, manifests=len(self.manifests))
+        if outcome.failed:
+            return failure_message(outcome)
+        return f"{stats['captions']} captions, {stats['errors']} error rows in {name}"
+
+
+def quality_of_set(set_dir: str, max_t5_tokens: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Quality statistics over every committed shard of the set (read shard by shard), and a few sample rows."""
+    fs, path = filesystem(set_dir)
+    acc, sample = QualityAccumulator(max_t5_tokens), []
+    for p in sorted(fs.glob(f"{path}/*.parquet")):
+        url = to_url(fs, p)
+        if is_done(url):
+            rows = read_rows(url, QUALITY_COLUMNS)
+            acc.add(rows)
+            sample += rows[: max(0, SAMPLE_ROWS - len(sample))]
+    return acc.stats(), sample
+
