@@ -38,18 +38,22 @@ M = TypeVar("M", bound=StrictModel)
 def resolve_preset(preset: str | Path, kind: str | None = None) -> Path:
     """A YAML path as given, or a preset name under `configs/`.
 
-    "ingest/sam" -> configs/ingest/sam.yaml; with kind="ingest", plain "sam" resolves to the same file.
+    With kind="ingest", "sam" and "ingest/sam" both resolve to configs/ingest/sam.yaml, and only ingest presets
+    are accepted: `pixart ingest caption/sam` is an error, not a caption config fed to ingest.
     """
     path = Path(preset)
     if path.suffix in (".yaml", ".yml"):
         if path.exists():
             return path
         raise ConfigError(f"config file {preset} does not exist")
-    for named in ([CONFIG_DIR / kind / f"{preset}.yaml"] if kind else []) + [CONFIG_DIR / f"{preset}.yaml"]:
-        if named.exists():
-            return named
-    known = sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml"))
-    raise ConfigError(f"config {preset!r} is neither a YAML file nor a preset; presets: {', '.join(known)}")
+    base = CONFIG_DIR / kind if kind else CONFIG_DIR
+    name = str(preset).removeprefix(f"{kind}/") if kind else str(preset)
+    named = base / f"{name}.yaml"
+    if ".." not in Path(name).parts and named.exists():
+        return named
+    known = sorted(str(p.relative_to(base).with_suffix("")) for p in base.rglob("*.yaml"))
+    raise ConfigError(f"config {preset!r} is neither a YAML file nor a{' ' + kind if kind else ''} preset; "
+                      f"presets: {', '.join(known)}")
 
 
 def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:

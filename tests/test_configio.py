@@ -40,8 +40,13 @@ def test_contradictions_raise():
 
 
 def test_unknown_preset_lists_the_known_ones(tmp_path):
-    with pytest.raises(ConfigError, match="ingest/sam"):
+    with pytest.raises(ConfigError, match="presets: imagenet, journeydb, sam$"):
         load_config(IngestConfig, "nope", kind="ingest")
+    with pytest.raises(ConfigError, match="neither a YAML file nor a ingest preset"):  # presets are per command
+        load_config(IngestConfig, "caption/sam", kind="ingest")
+    with pytest.raises(ConfigError):
+        load_config(IngestConfig, "../caption/sam", kind="ingest")
+    assert load_config(IngestConfig, "ingest/sam", kind="ingest").dataset == "sam"
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(IngestConfig, str(tmp_path / "missing.yaml"))
 
