@@ -193,9 +193,15 @@ def run_stage(stage: Stage, config: str, overrides: list[str], force: bool, runt
         where = getattr(cfg, "source", None) or cfg.output_root
         shards = stage.shards(cfg, runtime.log)
         where = cfg.output_root
+        if shards:
+            stage.open(cfg)  # before anything is written: a model that cannot load leaves no empty folders
         write_atomic(join(stage.output_dir(cfg), "config.resolved.yaml"), dump_yaml(cfg).encode())
     except OSError as e:
+        stage.close()
         raise PipelineError(describe_error(where, e)) from None
+    except BaseException:
+        stage.close()
+        raise
     outcome = StageOutcome(stage=stage.name, dataset=getattr(cfg, "dataset", ""), total=len(shards))
     runtime.key = f"{stage.name}-{outcome.dataset}".lower()
     runtime.log(f"{stage.name} {outcome.dataset}: {len(shards)} shards -> {stage.output_dir(cfg)}")
@@ -218,12 +224,11 @@ def run_stage(stage: Stage, config: str, overrides: list[str], force: bool, runt
             1e-9, time.perf_counter() - start)
         runtime.progress(done / max(1, len(shards)), f"{done}/{len(shards)} shards, {rate:.1f} samples/s")
 
-    if shards:
-        stage.open(cfg)
-        try:
+    try:
+        if shards:
             stage.run_all(cfg, shards, runtime, on_done)
-        finally:
-            stage.close()
+    finally:
+        stage.close()
     message = stage.finish(cfg, outcome, runtime)
     outcome.extra["message"] = message
     return outcome

@@ -56,7 +56,6 @@ class CaptionStage(Stage):
         return [Shard(shard_of(u), u) for u in pending]
 
     def open(self, cfg: CaptionConfig) -> None:
-        ensure_caption_set(cfg)
         if cfg.executor == "local":
             from captioning.captioner import Captioner
             from captioning.runner import CaptionRunner
@@ -67,6 +66,7 @@ class CaptionStage(Stage):
             except (OSError, ValueError) as e:  # unknown id, no network for a hub id, broken checkpoint
                 raise PipelineError(f"cannot load model {cfg.model!r} or tokenizer {cfg.t5_tokenizer!r}: "
                                     f"{one_line(e)}") from None
+        ensure_caption_set(cfg)  # only once the model loads: a failed start leaves no empty caption-set folder
 
     def close(self) -> None:
         if self.runner is not None:

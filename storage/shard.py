@@ -142,8 +142,15 @@ class PartStore:
             write_table(rows, tmp, self.schema)
 
     def clear(self) -> None:
+        """Remove this shard's parts, and `_parts/` itself once no other shard has any left."""
         if self.fs.exists(self.path):
             self.fs.rm(self.path, recursive=True)
+        parent = self.fs._parent(self.path)
+        try:
+            if self.fs.exists(parent) and not self.fs.ls(parent):
+                self.fs.rm(parent, recursive=True)
+        except (FileNotFoundError, OSError):  # another shard's attempt wrote or removed it meanwhile
+            pass
 
 
 def first_row_per_key(rows: list[Row]) -> list[Row]:

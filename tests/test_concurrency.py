@@ -266,3 +266,18 @@ def test_audit_refuses_unknown_names(sam_manifests, args, message):
     assert not os.path.exists(os.path.join(sam_manifests, "captions"))
 
 
+
+
+def test_failed_and_finished_caption_runs_leave_no_empty_folders(sam_manifests, tiny_llava, tiny_t5):
+    from flows.caption_stage import CaptionStage
+    from storage.errors import PipelineError
+
+    base = [f"output_root={sam_manifests}", f"t5_tokenizer={tiny_t5}", "generation.max_new_tokens=4"]
+    with pytest.raises(PipelineError, match="cannot load"):
+        run_stage(CaptionStage(), "sam", [*base, f"model={sam_manifests}/no-such-model"], False, LocalRuntime())
+    assert not os.path.exists(os.path.join(sam_manifests, "captions"))
+    outcome = run_stage(CaptionStage(), "sam", [*base, f"model={tiny_llava}"], False, LocalRuntime())
+    assert outcome.ok
+    set_dir = os.path.join(sam_manifests, "captions", "sam", outcome.extra["caption_set"])
+    assert not os.path.exists(os.path.join(set_dir, "_parts"))
+    assert not [f for f in os.listdir(set_dir) if ".tmp-" in f or f.endswith(".lease")]

@@ -379,3 +379,17 @@ def test_journeydb_index_and_ingest_on_s3(sa1b_bucket, s3_client, tmp_path):
     assert not [k for k in _keys(s3_client, "jdb-out/") if TMP_MARK in k]
     assert prepare(cfg) == prepare(cfg) and any("_index/annotations-" in k and k.endswith(".done")
                                                 for k in _keys(s3_client, "jdb-out/"))
+
+
+def test_a_missing_output_bucket_is_refused_unless_asked_to_create_it(s3_endpoint, s3_client, samples):
+    from flows._stage import LocalRuntime, run_stage
+    from flows.ingest_stage import IngestStage
+    from storage.errors import PipelineError
+
+    args = [f"source={samples['sam']}", "output_root=s3://no-such-bucket-typo/out", "worker_type=thread"]
+    with pytest.raises(PipelineError, match="bucket 'no-such-bucket-typo' does not exist"):
+        run_stage(IngestStage(), "sam", args, False, LocalRuntime())
+    assert "no-such-bucket-typo" not in [b["Name"] for b in s3_client.list_buckets()["Buckets"]]
+    _clear_s3fs_cache()
+    assert run_stage(IngestStage(), "sam", [*args, "create_bucket=true"], False, LocalRuntime()).ok
+    assert "no-such-bucket-typo" in [b["Name"] for b in s3_client.list_buckets()["Buckets"]]
