@@ -5,13 +5,17 @@ data) in a temp dir, warms the page cache, then times, interleaved and --repeats
 
     raw r:         tarfile.open(mode="r:")  (seekable) - iterate members, read every member's bytes
     raw r|         tarfile.open(mode="r|")  (streaming) - the same
-    ingest header  ingest_shard with decode.verify="header" (the default): parse, sha256, probe, write the manifest
+    ingest header  ingest_shard with the default settings (decode.verify="header", hash=xxh3_128): parse, hash,
+                   probe, write the manifest
     ingest header x2 threads    the same, two shards at a time in threads (worker_type=thread, workers=2)
-    ingest header x2 processes  two shards at a time in worker processes (the flow's default, workers=2)
+    ingest header x2 procs      two shards at a time in worker processes (the flow's default, workers=2)
+    ingest sha256 x2 procs      the default with hash=sha256 (the manifest also carries sha256)
     ingest full    ingest_shard with decode.verify="full" (JPEG pixels decoded at 1/8 scale)
+    sha256 only / xxh3 only     hashing the same bytes and nothing else
 
 The faster raw mode is the baseline; each row shows images/s, MB/s (tar bytes) and its time ratio to the baseline
-(baseline time / row time: 1.0 = as fast as the raw read). The goal checked at the end: ingest(header) >= 0.5.
+(baseline time / row time: 1.0 = as fast as the raw read). The goal checked at the end: the default settings
+(x2 procs) reach at least 0.6.
 Timings use the best of the repeats (the median is shown too). Nothing is asserted: this is a script, not a test.
 
     .venv/bin/python benchmarks/bench_ingest.py [--images N] [--shards N] [--short-side 1500] [--repeats 3]
@@ -20,7 +24,6 @@ Timings use the best of the repeats (the median is shown too). Nothing is assert
 from __future__ import annotations
 
 import argparse
-import hashlib
 import multiprocessing
 import statistics
 import tarfile
@@ -31,10 +34,11 @@ from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 from storage.config import DecodeConfig, IngestConfig
+from storage.hashing import content_hash
 from storage.ingest import ShardResult, ingest_shard, ingest_shard_record, list_shards
 from storage.samples import photo_variants, write_sa1b_tar
 
-GOAL = 0.5  # ingest(header) must reach this fraction of the raw tarfile read's throughput
+GOAL = 0.6  # ingest with default settings must reach this fraction of the raw tarfile read's throughput
 
 
 def build_shards(root: Path, images: int, shards: int, short_side: int) -> list[Path]:
@@ -63,10 +67,10 @@ def raw_read(paths: list[Path], mode: str) -> int:
     return n
 
 
-def hash_only(paths: list[Path]) -> int:
-    """sha256 of every tar's bytes and nothing else: the floor under any ingest that hashes each image."""
+def hash_only(paths: list[Path], algorithm: str) -> int:
+    """The hash of every tar's bytes and nothing else: the floor under any ingest that hashes each image."""
     for p in paths:
-        hashlib.sha256(p.read_bytes())
+        content_hash(p.read_bytes(), algorithm)
     return 0
 
 
@@ -116,15 +120,16 @@ def main(argv: list[str] | None = None) -> None:
 
         threads, procs = ThreadPoolExecutor(2), ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"))
 
-        def ingest(verify: str, pool: Executor | None = None) -> Callable[[], int]:
+        def ingest(verify: str, pool: Executor | None = None, algorithm: str = "xxh3_128") -> Callable[[], int]:
             cfg = IngestConfig(dataset="sam", source=str(src), output_root=str(out), force=True,
-                               decode=DecodeConfig(verify=verify))
+                               decode=DecodeConfig(verify=verify), hash=algorithm)
             return lambda: run_ingest(cfg, pool)
 
         cases = {"raw tarfile r:": lambda: raw_read(paths, "r:"), "raw tarfile r|": lambda: raw_read(paths, "r|"),
                  "ingest header": ingest("header"), "ingest header x2 threads": ingest("header", threads),
-                 "ingest header x2 procs": ingest("header", procs), "ingest full": ingest("full"),
-                 "sha256 only": lambda: hash_only(paths)}
+                 "ingest header x2 procs": ingest("header", procs),
+                 "ingest sha256 x2 procs": ingest("header", procs, "sha256"), "ingest full": ingest("full"),
+                 "sha256 only": lambda: hash_only(paths, "sha256"), "xxh3 only": lambda: hash_only(paths, "xxh3_128")}
         counts = {name: fn() for name, fn in cases.items()}
         assert counts["raw tarfile r:"] == counts["raw tarfile r|"] == 2 * args.images, counts
         assert counts["ingest header"] == counts["ingest header x2 procs"] == counts["ingest full"] == args.images
@@ -140,10 +145,10 @@ def main(argv: list[str] | None = None) -> None:
         t = best[name]
         print(f"{name:<26}{t:>9.4f}{statistics.median(ts):>10.4f}{args.images / t:>10.1f}{total / 1e6 / t:>9.1f}"
               f"{best[base] / t:>12.3f}x")
-    for name in ("ingest header", "ingest header x2 threads", "ingest header x2 procs"):
-        ratio = best[base] / best[name]
-        print(f"goal {name} >= {GOAL} x raw read ({base}): {ratio:.3f} -> {'MET' if ratio >= GOAL else 'NOT MET'}")
-    print("(the 'sha256 only' row is a ceiling for one worker: ingest must hash every image it reads)")
+    ratio = best[base] / best["ingest header x2 procs"]
+    print(f"ingest ratio (default settings: 2 worker processes, xxh3_128) = {ratio:.3f} x raw read ({base}); "
+          f"goal >= {GOAL}: {'MET' if ratio >= GOAL else 'NOT MET'}")
+    print("(the hash-only rows are ceilings for one worker: ingest must hash every image it reads)")
 
 
 if __name__ == "__main__":

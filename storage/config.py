@@ -46,6 +46,9 @@ class IngestConfig(StageConfig):
         "process", description="process: one process per worker (scales with cores); thread: in-process threads "
         "(no start-up cost, per-image progress)."
     )
+    hash: Literal["xxh3_128", "sha256"] = Field(
+        "xxh3_128", description="Content hash per image (`hash` column): xxh3_128 (fast) or sha256 (also fills the "
+        "`sha256` column, for matching published hash lists).")
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
 
     @model_validator(mode="after")

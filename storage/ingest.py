@@ -11,7 +11,6 @@ unreadable source (missing, access denied, network) raises, so the orchestrator 
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +20,7 @@ from storage.config import IngestConfig
 from storage.configio import config_dict, config_hash
 from storage.decode import probe_image
 from storage.errors import ImageDecodeError
+from storage.hashing import content_hash
 from storage.layout import check_unique, manifest_url
 from storage.lease import Lease
 from storage.manifest import STATUS_ERROR, STATUS_OK, write_manifest
@@ -60,7 +60,9 @@ def sample_row(sample: SourceSample, shard: SourceShard, cfg: IngestConfig) -> d
     error = sample.error
     if sample.data is not None:
         row["bytes"] = len(sample.data)
-        row["sha256"] = hashlib.sha256(sample.data).hexdigest()
+        row["hash"] = content_hash(sample.data, cfg.hash)
+        if cfg.hash == "sha256":
+            row["sha256"] = row["hash"].removeprefix("sha256:")
         if error is None:
             try:
                 info = probe_image(sample.data, max_pixels=cfg.decode.max_pixels, verify=cfg.decode.verify)

@@ -29,7 +29,8 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("width", pa.int32()),  # after EXIF orientation
         pa.field("height", pa.int32()),
         pa.field("bytes", pa.int64()),
-        pa.field("sha256", pa.string()),
+        pa.field("sha256", pa.string()),  # only with hash=sha256
+        pa.field("hash", pa.string()),  # "<algorithm>:<hex>" of the image bytes (storage/hashing.py)
         pa.field("format", pa.string()),
         pa.field("label", pa.int32()),  # ImageNet class index 0..999
         pa.field("wnid", pa.string()),

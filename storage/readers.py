@@ -5,16 +5,16 @@
 
 Rows are grouped by source archive and each archive is opened once. Plain tars on seekable storage are read by
 range (`offset`, `bytes`), so a resumed shard reads only what it still needs; compressed archives are streamed.
-Bytes are checked against the manifest's sha256, so a source that changed since ingest becomes an error, not a
+Bytes are checked against the manifest's content hash, so a source that changed since ingest becomes an error, not a
 silently different sample. Never raises for a single sample; raises SourceError when a source cannot be opened.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from storage.hashing import matches
 from storage.tarstream import SEEKABLE_PROTOCOLS, iter_tar
 from storage.urls import filesystem, join, open_url, protocol_of
 
@@ -23,9 +23,9 @@ _ARCHIVE_SUFFIXES = (".tar", ".tgz", ".tar.gz")
 
 
 def _checked(row: Row, data: bytes) -> tuple[Row, bytes | None, str | None]:
-    expected = row.get("sha256")
-    if expected and hashlib.sha256(data).hexdigest() != expected:
-        return row, None, "source bytes changed since ingest (sha256 mismatch)"
+    expected = row.get("hash") or row.get("sha256")
+    if expected and not matches(data, expected):
+        return row, None, "source bytes changed since ingest (hash mismatch)"
     return row, data, None
 
 

@@ -55,7 +55,7 @@ def test_bad_image_bytes(tmp_path):
     assert_only_error(rows, "sa_5", "not an image")
     assert_only_error(rows, "sa_6", "exceeds the limit")
     assert_only_error(rows, "sa_7", "JSON says 300x200, image is 90x60")
-    assert rows["sa_3"]["sha256"] and rows["sa_3"]["bytes"] > 0  # what was there is still described
+    assert rows["sa_3"]["hash"].startswith("xxh3_128:") and rows["sa_3"]["bytes"] > 0  # what was there is still described
 
 
 def test_unpaired_and_malformed_json(tmp_path):
@@ -129,7 +129,7 @@ def test_hostile_members_are_refused_and_nothing_escapes_the_output_root(tmp_pat
     assert_only_error(rows, "sa_5", "hard link")
     assert_only_error(rows, "sa_6", "device file")
     assert_only_error(rows, "sa_7", "FIFO")
-    assert all(rows[k]["sha256"] is None for k in ("sa_4", "sa_5", "sa_6"))  # never followed or read
+    assert all(rows[k]["hash"] is None for k in ("sa_4", "sa_5", "sa_6"))  # never followed or read
     written = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()}
     assert written == {"victim.txt", "src/sa_000000.tar", "out/manifests/sam/sa_000000.parquet",
                        "out/manifests/sam/sa_000000.parquet.done"}

@@ -35,7 +35,26 @@ def test_sa1b_source_forms(samples, tmp_path, form):
     first = rows[0]
     assert first["key"].startswith("sa_") and first["member"] == first["key"] + ".jpg"  # './' prefix stripped
     assert min(first["width"], first["height"]) == 160 and first["format"] == "JPEG"
-    assert len(first["sha256"]) == 64 and first["bytes"] > 1000 and first["offset"] > 0
+    assert len(first["hash"]) == len("xxh3_128:") + 32 and first["sha256"] is None
+    assert first["bytes"] > 1000 and first["offset"] > 0
+
+
+@pytest.mark.parametrize("algorithm", ["xxh3_128", "sha256"])
+def test_a_source_changed_since_ingest_is_caught_by_either_hash(samples, tmp_path, algorithm):
+    from storage.readers import iter_manifest_images
+
+    src = tmp_path / "src"
+    shutil.copytree(samples["sam"], src)
+    rows = ingest_all(IngestConfig(dataset="sam", source=str(src), output_root=str(tmp_path / "out"), hash=algorithm))
+    assert (rows[0]["sha256"] is not None) == (algorithm == "sha256")
+    with open(rows[0]["source_url"], "r+b") as f:  # one byte of the first image changes after ingest
+        f.seek(rows[0]["offset"] + 100)
+        byte = f.read(1)
+        f.seek(rows[0]["offset"] + 100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    got = {row["key"]: (data, err) for row, data, err in iter_manifest_images(rows)}
+    assert got[rows[0]["key"]] == (None, "source bytes changed since ingest (hash mismatch)")
+    assert all(data is not None for key, (data, _) in got.items() if key != rows[0]["key"])
 
 
 def test_sa1b_offsets_point_at_the_image_bytes(samples, tmp_path):
