@@ -7,13 +7,25 @@
 The model goes through `AutoModelForImageTextToText` + `AutoProcessor` and the processor's chat template, so any
 LLaVA-family checkpoint (1.5, NeXT, OneVision) works with the same code. `__call__(batch) -> batch` serves Ray Data
 actor pools without importing Ray.
+
+Loading fails with one `ModelLoadError` line that names the model or tokenizer and what is wrong (no such directory,
+no tokenizer files, not an image-text-to-text model, not cached while the hub is unreachable). A hub id is looked up
+in the Hugging Face cache first, so an offline run with a cached model never touches the network.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
 import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import numpy as np
 import torch
@@ -21,6 +33,138 @@ from PIL import Image
 
 from captioning.config import CaptionConfig
 from captioning.images import ImagePrep
+from storage.errors import PipelineError
+
+T = TypeVar("T")
+LLAVA = "LLaVA model"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+PROBE_SECONDS = 2.0  # a hub that takes longer to accept a TCP connection is not worth the client's ~50 s of retries
+
+
+class ModelLoadError(PipelineError):
+    """The LLaVA model or the T5 tokenizer cannot be loaded; the message names which one, its id, and why."""
+
+
+# -- quiet loading ------------------------------------------------------------------------------------------------
+
+
+class _TorchvisionFallbackFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+def silence_torchvision_fallback() -> None:
+    """Drop transformers' warning that an image processor falls back to its PIL backend because torchvision is
+    missing. On purpose: PyPI's torchvision does not import beside the pinned local torch build, so the PIL backend
+    is the one we run; it is slower but works on the CPU decode threads, off the GPU's path. Idempotent."""
+    logger = logging.getLogger("transformers.utils.import_utils")  # the logger transformers warns through
+    if not any(isinstance(f, _TorchvisionFallbackFilter) for f in logger.filters):
+        logger.addFilter(_TorchvisionFallbackFilter())
+
+
+silence_torchvision_fallback()
+
+
+@contextmanager
+def quiet_progress() -> Iterator[None]:
+    """No tqdm bars ("Loading weights", "Loading checkpoint shards", downloads) inside: in batch logs they are
+    hundreds of carriage-return lines per model replica. The previous setting comes back afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+# -- where a model comes from: local directory, HF cache, or the hub ---------------------------------------------
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else err.__class__.__name__
+
+
+def _is_hub_id(name: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def hub_unreachable() -> str | None:
+    """Why the hub cannot be used right now (offline mode, or no TCP connection within 2 s), or None."""
+    from huggingface_hub import constants
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").upper() in ("1", "ON", "YES", "TRUE"):
+            return f"offline: {var} is set"
+    if constants.HF_HUB_OFFLINE:  # read from the environment when huggingface_hub was imported
+        return "offline: HF_HUB_OFFLINE is set"
+    url = urlsplit(constants.ENDPOINT)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(url.hostname or ""):
+        url = urlsplit(proxy if "://" in proxy else f"http://{proxy}")  # the hub client connects through it
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=PROBE_SECONDS).close()
+    except OSError as e:
+        return f"no connection to {host}:{port}: {e.strerror or e}"
+    return None
+
+
+def require_files(name: str, what: str, files: tuple[str, ...], label: str) -> None:
+    """A local directory must hold at least one of `files`; hub ids are checked by the hub client instead."""
+    if os.path.isdir(name) and not any((Path(name) / f).is_file() for f in files):
+        raise ModelLoadError(f"{what} {name!r} has no {label} ({' / '.join(files)})")
+
+
+def from_pretrained(load: Callable[..., T], name: str, what: str, field: str, **kwargs: Any) -> T:
+    """`load(name, **kwargs)` (a `from_pretrained`) with every failure turned into one ModelLoadError line naming
+    `what` failed. A hub id is tried in the HF cache first; when it is not there and the hub is unreachable it fails
+    at once, not after the hub client's retries. `field` is the config field to point the user at."""
+    if not os.path.isdir(name) and not _is_hub_id(name):
+        raise ModelLoadError(f"cannot load {what} {name!r}: no such directory")
+    try:
+        if os.path.isdir(name):
+            return load(name, **kwargs)
+        try:
+            return load(name, local_files_only=True, **kwargs)
+        except OSError:
+            pass  # not (completely) in the cache: the hub must supply the rest
+        if reason := hub_unreachable():
+            raise ModelLoadError(f"cannot load {what} {name!r}: not a local directory, not in the Hugging Face "
+                                 f"cache, and the hub is unreachable ({reason}); pass {field}=<local dir>")
+        return load(name, **kwargs)
+    except (OSError, ValueError, ImportError) as e:  # unknown id, gated repo, broken checkpoint, missing package
+        raise ModelLoadError(f"cannot load {what} {name!r}: {_first_line(e)}") from e
+
+
+def load_processor(model: str) -> Any:
+    """The checked processor (tokenizer + image processor) of an image-text-to-text model; ModelLoadError when the
+    model is of another kind or its tokenizer or image processor files are missing."""
+    from transformers import AutoConfig, AutoProcessor
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    require_files(model, LLAVA, ("config.json",), "model config")
+    config = from_pretrained(AutoConfig.from_pretrained, model, LLAVA, "model")
+    if config.model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        raise ModelLoadError(f"{LLAVA} {model!r} is a {config.model_type!r} model, not an image-text-to-text "
+                             f"(LLaVA-family) model")
+    require_files(model, LLAVA, TOKENIZER_FILES, "tokenizer/processor files")
+    require_files(model, LLAVA, IMAGE_PROCESSOR_FILES, "image processor files")
+    processor = from_pretrained(AutoProcessor.from_pretrained, model, LLAVA, "model")
+    if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
+        raise ModelLoadError(f"{LLAVA} {model!r} has no image+text processor (it loads a "
+                             f"{processor.__class__.__name__})")
+    return processor
 
 
 @dataclass
@@ -45,18 +189,21 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 class Captioner:
-    """Loads the processor and model once; CPU-side `prepare_image`/`encode`, device-side `generate`."""
+    """Loads the processor and model once (ModelLoadError when either cannot be); CPU side: `prep` (an ImagePrep:
+    decode, pad, shrink) and `encode`; device side: `generate`."""
 
     def __init__(self, cfg: CaptionConfig) -> None:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText
 
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
-        self.processor = AutoProcessor.from_pretrained(cfg.model)
+        with quiet_progress():
+            self.processor = load_processor(cfg.model)
+            attn = "sdpa" if self.device.type == "cuda" else None
+            self.model = from_pretrained(AutoModelForImageTextToText.from_pretrained, cfg.model, LLAVA, "model",
+                                         dtype=self.dtype, attn_implementation=attn)
         self.processor.tokenizer.padding_side = "left"  # batched generation continues every row at the same column
-        attn = "sdpa" if self.device.type == "cuda" else None
-        self.model = AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=self.dtype, attn_implementation=attn)
         self.model.to(self.device).eval()
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": cfg.prompt}]}]
         self.prompt_text = self.processor.apply_chat_template(conversation, add_generation_prompt=True)

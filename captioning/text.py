@@ -8,6 +8,7 @@ _ROLE_PREFIX = re.compile(r"^\s*(?:ASSISTANT|assistant|Assistant)\s*:\s*")
 _SPACES = re.compile(r"\s+")
 MIN_REPEATS = 4  # a tail made of one chunk repeated this often is a repetition loop
 MAX_PERIOD = 120  # longest repeated chunk looked for, in characters
+T5 = "T5 tokenizer"  # names it in load errors, apart from the LLaVA model
 
 
 def clean_caption(text: str, prompt: str) -> str:
@@ -43,9 +44,14 @@ class T5TokenCounter:
     """Counts tokens as PixArt's T5 tokenizer sees them (EOS included), to compare with the 120-token budget."""
 
     def __init__(self, tokenizer_id: str) -> None:
+        """`tokenizer_id`: a local directory or a hub id; ModelLoadError (captioning.captioner) when it cannot load,
+        at once when a hub id is not cached and the hub is unreachable."""
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_id)
+        from captioning.captioner import TOKENIZER_FILES, from_pretrained, require_files  # torch: load it lazily
+
+        require_files(tokenizer_id, T5, TOKENIZER_FILES, "tokenizer files")
+        self.tokenizer = from_pretrained(AutoTokenizer.from_pretrained, tokenizer_id, T5, "t5_tokenizer")
         self.tokenizer.model_max_length = 1 << 30  # we count, never truncate: silence the too-long warning
 
     def __call__(self, texts: list[str]) -> list[int]:

@@ -20,7 +20,7 @@ def make_tiny_llava(out_dir: str | Path) -> str:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import (
-        CLIPImageProcessor,
+        CLIPImageProcessorPil,
         CLIPVisionConfig,
         LlamaConfig,
         LlavaConfig,
@@ -35,12 +35,15 @@ def make_tiny_llava(out_dir: str | Path) -> str:
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     bpe.train_from_iterator(CORPUS * 20, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
     bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                   pad_token="<pad>", padding_side="left",
                                   model_input_names=["input_ids", "attention_mask"])
-    image_proc = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    # The PIL backend by name: `CLIPImageProcessor` needs torchvision (not installable beside the pinned torch) and
+    # warns on every build while falling back to this same class. It still saves as type CLIPImageProcessor.
+    image_proc = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     proc = LlavaProcessor(image_processor=image_proc, tokenizer=tok, patch_size=8,
                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
                           chat_template=LLAVA15_TEMPLATE)
@@ -51,7 +54,10 @@ def make_tiny_llava(out_dir: str | Path) -> str:
                        bos_token_id=1, eos_token_id=2, pad_token_id=3)
     cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
                       vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=16)
-    LlavaForConditionalGeneration(cfg).save_pretrained(out_dir)
+    from captioning.captioner import quiet_progress
+
+    with quiet_progress():  # no "Writing model shards" bar in test and demo logs
+        LlavaForConditionalGeneration(cfg).save_pretrained(out_dir)
     proc.save_pretrained(out_dir)
     return str(out_dir)
 
@@ -66,7 +72,7 @@ def make_tiny_t5_tokenizer(out_dir: str | Path) -> str:
     tk.pre_tokenizer = pre_tokenizers.Metaspace()
     tk.decoder = decoders.Metaspace()
     tk.train_from_iterator(CORPUS * 10, trainers.UnigramTrainer(
-        vocab_size=120, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"))
+        vocab_size=120, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False))
     tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
                                   model_max_length=120, model_input_names=["input_ids", "attention_mask"])

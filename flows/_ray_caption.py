@@ -17,7 +17,7 @@ from typing import Any
 import ray
 from ray.data import ActorPoolStrategy
 
-from captioning.captioner import Captioner
+from captioning.captioner import Captioner, load_processor
 from captioning.config import CaptionConfig
 from captioning.images import ImagePrep, iter_prepared
 from captioning.shard import CaptionShard, Outcome
@@ -47,10 +47,7 @@ def caption_on_ray(pending: list[str], cfg: CaptionConfig, on_shard: Callable[[d
     shards: dict[str, CaptionShard] = {}
     failed: dict[str, str] = {}
     try:
-        from transformers import AutoProcessor
-
-        prep = ImagePrep.from_processor(AutoProcessor.from_pretrained(cfg.model), cfg.pad_to_square,
-                                        cfg.decode.max_pixels)
+        prep = ImagePrep.from_processor(load_processor(cfg.model), cfg.pad_to_square, cfg.decode.max_pixels)
         counter = T5TokenCounter(cfg.t5_tokenizer)
         items = []
         for url in pending:

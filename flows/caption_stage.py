@@ -19,7 +19,7 @@ from captioning.shard import pending_manifests
 from flows._stage import Shard, Stage, StageOutcome, failure_message
 from storage.commit import is_done, write_atomic
 from storage.configio import load_config
-from storage.errors import PipelineError, one_line
+from storage.errors import PipelineError
 from storage.layout import caption_set_dir, manifest_dir, shard_of
 from storage.manifest import committed_manifests
 from storage.parquet import read_rows
@@ -61,11 +61,8 @@ class CaptionStage(Stage):
             from captioning.runner import CaptionRunner
             from captioning.text import T5TokenCounter
 
-            try:
-                self.runner = CaptionRunner(cfg, Captioner(cfg), T5TokenCounter(cfg.t5_tokenizer))
-            except (OSError, ValueError) as e:  # unknown id, no network for a hub id, broken checkpoint
-                raise PipelineError(f"cannot load model {cfg.model!r} or tokenizer {cfg.t5_tokenizer!r}: "
-                                    f"{one_line(e)}") from None
+            # a model or tokenizer that cannot load raises ModelLoadError (a PipelineError) naming which one
+            self.runner = CaptionRunner(cfg, Captioner(cfg), T5TokenCounter(cfg.t5_tokenizer))
         ensure_caption_set(cfg)  # only once the model loads: a failed start leaves no empty caption-set folder
 
     def close(self) -> None:

@@ -4,6 +4,12 @@ Each regular file comes out as a `TarEntry` with its bytes. Members that must ne
 (symlinks, hard links, devices, FIFOs, absolute or `..` names) come out as entries with an `error` and no data.
 An archive cut short (mid-member, mid-header, or missing its end-of-archive blocks) ends with one entry whose
 `truncated` flag is set: every complete member before the cut has already been yielded.
+
+Memory stays bounded whatever the archive holds. A member over `max_member_bytes` (default 256 MiB, see
+`DEFAULT_MAX_MEMBER_BYTES`) becomes an error entry and is skipped (seeked past, or read past in 16 MiB pieces when
+streaming), never held. A pax or GNU long-name header over 1 MiB, which tarfile would read whole, ends the archive
+as corrupt. A member name whose bytes are not UTF-8 (tarfile hands it over surrogate-escaped, which parquet cannot
+store) becomes an error entry whose name has those bytes backslash-escaped.
 """
 
 from __future__ import annotations
@@ -20,6 +26,14 @@ STREAM_BUFFER = 1 << 16  # tarfile's stream reader copies its leftover buffer on
 # twice as fast as streaming. HTTP files (SA-1B CDN links) claim to seek but cannot go back, so they stream.
 SEEKABLE_PROTOCOLS = {"file", "local", "s3", "s3a", "gs", "gcs", "memory"}
 _ZERO_BLOCK = tarfile.NUL * tarfile.BLOCKSIZE
+# Above anything the sources hold legitimately (SA-1B JPEGs and JSONs of a few MB, JourneyDB and ImageNet images
+# well under 50 MB) and above what the decode limits accept (384 MB decoded rarely compresses past half). A member
+# read whole costs about twice its size at peak (tarfile's stream buffer plus the bytes), so ~512 MB per worker.
+DEFAULT_MAX_MEMBER_BYTES = 256 << 20
+MAX_HEADER_BYTES = 1 << 20  # pax / GNU long-name headers: real ones are a few hundred bytes
+_DRAIN_CHUNK = 16 << 20
+_LONG_HEADERS = {tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+                 tarfile.GNUTYPE_LONGLINK}
 
 
 @dataclass
@@ -46,6 +60,8 @@ class _HeaderTrackingInfo(tarfile.TarInfo):
         tf.last_header_block = block
         info = cls.frombuf(block, tf.encoding, tf.errors)
         info.offset = tf.fileobj.tell() - tarfile.BLOCKSIZE
+        if info.type in _LONG_HEADERS and info.size > MAX_HEADER_BYTES:  # tarfile would read it whole
+            raise tarfile.ReadError(f"{info.size}-byte extended header refused (limit {MAX_HEADER_BYTES})")
         return info._proc_member(tf)
 
 
@@ -61,6 +77,34 @@ def normalize_member_name(name: str) -> tuple[str, str | None]:
     return clean, None
 
 
+def utf8_name(name: str) -> tuple[str, str | None]:
+    """(name fit for a manifest, reason when its bytes are not UTF-8, else None).
+
+    tarfile and os hand such a name over surrogate-escaped; parquet cannot store that, so it comes back with the
+    offending bytes backslash-escaped (valid UTF-8, and still telling the bytes apart).
+    """
+    try:
+        name.encode("utf-8")
+        return name, None
+    except UnicodeEncodeError:
+        try:
+            raw = name.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:  # a surrogate that is no escaped byte (pax headers decode with surrogatepass)
+            raw = name.encode("utf-8", "surrogatepass")
+        return raw.decode("utf-8", "backslashreplace"), f"member name is not valid UTF-8: {raw!r}"
+
+
+def too_large(size: int, limit: int) -> str:
+    return f"member of {size} bytes exceeds the member size limit of {limit} bytes (skipped, never held)"
+
+
+def _drain(member) -> None:
+    """Read a member to its end in big pieces: tarfile's own skip reads a compressed stream 64 KiB at a time, each
+    read copying the whole decompressed leftover, about 10x slower on a highly compressed member."""
+    while member.read(_DRAIN_CHUNK):
+        pass
+
+
 def _kind(info: tarfile.TarInfo) -> str | None:
     if info.issym():
         return f"symlink to {info.linkname!r}"
@@ -73,7 +117,9 @@ def _kind(info: tarfile.TarInfo) -> str | None:
     return None
 
 
-def iter_tar(url: str, *, compressed: bool | None = None) -> Iterator[TarEntry]:
+def iter_tar(
+    url: str, *, compressed: bool | None = None, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
+) -> Iterator[TarEntry]:
     """Yield every member of the tar at `url` in archive order (see module doc for the error entries).
 
     `compressed=None` lets tarfile detect gzip/bz2/xz; `compressed=False` promises a plain tar, which is then read
@@ -98,10 +144,16 @@ def iter_tar(url: str, *, compressed: bool | None = None) -> Iterator[TarEntry]:
                 name, unsafe = normalize_member_name(info.name)
                 if info.isdir():
                     continue
+                name, not_utf8 = utf8_name(name)
                 special = _kind(info)
-                if unsafe or special or not info.isreg():
-                    reason = unsafe or f"{special or 'non-regular member'} refused: {info.name!r}"
+                if not_utf8 or unsafe or special or not info.isreg():
+                    reason = not_utf8 or unsafe or f"{special or 'non-regular member'} refused: {info.name!r}"
                     yield TarEntry(name=name, error=reason)
+                    continue
+                if info.size > max_member_bytes:
+                    yield TarEntry(name=name, error=too_large(info.size, max_member_bytes))
+                    if mode != "r:":  # random access seeks past it
+                        _drain(tf.extractfile(info))
                     continue
                 member = tf.extractfile(info)
                 data = member.read() if member is not None else b""

@@ -192,7 +192,7 @@ def test_caption_flow_publishes_artifacts(prefect_server, sam_root, tiny_llava, 
     assert again["pending"] == 0
     missing = caption(config="sam", overrides=[*overrides, f"model={sam_root}/no-such-model", "caption_set=x"],
                       force=True, return_state=True)
-    assert missing.is_failed() and missing.message.startswith("cannot load model")
+    assert missing.is_failed() and missing.message.startswith("cannot load LLaVA model")
 
 
 def test_audit_command_catches_a_duplicate(sam_root, tiny_llava, tiny_t5):

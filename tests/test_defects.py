@@ -55,7 +55,7 @@ def test_bad_image_bytes(tmp_path):
     assert_only_error(rows, "sa_5", "not an image")
     assert_only_error(rows, "sa_6", "exceeds the limit")
     assert_only_error(rows, "sa_7", "JSON says 300x200, image is 90x60")
-    assert rows["sa_3"]["hash"].startswith("xxh3_128:") and rows["sa_3"]["bytes"] > 0  # what was there is still described
+    assert rows["sa_3"]["hash"].startswith("xxh3_128:") and rows["sa_3"]["bytes"] > 0  # still described
 
 
 def test_unpaired_and_malformed_json(tmp_path):

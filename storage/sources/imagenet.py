@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from storage.errors import SourceError
 from storage.layout import safe_name, shard_name_of
 from storage.sources.base import Source, SourceSample, SourceShard, list_archives, register
-from storage.tarstream import iter_tar, member_stem
+from storage.tarstream import DEFAULT_MAX_MEMBER_BYTES, iter_tar, member_stem, too_large, utf8_name
 from storage.urls import describe_error, filesystem, read_text, to_url
 
 IMAGE_EXTS = (".jpeg", ".jpg", ".png", ".webp")
@@ -58,7 +58,7 @@ def _iter_folder(shard: SourceShard, mapping: dict[str, int]) -> Iterator[Source
     except Exception as e:  # noqa: BLE001
         raise SourceError(describe_error(shard.url, e)) from None
     for entry in entries:
-        name = posixpath.basename(entry["name"])
+        name, not_utf8 = utf8_name(posixpath.basename(entry["name"]))
         stem, ext = member_stem(name)
         key = safe_name(stem)
         if entry.get("islink") or entry["type"] not in ("file", "directory"):
@@ -66,11 +66,17 @@ def _iter_folder(shard: SourceShard, mapping: dict[str, int]) -> Iterator[Source
             continue
         if entry["type"] == "directory":
             continue
+        if not_utf8:
+            yield SourceSample(key=key, member=name, error=not_utf8)
+            continue
         if ext not in IMAGE_EXTS:
             yield SourceSample(key=key, member=name, error=f"unexpected file {name!r}")
             continue
         if label is None:
             yield SourceSample(key=key, member=name, error=f"class folder {shard.name} is not in the synset mapping")
+            continue
+        if (entry.get("size") or 0) > DEFAULT_MAX_MEMBER_BYTES:  # never read whole: same limit as tar members
+            yield SourceSample(key=key, member=name, error=too_large(entry["size"], DEFAULT_MAX_MEMBER_BYTES))
             continue
         yield SourceSample(key=key, member=name, data=fs.cat_file(entry["name"]),
                            fields={"label": label, "wnid": shard.name})

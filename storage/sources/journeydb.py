@@ -5,13 +5,16 @@ once into a parquet index partitioned by folder `NNN` (keyed by image stem), nam
 each shard then loads only its own folder's rows. Records are
 matched by folder plus stem, so `.png`/`.jpg` naming differences do not matter. `Task2.Caption` may be missing or
 null. Midjourney parameters (`--ar 16:9`, `--v 5`, ...) are stripped from the prompt; the raw prompt is kept.
+
+A bad annotation line is counted as malformed and the rest is indexed: a line over `DEFAULT_MAX_LINE_BYTES`
+(1 MiB, about 500x a real record; it is read in chunks and dropped, never held whole), JSON nested past the
+parser's recursion limit, or text holding a lone surrogate (which parquet cannot store).
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import json
 import posixpath
 import re
@@ -56,29 +59,56 @@ def list_shards(source: str) -> list[SourceShard]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _jsonl_lines(url: str) -> Iterator[bytes]:
-    """Lines of a .jsonl, .jsonl.gz, or a .tgz/.tar.gz holding one .jsonl."""
+DEFAULT_MAX_LINE_BYTES = 1 << 20
+_READ_CHUNK = 1 << 20
+
+
+def _bounded_lines(stream: Any, limit: int) -> Iterator[bytes | int]:
+    """Lines of a binary stream, without their newline, read in 1 MiB chunks. A line over `limit` bytes comes out
+    as its length (an int) instead: its bytes are dropped as they arrive, so memory stays within limit + a chunk."""
+    tail, skipped = b"", 0  # skipped > 0: inside an over-long line, of which that many bytes were dropped
+    while chunk := stream.read(_READ_CHUNK):
+        *lines, tail = (tail + chunk).split(b"\n")
+        for line in lines:
+            if skipped or len(line) > limit:
+                yield skipped + len(line)
+                skipped = 0
+            else:
+                yield line
+        if skipped or len(tail) > limit:
+            skipped, tail = skipped + len(tail), b""
+    if skipped or len(tail) > limit:
+        yield skipped + len(tail)
+    elif tail:
+        yield tail
+
+
+def _jsonl_lines(url: str, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[bytes | int]:
+    """Lines of a .jsonl, .jsonl.gz, or a .tgz/.tar.gz holding one .jsonl; an int for a line over the limit."""
     with open_url(url, "rb") as raw:
         if url.endswith((".tgz", ".tar.gz")):
             try:
                 with tarfile.open(fileobj=raw, mode="r|gz") as tf:
                     for info in tf:
                         if info.isreg() and info.name.endswith(".jsonl"):
-                            yield from io.BufferedReader(tf.extractfile(info), 1 << 20)  # type: ignore[arg-type]
+                            yield from _bounded_lines(tf.extractfile(info), max_line_bytes)
                             return
             except (tarfile.TarError, EOFError, OSError) as e:
                 raise SourceError(f"{url}: annotation archive unreadable: {e}") from None
             raise SourceError(f"{url}: annotation archive holds no .jsonl file")
         stream = gzip.GzipFile(fileobj=raw) if url.endswith(".gz") else raw
         try:
-            yield from stream
+            yield from _bounded_lines(stream, max_line_bytes)
         except (EOFError, OSError) as e:
             raise SourceError(f"{url}: annotation file unreadable: {e}") from None
 
 
 def parse_record(line: bytes) -> dict[str, Any]:
     """One jsonl line -> annotation fields; raises ValueError with a reason for malformed records."""
-    doc = json.loads(line)
+    try:
+        doc = json.loads(line)
+    except RecursionError:  # the parser recurses once per nesting level
+        raise ValueError("JSON nested too deeply") from None
     if not isinstance(doc, dict):
         raise ValueError("record is not a JSON object")
     img_path = doc.get("img_path")
@@ -90,7 +120,7 @@ def parse_record(line: bytes) -> dict[str, Any]:
     prompt_raw = doc.get("prompt")
     task2 = doc.get("Task2")
     caption = task2.get("Caption") if isinstance(task2, dict) else None
-    return {
+    rec = {
         "folder": folder,
         "key": safe_name(stem),
         "img_path": img_path,
@@ -98,11 +128,28 @@ def parse_record(line: bytes) -> dict[str, Any]:
         "prompt": strip_midjourney_flags(prompt_raw) if isinstance(prompt_raw, str) else None,
         "caption": caption if isinstance(caption, str) and caption.strip() else None,
     }
+    for name in ("img_path", "prompt_raw", "caption"):
+        if rec[name] is not None and not _is_unicode(rec[name]):
+            raise ValueError(f"{name} holds a lone surrogate (not valid Unicode)")
+    return rec
 
 
-def iter_annotations(url: str) -> Iterator[dict[str, Any]]:
-    """Every record, or {"line": N, "error": reason} for a malformed line."""
-    for line_no, line in enumerate(_jsonl_lines(url), start=1):
+def _is_unicode(text: str) -> bool:
+    """False for a lone surrogate (from a JSON escape like \\ud800, or UTF-8 encoded): parquet refuses those."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def iter_annotations(url: str, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[dict[str, Any]]:
+    """Every record, or {"line": N, "error": reason} for a malformed line (one over `max_line_bytes` included)."""
+    for line_no, line in enumerate(_jsonl_lines(url, max_line_bytes), start=1):
+        if isinstance(line, int):
+            yield {"line": line_no, "error": f"malformed annotation line {line_no}: line of {line} bytes is over the "
+                   f"limit of {max_line_bytes}"}
+            continue
         if not line.strip():
             continue
         try:
@@ -131,7 +178,8 @@ def iter_samples(shard: SourceShard, records: list[dict[str, Any]]) -> Iterator[
             break
         stem, ext = member_stem(entry.name)
         key = safe_name(stem.rsplit("/", 1)[-1])
-        if entry.error:
+        if entry.error:  # an unreadable image of a known key: its row is this error, not a second "missing" row
+            seen.add(key)
             yield SourceSample(key=key, member=entry.name, error=entry.error)
             continue
         if ext not in IMAGE_EXTS:
@@ -160,6 +208,7 @@ _INDEX_SCHEMA = pa.schema([("folder", pa.string()), ("key", pa.string()), ("img_
                            ("prompt", pa.string()), ("prompt_raw", pa.string()), ("caption", pa.string()),
                            ("line", pa.int64())])
 _INDEX_BATCH = 50_000
+_INDEX_BATCH_BYTES = 64 << 20  # flush early when records are long, so memory stays bounded
 MAX_REPORTED_ERRORS = 100
 
 
@@ -173,7 +222,7 @@ def index_url(cfg) -> str:
 def build_index(annotations: str, url: str) -> dict[str, Any]:
     """Stream the annotation jsonl (4M+ lines) once into a folder-partitioned parquet dataset; memory stays
     bounded by one batch. Published once and never replaced, so concurrent runs never read a half-built index."""
-    counts, errors = {"records": 0, "errors": 0}, []
+    counts, errors, size = {"records": 0, "errors": 0}, [], {"bytes": 0}
 
     def batches() -> Iterator[pa.RecordBatch]:
         buffer = []
@@ -185,9 +234,10 @@ def build_index(annotations: str, url: str) -> dict[str, Any]:
                 continue
             counts["records"] += 1
             buffer.append(rec)
-            if len(buffer) == _INDEX_BATCH:
+            size["bytes"] += sum(len(v) for v in rec.values() if isinstance(v, str))
+            if len(buffer) == _INDEX_BATCH or size["bytes"] > _INDEX_BATCH_BYTES:  # records may be up to 1 MiB
                 yield pa.RecordBatch.from_pylist(buffer, schema=_INDEX_SCHEMA)
-                buffer = []
+                buffer, size["bytes"] = [], 0
         if buffer:
             yield pa.RecordBatch.from_pylist(buffer, schema=_INDEX_SCHEMA)
 

@@ -63,9 +63,12 @@ def _image_object(data: bytes, full: bool) -> dict:
                 image, _ = _DECODER.raw_decode(data[m.end():m.end() + 4096].decode("utf-8", "replace"))
                 if isinstance(image, dict):
                     return image
-            except ValueError:
+            except (ValueError, RecursionError):  # a 4 KB window can nest past the recursion limit too
                 pass
-    doc = json.loads(data)
+    try:
+        doc = json.loads(data)
+    except RecursionError:  # the parser recurses once per nesting level: a hostile file must not fail the shard
+        raise ValueError("nested too deeply") from None
     if not isinstance(doc, dict):
         raise TypeError("top level is not an object")
     return doc["image"]
@@ -76,7 +79,7 @@ def _parse_json(data: bytes, full: bool = False) -> tuple[dict | None, str | Non
         image = _image_object(data, full)
         return {"json_width": int(image["width"]), "json_height": int(image["height"]),
                 "image_id": image.get("image_id"), "file_name": image.get("file_name")}, None
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, OverflowError) as e:  # OverflowError: int() of 1e999, which JSON reads as inf
         return None, f"malformed JSON: {e}"
     except KeyError as e:
         return None, f"JSON lacks image field {e}"
