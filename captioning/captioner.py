@@ -207,7 +207,7 @@ class Captioner:
         self.model.to(self.device).eval()
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": cfg.prompt}]}]
         self.prompt_text = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
-        self.prep = ImagePrep.from_processor(self.processor, cfg.pad_to_square, cfg.decode.max_pixels)
+        self.prep = ImagePrep.from_processor(self.processor, cfg.pad_to_square, cfg.decode)
         tok = self.processor.tokenizer
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [tok.eos_token_id])

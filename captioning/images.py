@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from storage.config import DecodeConfig
 from storage.decode import decode_image
 from storage.errors import ImageDecodeError
 from storage.readers import iter_manifest_images
@@ -37,16 +38,19 @@ class ImagePrep:
     pad_color: tuple[int, int, int]
     pad_to_square: bool
     max_pixels: int
+    max_decoded_bytes: int
 
     @classmethod
-    def from_processor(cls, processor: Any, pad_to_square: bool, max_pixels: int) -> ImagePrep:
+    def from_processor(cls, processor: Any, pad_to_square: bool, decode: DecodeConfig) -> ImagePrep:
         ip = processor.image_processor
         mean = getattr(ip, "image_mean", None) or [0.5, 0.5, 0.5]
-        return cls(target_side(ip), tuple(int(round(255 * m)) for m in mean[:3]), pad_to_square, max_pixels)
+        return cls(target_side(ip), tuple(int(round(255 * m)) for m in mean[:3]), pad_to_square, decode.max_pixels,
+                   decode.max_decoded_bytes)
 
     def decode(self, data: bytes) -> Image.Image:
         """Decode (JPEG at reduced scale when that still leaves 2x the target side); raises ImageDecodeError."""
-        return decode_image(data, max_pixels=self.max_pixels, min_side=2 * self.side,
+        return decode_image(data, max_pixels=self.max_pixels, max_decoded_bytes=self.max_decoded_bytes,
+                            min_side=2 * self.side,
                             side="long" if self.pad_to_square else "short")
 
     def shrink(self, image: Image.Image) -> Image.Image:

@@ -47,7 +47,7 @@ def caption_on_ray(pending: list[str], cfg: CaptionConfig, on_shard: Callable[[d
     shards: dict[str, CaptionShard] = {}
     failed: dict[str, str] = {}
     try:
-        prep = ImagePrep.from_processor(load_processor(cfg.model), cfg.pad_to_square, cfg.decode.max_pixels)
+        prep = ImagePrep.from_processor(load_processor(cfg.model), cfg.pad_to_square, cfg.decode)
         counter = T5TokenCounter(cfg.t5_tokenizer)
         items = []
         for url in pending:

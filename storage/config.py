@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from storage.configio import StrictModel
-from storage.decode import DEFAULT_MAX_PIXELS
+from storage.decode import DEFAULT_MAX_DECODED_BYTES, DEFAULT_MAX_PIXELS
 from storage.errors import ConfigError
 
 
@@ -15,6 +15,8 @@ class DecodeConfig(StrictModel):
     """How image bytes are checked and decoded."""
 
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0, description="Larger images are refused (decompression bombs).")
+    max_decoded_bytes: int = Field(DEFAULT_MAX_DECODED_BYTES, gt=0, description="Images whose decoded pixels "
+                                   "(width x height x bytes per pixel) exceed this are refused before decoding.")
     verify: Literal["header", "full"] = Field(
         "header",
         description="header: image header + end marker, SA-1B JSON `image` object only (fast); "

@@ -65,7 +65,8 @@ def sample_row(sample: SourceSample, shard: SourceShard, cfg: IngestConfig) -> d
             row["sha256"] = row["hash"].removeprefix("sha256:")
         if error is None:
             try:
-                info = probe_image(sample.data, max_pixels=cfg.decode.max_pixels, verify=cfg.decode.verify)
+                info = probe_image(sample.data, max_pixels=cfg.decode.max_pixels, verify=cfg.decode.verify,
+                                   max_decoded_bytes=cfg.decode.max_decoded_bytes)
                 row.update(width=info.width, height=info.height, format=info.format)
                 declared = (sample.fields.get("json_width"), sample.fields.get("json_height"))
                 if declared[0] is not None and declared not in ((info.width, info.height), (info.height, info.width)):

@@ -236,3 +236,12 @@ def test_sa1b_json_checks_by_verify_level(tmp_path):
     assert sorted(k for k, r in full.items() if r["status"] == "ok") == ["sa_1", "sa_2"]
     assert_only_error(full, "sa_3", "malformed JSON")
     assert_only_error(full, "sa_4", "malformed JSON")
+
+
+def test_decoded_size_limit_comes_from_the_config(tmp_path):
+    (tmp_path / "src").mkdir()
+    write_tar(tmp_path / "src" / "sa_000000.tar", [*sa1b_pair(1, GOOD, 90, 60)])
+    cfg = IngestConfig(dataset="sam", source=str(tmp_path / "src"), output_root=str(tmp_path / "out"),
+                       decode={"max_decoded_bytes": 90 * 60 * 3 - 1})
+    rows = ingest_rows(cfg)
+    assert_only_error(rows, "sa_1", "over the limit of 16199")
