@@ -49,7 +49,7 @@ def test_pad_to_square_keeps_the_whole_frame(captioner):
     assert fixed.shape == (side, side, 3)
     assert fixed[side // 2, 0].tolist()[0] > 200 and fixed[side // 2, -1].tolist()[0] > 200  # both ends kept
     assert np.abs(fixed[0, side // 2].astype(int) - captioner.prep.pad_color).max() <= 2  # padded above
-    cropped = captioner.prep.__class__(side, captioner.prep.pad_color, False, 10**8).fixed(wide)
+    cropped = captioner.prep.__class__(side, captioner.prep.pad_color, False, 10**8, 10**9).fixed(wide)
     assert (cropped[..., 0] > 200).all()  # the crop sees only the red middle
 
 
