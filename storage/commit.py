@@ -154,6 +154,7 @@ def write_done(out_url: str, record: dict[str, Any]) -> None:
     """Write the marker (a JSON result record) last, itself atomically."""
     fs, path = filesystem(out_url)
     marker = path + DONE_SUFFIX
+    sweep_stale(fs, marker)
     _write_then_publish(fs, marker, json.dumps(record, indent=1, sort_keys=True, default=str).encode())
 
 
@@ -161,6 +162,7 @@ def write_atomic(url: str, data: bytes) -> None:
     """Write a small file (a config, a report) atomically."""
     fs, path = filesystem(url)
     fs.makedirs(fs._parent(path), exist_ok=True)
+    sweep_stale(fs, path)  # e.g. quality.json.tmp-* left by a run that hit a full disk
     _write_then_publish(fs, path, data)
 
 

@@ -139,3 +139,27 @@ def test_published_directories_are_never_replaced_and_the_first_publisher_wins(t
     with publish_dir_once(out) as (fs, tmp):
         put(fs, f"{tmp}/c/part-0.parquet", b"v3")
     assert files() == ["index/b/part-0.parquet"]  # a published directory is never replaced under its readers
+
+
+def test_a_full_disk_leaves_no_temporaries_and_old_ones_are_swept(tmp_path, monkeypatch):
+    import builtins
+
+    from storage.commit import write_atomic
+
+    old = tmp_path / "quality.json.tmp-0ldc0de0"
+    old.write_bytes(b"left by a run that hit a full disk before this fix")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    real_open = builtins.open
+
+    def full_disk(file, mode="r", *a, **k):
+        if "w" in mode and ".tmp-" in str(file):
+            raise OSError(28, "No space left on device")
+        return real_open(file, mode, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        write_atomic(str(tmp_path / "quality.json"), b"{}")
+    with pytest.raises(OSError, match="No space left"):
+        write_done(str(tmp_path / "x.parquet"), {"n": 1})
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither the new nor the old temporaries remain

@@ -281,3 +281,24 @@ def test_failed_and_finished_caption_runs_leave_no_empty_folders(sam_manifests, 
     set_dir = os.path.join(sam_manifests, "captions", "sam", outcome.extra["caption_set"])
     assert not os.path.exists(os.path.join(set_dir, "_parts"))
     assert not [f for f in os.listdir(set_dir) if ".tmp-" in f or f.endswith(".lease")]
+
+
+def test_done_markers_carry_lineage(sam_manifests, tiny_llava, tiny_t5):
+    import json
+
+    from captioning.runner import caption_shard
+    from storage.shard import marker_hash, source_identity
+
+    manifest = committed_manifests(sam_manifests, "sam")[0]
+    ingest_marker = json.loads(open(manifest + ".done").read())
+    source = ingest_marker["input_url"]
+    assert ingest_marker["lineage"] == {"inputs": [{"url": source, "id": source_identity(source)}],
+                                        "config_hash": ingest_marker["config_hash"], "models": {}}
+    cfg = CaptionConfig(dataset="sam", output_root=sam_manifests, model=tiny_llava, t5_tokenizer=tiny_t5,
+                        generation={"max_new_tokens": 4})
+    ensure_caption_set(cfg)
+    result = caption_shard(manifest, cfg, Captioner(cfg), T5TokenCounter(tiny_t5))
+    lineage = json.loads(open(result.output_url + ".done").read())["lineage"]
+    assert lineage["inputs"] == [{"url": manifest, "id": marker_hash(manifest)}]
+    assert lineage["models"] == {"captioner": tiny_llava, "t5_tokenizer": tiny_t5}
+    assert lineage["config_hash"] == result.config_hash and len(result.config_hash) == 12
