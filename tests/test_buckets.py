@@ -1,0 +1,81 @@
+"""The official 40 aspect-ratio buckets, nearest-bucket assignment, the cover-then-crop transform, histograms."""
+
+import io
+
+import pytest
+from PIL import Image
+
+from pixart.bucket_report import bucket_histogram, histogram_png
+from pixart.buckets import BucketError, apply_crop, assign, bucket_table, fixed_bucket
+
+# The official ASPECT_RATIO_1024 (PixArt-alpha diffusion/data/datasets/utils.py), typed from the reference notes.
+OFFICIAL_1024 = {
+    "0.25": (512, 2048), "0.26": (512, 1984), "0.27": (512, 1920), "0.28": (512, 1856), "0.32": (576, 1792),
+    "0.33": (576, 1728), "0.35": (576, 1664), "0.4": (640, 1600), "0.42": (640, 1536), "0.48": (704, 1472),
+    "0.5": (704, 1408), "0.52": (704, 1344), "0.57": (768, 1344), "0.6": (768, 1280), "0.68": (832, 1216),
+    "0.72": (832, 1152), "0.78": (896, 1152), "0.82": (896, 1088), "0.88": (960, 1088), "0.94": (960, 1024),
+    "1.0": (1024, 1024), "1.07": (1024, 960), "1.13": (1088, 960), "1.21": (1088, 896), "1.29": (1152, 896),
+    "1.38": (1152, 832), "1.46": (1216, 832), "1.67": (1280, 768), "1.75": (1344, 768), "2.0": (1408, 704),
+    "2.09": (1472, 704), "2.4": (1536, 640), "2.5": (1600, 640), "2.89": (1664, 576), "3.0": (1728, 576),
+    "3.11": (1792, 576), "3.62": (1856, 512), "3.75": (1920, 512), "3.88": (1984, 512), "4.0": (2048, 512),
+}
+
+
+@pytest.mark.parametrize("base, multiple", [(1024, 64), (512, 32), (256, 16)])
+def test_tables_equal_the_official_ones(base, multiple):
+    table = bucket_table(base)
+    scale = 1024 // base
+    assert table == {k: (h // scale, w // scale) for k, (h, w) in OFFICIAL_1024.items()}
+    assert list(table) == list(OFFICIAL_1024)  # increasing ratio
+    assert all(h % multiple == 0 and w % multiple == 0 for h, w in table.values())
+
+
+def test_nearest_bucket_as_the_official_sampler():
+    assert assign(1500, 2250, 1024).key == "0.68"  # 0.667: |0.68 - 0.667| < |0.6 - 0.667|
+    assert assign(1000, 1000, 512) == assign(7, 7, 512) and assign(7, 7, 512).height == 512
+    tall = assign(2000, 1000, 256)
+    assert (tall.key, tall.height, tall.width) == ("2.0", 352, 176)
+    for key in OFFICIAL_1024:  # every key maps to itself
+        h, w = OFFICIAL_1024[key]
+        assert assign(h, w, 1024).key == key
+
+
+def test_ratios_outside_the_range_follow_the_policy():
+    assert assign(100, 1000, 1024, "clamp").key == "0.25" and assign(5000, 1000, 1024, "clamp").key == "4.0"
+    with pytest.raises(BucketError, match="outside 0.25-4.0"):
+        assign(100, 1000, 1024, "drop")
+    assert assign(250, 1000, 1024, "drop").key == "0.25"  # the ends themselves are inside
+    with pytest.raises(BucketError, match="invalid image size"):
+        assign(0, 10, 512)
+
+
+@pytest.mark.parametrize("h, w", [(1500, 2250), (2250, 1500), (333, 1999), (512, 512), (100, 90), (4000, 999)])
+def test_crop_covers_the_bucket_keeping_the_aspect_ratio(h, w):
+    bucket = assign(h, w, 512)
+    crop = bucket.crop(h, w)
+    rh, rw = crop.resized
+    assert rh >= bucket.height and rw >= bucket.width and (rh == bucket.height or rw == bucket.width)
+    assert abs(rh / rw - h / w) < 0.01 * h / w + 2 / min(rh, rw)  # not squashed
+    left, top, right, bottom = crop.box
+    assert (right - left, bottom - top) == (bucket.width, bucket.height)
+    assert abs(left - (rw - right)) <= 1 and abs(top - (rh - bottom)) <= 1  # centred
+    out = apply_crop(Image.new("RGB", (w, h), "red"), crop)
+    assert out.size == (bucket.width, bucket.height)
+
+
+def test_single_scale_is_resize_short_side_then_centre_crop():
+    crop = fixed_bucket(256).crop(600, 900)
+    assert crop.resized == (256, 384) and crop.box == (64, 0, 320, 256)
+
+
+def test_histogram_counts_every_image_once_and_draws_a_chart():
+    sizes = [(1500, 2250), (2250, 1500), (1000, 1000), (1000, 1000), (100, 1000)]
+    table, extra = bucket_histogram([h for h, _ in sizes], [w for _, w in sizes], 1024)
+    counts = dict(zip(table["bucket"].to_pylist(), table["count"].to_pylist(), strict=True))
+    assert table.num_rows == 40 and sum(counts.values()) == 5
+    assert counts["1.0"] == 2 and counts["0.68"] == 1 and counts["1.46"] == 1 and counts["0.25"] == 1
+    assert extra == {"outside_range": 1, "dropped": 0}
+    dropped, extra = bucket_histogram([100], [1000], 1024, "drop")
+    assert sum(dropped["count"].to_pylist()) == 0 and extra == {"outside_range": 1, "dropped": 1}
+    png = Image.open(io.BytesIO(histogram_png(table, "test")))
+    assert png.format == "PNG" and png.size == (960, 360)
