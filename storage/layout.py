@@ -5,8 +5,8 @@
     <root>/manifests/<dataset>/_duplicates.parquet                          keys seen in more than one shard
     <root>/captions/<dataset>/<caption_set>/<shard>.parquet (+ .done)       one caption or error row per manifest key
     <root>/captions/<dataset>/<caption_set>/_parts/<shard>/                 progress of an unfinished shard
-    <root>/features/<dataset>/text/<caption_set>/                           T5 features (features issue)
-    <root>/features/<dataset>/latents/<base_size>/                          VAE latents (features issue)
+    <root>/features/<dataset>/text/<caption_set>/<shard>.tar (+ .parquet index, .done)   T5 features
+    <root>/features/<dataset>/latents/<base_size>[-ms]/<shard>.tar (+ .parquet index, .done)   VAE latents
 
 Names that become paths are checked here (`check_name`), so `..` or `a/b` can never leave the output root.
 """
@@ -114,7 +114,7 @@ def shard_of(url: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Features (the features issue fills these)
+# Features
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -122,5 +122,7 @@ def text_features_dir(root: str, dataset: str, caption_set: str) -> str:
     return join(root, "features", check_name("dataset", dataset), "text", check_name("caption set", caption_set))
 
 
-def latents_dir(root: str, dataset: str, base_size: int) -> str:
-    return join(root, "features", check_name("dataset", dataset), "latents", str(int(base_size)))
+def latents_dir(root: str, dataset: str, base_size: int, multi_scale: bool = False) -> str:
+    """`latents/<base_size>/` (square crops) or `latents/<base_size>-ms/` (aspect-ratio buckets)."""
+    return join(root, "features", check_name("dataset", dataset), "latents",
+                f"{int(base_size)}{'-ms' if multi_scale else ''}")

@@ -1,0 +1,44 @@
+"""Config of the feature pre-extraction stage. Presets live in `configs/extract/`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from storage.config import DecodeConfig, StageConfig
+
+DEFAULT_T5 = "DeepFloyd/t5-v1_1-xxl"
+DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
+
+
+class ExtractConfig(StageConfig):
+    """T5 text features of a caption set and/or VAE latents of a dataset, as webdataset tars under
+    `<output_root>/features/<dataset>/text/<caption_set>/` and `.../latents/<base_size>/`."""
+
+    dataset: str = Field(description="An ingested dataset: sam, journeydb, imagenet.")
+    what: Literal["text", "latents", "both"] = Field("both", description="Which features to extract.")
+    caption_set: str | None = Field(None, description="Caption set to encode (text); not used for imagenet.")
+    base_size: Literal[256, 512, 1024] = Field(256, description="Resolution of the latents.")
+    multi_scale: bool = Field(False, description="Encode at each image's aspect-ratio bucket (stage 3) instead of "
+                              "the square base_size crop.")
+    bucket_policy: Literal["clamp", "drop"] = Field(
+        "clamp", description="Images with h/w outside 0.25-4: clamp into the end bucket, or drop as an error row.")
+    t5_model: str = Field(DEFAULT_T5, description="T5 encoder id or local dir (T5EncoderModel + tokenizer).")
+    vae_model: str = Field(DEFAULT_VAE, description="AutoencoderKL id or local dir.")
+    max_tokens: int = Field(120, gt=0, description="T5 tokens kept per caption (PixArt-alpha: 120).")
+    text_batch_size: int = Field(64, gt=0, description="Captions per T5 forward pass.")
+    image_batch_size: int = Field(16, gt=0, description="Images per VAE forward pass (one bucket per batch).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="auto: bf16 GPU, fp32 CPU.")
+    decode: DecodeConfig = Field(default_factory=DecodeConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> ExtractConfig:
+        if self.what in ("text", "both") and self.dataset != "imagenet" and not self.caption_set:
+            raise ValueError("text features need caption_set=<name> (a set under captions/<dataset>/)")
+        if self.dataset == "imagenet" and self.what == "text":
+            raise ValueError("imagenet has class labels, not captions: extract latents")
+        if self.multi_scale and self.base_size == 256:
+            raise ValueError("multi_scale is for base_size 512 or 1024 (PixArt-alpha trains 256 at a fixed size)")
+        return self

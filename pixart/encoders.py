@@ -1,0 +1,88 @@
+"""The two frozen encoders of feature extraction, each loaded once and run in batches.
+
+    text = TextEncoder("DeepFloyd/t5-v1_1-xxl", max_tokens=120)     # T5EncoderModel + its tokenizer
+    feats = text.encode(["a cat on a sofa", ...])                    # [n_valid_tokens, 4096] fp16 each, no padding
+    vae = LatentEncoder("stabilityai/sd-vae-ft-ema")
+    mean, std = vae.encode(images)                                   # uint8 HxWx3, one shape per batch -> fp16
+
+T5 runs with the attention mask and each batch padded only to its longest caption; only the valid tokens (EOS
+included) are kept, so a 30-token caption stores 30 rows, not 120. The loader pads back to 120 and rebuilds the
+mask. The VAE stores the posterior mean and std, so training samples the posterior as PixArt does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from storage.errors import PipelineError
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+class ModelLoadError(PipelineError):
+    """A model id or directory that cannot be loaded; the message names which model and why."""
+
+
+def _load(what: str, model_id: str, load):
+    try:
+        return load()
+    except (OSError, ValueError, ImportError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise ModelLoadError(f"cannot load {what} {model_id!r}: {reason}") from None
+
+
+class TextEncoder:
+    def __init__(self, model_id: str, max_tokens: int = 120, device: str = "auto", dtype: str = "auto") -> None:
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.max_tokens = max_tokens
+        self.tokenizer = _load("T5 tokenizer", model_id, lambda: AutoTokenizer.from_pretrained(model_id))
+        self.model = _load("T5 encoder", model_id, lambda: T5EncoderModel.from_pretrained(model_id, dtype=self.dtype))
+        self.model.to(self.device).eval()
+        self.width = self.model.config.d_model
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str]) -> list[np.ndarray]:
+        """One [n_tokens, d_model] float16 array per text: the valid (unpadded) tokens only."""
+        if not texts:
+            return []
+        batch = self.tokenizer(texts, max_length=self.max_tokens, padding="longest", truncation=True,
+                               add_special_tokens=True, return_tensors="pt").to(self.device)
+        hidden = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        hidden = hidden.to(torch.float16).cpu().numpy()
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        return [np.ascontiguousarray(hidden[i, :n]) for i, n in enumerate(lengths)]
+
+
+class LatentEncoder:
+    def __init__(self, model_id: str, device: str = "auto", dtype: str = "auto") -> None:
+        from diffusers import AutoencoderKL
+
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.model = _load("VAE", model_id, lambda: AutoencoderKL.from_pretrained(model_id, torch_dtype=self.dtype))
+        self.model.to(self.device).eval()
+        self.scaling_factor = float(self.model.config.scaling_factor)
+
+    @torch.inference_mode()
+    def encode(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, std) float16 arrays of shape [B, 4, H/8, W/8] for B uint8 HxWx3 images of one shape."""
+        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).to(self.device)
+        x = (x.to(self.dtype) / 127.5) - 1.0  # [0, 255] -> [-1, 1], as ToTensor + Normalize(0.5, 0.5)
+        posterior = self.model.encode(x).latent_dist
+        mean = posterior.mean.to(torch.float16).cpu().numpy()
+        std = posterior.std.to(torch.float16).cpu().numpy()
+        return mean, std

@@ -1,0 +1,174 @@
+"""Feature pre-extraction on tiny random T5 and VAE models: real photos in the real shard formats."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from captioning.captioner import Captioner
+from captioning.config import CaptionConfig
+from captioning.records import ensure_caption_set
+from captioning.runner import caption_shard
+from captioning.text import T5TokenCounter
+from pixart.buckets import assign
+from pixart.config import ExtractConfig
+from pixart.encoders import LatentEncoder, TextEncoder
+from pixart.features import extract_latent_shard, extract_text_shard, latent_urls, text_urls
+from pixart.tiny import make_tiny_t5_encoder, make_tiny_vae
+from storage.config import IngestConfig
+from storage.ingest import ingest_shard, list_shards, prepare
+from storage.layout import caption_url
+from storage.manifest import committed_manifests
+from storage.parquet import read_rows
+from storage.shard import marker_hash
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_encoder(tmp_path_factory, tiny_t5):
+    return make_tiny_t5_encoder(tmp_path_factory.mktemp("tiny-t5-encoder"), tiny_t5)
+
+
+@pytest.fixture(scope="session")
+def tiny_vae(tmp_path_factory):
+    return make_tiny_vae(tmp_path_factory.mktemp("tiny-vae"))
+
+
+@pytest.fixture(scope="session")
+def captioned(samples, tmp_path_factory, tiny_llava, tiny_t5):
+    """SA-1B and ImageNet ingested, SA-1B captioned by the tiny LLaVA into a caption set."""
+    root = str(tmp_path_factory.mktemp("features-root"))
+    for cfg in (IngestConfig(dataset="sam", source=samples["sam"], output_root=root),
+                IngestConfig(dataset="imagenet", source=samples["imagenet_wds"], output_root=root,
+                             synset_mapping=samples["synset_mapping"])):
+        ctx = prepare(cfg)
+        for s in list_shards(cfg):
+            ingest_shard(s, cfg, ctx)
+    cfg = CaptionConfig(dataset="sam", output_root=root, model=tiny_llava, t5_tokenizer=tiny_t5,
+                        generation={"max_new_tokens": 12}, caption_set="tiny", batch_size=4)
+    ensure_caption_set(cfg)
+    captioner, counter = Captioner(cfg), T5TokenCounter(tiny_t5)
+    for m in committed_manifests(root, "sam"):
+        caption_shard(m, cfg, captioner, counter)
+    return root
+
+
+def members(tar_url: str) -> dict[str, bytes]:
+    with tarfile.open(tar_url) as tf:
+        return {m.name: tf.extractfile(m).read() for m in tf if m.isreg()}
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def test_text_features_store_only_the_valid_tokens(captioned, tiny_t5_encoder):
+    cfg = ExtractConfig(dataset="sam", what="text", caption_set="tiny", output_root=captioned, t5_model=tiny_t5_encoder,
+                        text_batch_size=3)
+    encoder = TextEncoder(tiny_t5_encoder)
+    caps = caption_url(captioned, "sam", "tiny", "sa_000000")
+    result = extract_text_shard(caps, cfg, encoder)
+    assert (result.num_ok, result.num_error) == (4, 0)
+    tar_url, index_url = text_urls(cfg, "sa_000000")
+    got = members(tar_url)
+    captions = {r["key"]: r["text"] for r in read_rows(caps)}
+    assert sorted(got) == sorted(f"{k}.{ext}" for k in captions for ext in ("json", "t5.npy"))
+    # PixArt's own call: padded to 120 with the mask; our unpadded rows must equal its first n rows
+    tok = encoder.tokenizer(list(captions.values()), max_length=120, padding="max_length", truncation=True,
+                            return_tensors="pt")
+    with torch.inference_mode():
+        ref = encoder.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).last_hidden_state
+    for i, key in enumerate(captions):
+        feats = load_npy(got[f"{key}.t5.npy"])
+        n = int(tok["attention_mask"][i].sum())
+        assert feats.dtype == np.float16 and feats.shape == (n, 32)
+        np.testing.assert_allclose(feats.astype(np.float32), ref[i, :n].numpy(), atol=2e-3, rtol=1e-2)
+        assert json.loads(got[f"{key}.json"]) == {"caption": captions[key], "n_tokens": n}
+    index = read_rows(index_url)
+    assert [r["status"] for r in index] == ["ok"] * 4 and all(r["bytes"] > 0 and r["n_tokens"] for r in index)
+    marker = json.loads(open(index_url + ".done").read())
+    assert marker["lineage"]["inputs"] == [{"url": caps, "id": marker_hash(caps)}]
+    assert marker["lineage"]["models"] == {"t5": tiny_t5_encoder}
+    assert extract_text_shard(caps, cfg, encoder).skipped
+
+
+def test_failed_captions_become_error_rows(captioned, tiny_t5_encoder):
+    cfg = ExtractConfig(dataset="sam", what="text", caption_set="tiny", output_root=captioned, t5_model=tiny_t5_encoder)
+    caps = caption_url(captioned, "sam", "tiny", "sa_000001")
+    rows = read_rows(caps)
+    rows[1].update(status="error", error="image not decodable: broken")
+    from captioning.records import CAPTION_SCHEMA
+    from storage.commit import write_done
+    from storage.parquet import write_table
+
+    bad = caps.replace("sa_000001", "sa_000009")
+    write_table(rows, bad, CAPTION_SCHEMA)
+    write_done(bad, {})
+    result = extract_text_shard(bad, cfg, TextEncoder(tiny_t5_encoder))
+    assert (result.num_ok, result.num_error) == (3, 1)
+    errors = [r for r in read_rows(text_urls(cfg, "sa_000009")[1]) if r["status"] == "error"]
+    assert errors[0]["key"] == rows[1]["key"] and errors[0]["error"] == "no caption: image not decodable: broken"
+
+
+@pytest.mark.parametrize("base_size, multi_scale", [(256, False), (512, True)])
+def test_latents_are_cropped_to_the_bucket_and_store_mean_and_std(captioned, tiny_vae, base_size, multi_scale):
+    cfg = ExtractConfig(dataset="sam", what="latents", output_root=captioned, vae_model=tiny_vae,
+                        base_size=base_size, multi_scale=multi_scale, image_batch_size=2)
+    manifest = committed_manifests(captioned, "sam")[0]
+    result = extract_latent_shard(manifest, cfg, LatentEncoder(tiny_vae))
+    assert (result.num_ok, result.num_error) == (4, 0)
+    got = members(latent_urls(cfg, "sa_000000")[0])
+    manifest_rows = {r["key"]: r for r in read_rows(manifest)}
+    for key, row in manifest_rows.items():
+        meta = json.loads(got[f"{key}.json"])
+        bucket = assign(row["height"], row["width"], base_size) if multi_scale else None
+        h, w = (bucket.height, bucket.width) if bucket else (base_size, base_size)
+        assert meta["bucket"] == (bucket.key if bucket else "1.0") and meta["orig_hw"] == [row["height"], row["width"]]
+        left, top, right, bottom = meta["crop_box"]
+        assert (bottom - top, right - left) == (h, w)
+        latent = load_npy(got[f"{key}.latent.npy"])
+        assert latent.dtype == np.float16 and latent.shape == (8, h // 8, w // 8)
+        assert np.isfinite(latent).all() and (latent[4:] > 0).all()  # the second half is the posterior std
+
+
+def test_imagenet_latents_carry_the_class(captioned, tiny_vae):
+    cfg = ExtractConfig(dataset="imagenet", what="latents", output_root=captioned, vae_model=tiny_vae)
+    manifest = committed_manifests(captioned, "imagenet")[0]
+    assert extract_latent_shard(manifest, cfg, LatentEncoder(tiny_vae)).num_ok == 8
+    got = members(latent_urls(cfg, "imagenet1k-train-0000")[0])
+    labels = {r["key"]: r["label"] for r in read_rows(manifest)}
+    assert {k: int(got[f"{k}.cls"]) for k in labels} == labels
+
+
+def test_the_drop_policy_turns_extreme_ratios_into_error_rows(captioned, tiny_vae, monkeypatch):
+    import pixart.features as features
+
+    cfg = ExtractConfig(dataset="sam", what="latents", output_root=captioned, vae_model=tiny_vae, base_size=512,
+                        multi_scale=True, bucket_policy="drop", force=True)
+    manifest = committed_manifests(captioned, "sam")[1]
+    rows = read_rows(manifest)
+    rows[0].update(height=100, width=1000)  # a 1:10 panorama
+    monkeypatch.setattr(features, "read_rows", lambda url, *a: rows)
+    result = extract_latent_shard(manifest, cfg, LatentEncoder(tiny_vae))
+    assert (result.num_ok, result.num_error) == (3, 1)
+    index = {r["key"]: r for r in read_rows(latent_urls(cfg, "sa_000001")[1])}
+    assert "outside 0.25-4.0 (bucket policy drop)" in index[rows[0]["key"]]["error"]
+
+
+def test_non_finite_latents_are_error_rows(captioned, tiny_vae):
+    cfg = ExtractConfig(dataset="sam", what="latents", output_root=captioned, vae_model=tiny_vae, force=True)
+    encoder = LatentEncoder(tiny_vae)
+    real = encoder.encode
+
+    def poisoned(images):
+        mean, std = real(images)
+        mean[0, 0, 0, 0] = np.inf
+        return mean, std
+
+    encoder.encode = poisoned
+    result = extract_latent_shard(committed_manifests(captioned, "sam")[1], cfg, encoder)
+    assert result.num_error >= 1 and result.num_ok + result.num_error == 4
+    errors = [r for r in read_rows(latent_urls(cfg, "sa_000001")[1]) if r["status"] == "error"]
+    assert errors and all(r["error"] == "VAE returned non-finite latents" for r in errors)
