@@ -65,7 +65,8 @@ def load_npy(data: bytes) -> np.ndarray:
 
 
 def test_text_features_store_only_the_valid_tokens(captioned, tiny_t5_encoder):
-    cfg = ExtractConfig(dataset="sam", what="text", caption_set="tiny", output_root=captioned, t5_model=tiny_t5_encoder,
+    cfg = ExtractConfig(dataset="sam", what="text", caption_set="tiny", output_root=captioned,
+                        t5_model=tiny_t5_encoder,
                         text_batch_size=3)
     encoder = TextEncoder(tiny_t5_encoder)
     caps = caption_url(captioned, "sam", "tiny", "sa_000000")
@@ -95,7 +96,8 @@ def test_text_features_store_only_the_valid_tokens(captioned, tiny_t5_encoder):
 
 
 def test_failed_captions_become_error_rows(captioned, tiny_t5_encoder):
-    cfg = ExtractConfig(dataset="sam", what="text", caption_set="tiny", output_root=captioned, t5_model=tiny_t5_encoder)
+    cfg = ExtractConfig(dataset="sam", what="text", caption_set="tiny", output_root=captioned,
+                        t5_model=tiny_t5_encoder)
     caps = caption_url(captioned, "sam", "tiny", "sa_000001")
     rows = read_rows(caps)
     rows[1].update(status="error", error="image not decodable: broken")
