@@ -19,6 +19,7 @@ from typing import Annotated
 import typer
 
 from captioning.config import CaptionConfig
+from pixart.config import ExtractConfig
 from storage.config import IngestConfig
 from storage.errors import PipelineError
 
@@ -87,6 +88,36 @@ def caption(
                f"exactly-once {'verified' if out['exactly_once'] else 'NOT verified'}")
 
 
+@app.command(epilog="Config keys (override with key=value):\n\n" + "\n\n".join(_config_keys(ExtractConfig)))
+def extract(
+    config: Annotated[str, typer.Argument(help="Preset under configs/extract/ (sam-256, sam-1024, journeydb-256, "
+                                               "journeydb-1024, imagenet-256) or a YAML path.")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. caption_set=<name>")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Redo shards that are already committed.")] = False,
+    estimate: Annotated[bool, typer.Option("--estimate", help="Print bytes per sample and the total; extract "
+                                                              "nothing.")] = False,
+) -> None:
+    """T5 text features and VAE latents into <output_root>/features/<dataset>/ (webdataset tars + parquet index)."""
+    from flows.extract_stage import ExtractStage, estimate_run
+    from storage.configio import load_config
+
+    if estimate:
+        try:
+            cfg = load_config(ExtractConfig, config, overrides or [], kind="extract")
+            est = estimate_run(cfg)
+        except PipelineError as e:
+            _fail(str(e))
+        typer.echo(f"{cfg.dataset}: {est['samples']} images, {est['captions']} captions; per sample "
+                   f"{est['text_bytes_per_sample'] / 1e3:.1f} kB text + {est['latent_bytes_per_sample'] / 1e3:.1f} kB "
+                   f"latents; total {est['total_bytes'] / 1e9:.3f} GB "
+                   f"({est['ratio_to_official']:.1%} of the official fp32 padded layout, "
+                   f"{est['official_total_bytes'] / 1e9:.3f} GB)")
+        return
+    out = _run(ExtractStage(), config, overrides or [], force)
+    typer.echo(f"{out['dataset']}: {out['done']} shards ({out['skipped']} already committed), "
+               f"{out['num_ok']} feature samples, {out['num_error']} error rows")
+
+
 @app.command(epilog="Keys: dataset (sam, journeydb, imagenet), caption_set (optional), output_root.")
 def audit(
     args: Annotated[list[str], typer.Argument(help="key=value: dataset=sam caption_set=<name> output_root=<root>")],
@@ -127,13 +158,18 @@ def demo(
     short_side: Annotated[int, typer.Option(help="Short side of the sample SA-1B images (real: 1500).")] = 768,
     caption_model: Annotated[str | None, typer.Option(help="LLaVA id or dir; default: a tiny random one.")] = None,
     t5_tokenizer: Annotated[str | None, typer.Option(help="T5 tokenizer id or dir; default: a tiny one.")] = None,
+    t5_encoder: Annotated[str | None, typer.Option(help="T5 encoder id or dir; default: a tiny one.")] = None,
+    vae: Annotated[str | None, typer.Option(help="AutoencoderKL id or dir; default: a tiny one.")] = None,
 ) -> None:
-    """Sample SA-1B, JourneyDB and ImageNet shards from real photos -> manifests -> LLaVA captions.
+    """Sample SA-1B, JourneyDB and ImageNet shards from real photos -> manifests -> LLaVA captions -> T5 features and
+    VAE latents (256 px, and 1024 px in aspect-ratio buckets).
 
     Without --caption-model the captions come from a tiny random LLaVA built on the spot (no downloads), so
-    they are noise: the demo shows the pipeline and its outputs, not caption quality."""
+    they are noise: the demo shows the pipeline and its outputs, not caption quality. The same holds for the tiny
+    T5 encoder and VAE."""
     from captioning.tiny import make_tiny_llava, make_tiny_t5_tokenizer
     from flows.caption_stage import CaptionStage
+    from flows.extract_stage import ExtractStage
     from flows.ingest_stage import IngestStage
     from storage.manifest import read_dataset
     from storage.samples import build_samples
@@ -155,6 +191,16 @@ def demo(
         captions[dataset] = _run(CaptionStage(), dataset, [f"output_root={out}", f"model={model}",
                                                            f"t5_tokenizer={t5}", "generation.max_new_tokens=40",
                                                            "batch_size=4"], force=True)
+    from pixart.tiny import make_tiny_t5_encoder, make_tiny_vae
+
+    t5_model = t5_encoder or make_tiny_t5_encoder(root / "models" / "tiny-t5-encoder", t5)
+    vae_model = vae or make_tiny_vae(root / "models" / "tiny-vae")
+    features = {}
+    models = [f"output_root={out}", f"t5_model={t5_model}", f"vae_model={vae_model}"]
+    for preset, extra in (("sam-256", [f"caption_set={captions['sam']['caption_set']}"]),
+                          ("sam-1024", [f"caption_set={captions['sam']['caption_set']}", "what=latents"]),
+                          ("imagenet-256", [])):
+        features[preset] = _run(ExtractStage(), preset, [*models, *extra], force=True)
     typer.echo(f"\nmanifests under {out}/manifests:")
     for dataset in runs:
         table = read_dataset(out, dataset).to_pylist()
@@ -165,6 +211,9 @@ def demo(
     for dataset, res in captions.items():
         typer.echo(f"  {dataset:<10} set {res['caption_set']}: {res['captions']} captions, {res['errors']} error "
                    f"rows, exactly-once {'verified' if res['exactly_once'] else 'NOT verified'}")
+    typer.echo(f"features under {out}/features (bucket histogram: buckets.png beside the latents):")
+    for preset, res in features.items():
+        typer.echo(f"  {preset:<13} {res['num_ok']} samples, {res['num_error']} error rows")
 
 
 def main() -> None:

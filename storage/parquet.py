@@ -42,6 +42,7 @@ def write_table(rows: Iterable[Row] | pa.Table, url: str, schema: pa.Schema | No
     table = to_table(rows, schema)
     fs, path = filesystem(url)
     if protocol_of(fs) in ("file", "local"):
+        fs.makedirs(fs._parent(path), exist_ok=True)
         pq.write_table(table, path, compression="zstd")
         return
     sink = pa.BufferOutputStream()

@@ -96,21 +96,20 @@ def test_text_features_store_only_the_valid_tokens(captioned, tiny_t5_encoder):
 
 
 def test_failed_captions_become_error_rows(captioned, tiny_t5_encoder):
-    cfg = ExtractConfig(dataset="sam", what="text", caption_set="tiny", output_root=captioned,
-                        t5_model=tiny_t5_encoder)
-    caps = caption_url(captioned, "sam", "tiny", "sa_000001")
-    rows = read_rows(caps)
-    rows[1].update(status="error", error="image not decodable: broken")
     from captioning.records import CAPTION_SCHEMA
     from storage.commit import write_done
     from storage.parquet import write_table
 
-    bad = caps.replace("sa_000001", "sa_000009")
+    rows = read_rows(caption_url(captioned, "sam", "tiny", "sa_000001"))
+    rows[1].update(status="error", error="image not decodable: broken")
+    bad = caption_url(captioned, "sam", "tiny-bad", "sa_000001")  # a set of its own: other tests read "tiny"
     write_table(rows, bad, CAPTION_SCHEMA)
     write_done(bad, {})
+    cfg = ExtractConfig(dataset="sam", what="text", caption_set="tiny-bad", output_root=captioned,
+                        t5_model=tiny_t5_encoder)
     result = extract_text_shard(bad, cfg, TextEncoder(tiny_t5_encoder))
     assert (result.num_ok, result.num_error) == (3, 1)
-    errors = [r for r in read_rows(text_urls(cfg, "sa_000009")[1]) if r["status"] == "error"]
+    errors = [r for r in read_rows(text_urls(cfg, "sa_000001")[1]) if r["status"] == "error"]
     assert errors[0]["key"] == rows[1]["key"] and errors[0]["error"] == "no caption: image not decodable: broken"
 
 
@@ -174,3 +173,47 @@ def test_non_finite_latents_are_error_rows(captioned, tiny_vae):
     assert result.num_error >= 1 and result.num_ok + result.num_error == 4
     errors = [r for r in read_rows(latent_urls(cfg, "sa_000001")[1]) if r["status"] == "error"]
     assert errors and all(r["error"] == "VAE returned non-finite latents" for r in errors)
+
+
+def run_cli(*args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "flows", "extract", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_extract_command_estimates_runs_and_skips(captioned, tiny_t5_encoder, tiny_vae):
+    import os
+
+    models = [f"output_root={captioned}", "caption_set=tiny", f"t5_model={tiny_t5_encoder}", f"vae_model={tiny_vae}"]
+    est = run_cli("sam-1024", *models, "--estimate")
+    assert est.returncode == 0, est.stderr
+    assert "sam: 8 images, 8 captions; per sample" in est.stdout and "of the official fp32 padded layout" in est.stdout
+    first = run_cli("sam-1024", *models, "what=latents")  # 1024-ms latents: no other test writes them
+    assert first.returncode == 0, first.stderr
+    assert "sam: 2 shards (0 already committed), 8 feature samples, 0 error rows" in first.stdout
+    again = run_cli("sam-1024", *models, "what=latents")
+    assert again.returncode == 0 and "sam: 0 shards" in again.stdout, again.stdout
+    out = os.path.join(captioned, "features", "sam", "latents", "1024-ms")
+    hist = read_rows(os.path.join(out, "buckets.parquet"))
+    assert len(hist) == 40 and sum(r["count"] for r in hist) == 8
+    assert open(os.path.join(out, "buckets.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    missing = run_cli("sam-256", *models[:1], "caption_set=nope", f"t5_model={tiny_t5_encoder}")
+    assert missing.returncode == 2 and "no caption set 'nope'" in missing.stderr, missing.stderr
+
+
+def test_extract_flow_publishes_the_bucket_histogram(prefect_server, captioned, tiny_t5_encoder, tiny_vae):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.extract import extract
+
+    state = extract(config="imagenet-256", overrides=[f"output_root={captioned}", f"vae_model={tiny_vae}"],
+                    force=True, return_state=True)
+    assert state.is_completed(), state.message
+    assert state.result()["num_ok"] == 8
+    keys = ["extract-imagenet-buckets", "extract-imagenet-progress"]
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+    assert {a.key for a in found} == set(keys)

@@ -1,0 +1,123 @@
+"""The extract stage: T5 text features of a caption set and VAE latents of a dataset (`pixart.features`).
+
+Prefect-free; run by `pixart extract` (LocalRuntime) and by the `extract` Prefect flow (`flows/extract.py`).
+Shards are caption shards (text) and manifest shards (latents); both kinds run through the same skeleton, with the
+encoders loaded once. After the shards: the bucket histogram of the dataset at this base size (parquet + PNG
+beside the latents, and an artifact).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flows._stage import Shard, Stage, StageOutcome, failure_message
+from pixart.bucket_report import bucket_histogram, histogram_png
+from pixart.config import ExtractConfig
+from pixart.estimate import estimate, t5_width
+from pixart.features import extract_latent_shard, extract_text_shard, latent_urls, text_urls
+from storage.commit import commit_shard, is_done, write_atomic
+from storage.configio import load_config
+from storage.errors import PipelineError
+from storage.layout import caption_set_dir, latents_dir, manifest_dir, shard_of
+from storage.manifest import committed_manifests, read_manifest
+from storage.parquet import read_table, write_table
+from storage.urls import check_output_root, exists, filesystem, join, to_url
+
+
+def committed_captions(cfg: ExtractConfig) -> list[str]:
+    set_dir = caption_set_dir(cfg.output_root, cfg.dataset, cfg.caption_set or "")
+    if not exists(join(set_dir, "caption_set.yaml")):
+        where = join(cfg.output_root, "captions", cfg.dataset)
+        raise PipelineError(f"no caption set {cfg.caption_set!r} under {where}: run `pixart caption {cfg.dataset}` "
+                            f"first or pass caption_set=<name>")
+    fs, path = filesystem(set_dir)
+    urls = [to_url(fs, p) for p in sorted(fs.glob(f"{path}/*.parquet"))]
+    return [u for u in urls if is_done(u)]
+
+
+class ExtractStage(Stage):
+    name = "extract"
+
+    def __init__(self) -> None:
+        self.text = self.latents = None
+
+    def load(self, config: str, overrides: list[str]) -> ExtractConfig:
+        return load_config(ExtractConfig, config, overrides, kind="extract")
+
+    def output_dir(self, cfg: ExtractConfig) -> str:
+        return join(cfg.output_root, "features", cfg.dataset)
+
+    def shards(self, cfg: ExtractConfig, log) -> list[Shard]:
+        manifests = committed_manifests(cfg.output_root, cfg.dataset)[: cfg.max_shards]
+        if not manifests:
+            raise PipelineError(f"no committed manifests under {manifest_dir(cfg.output_root, cfg.dataset)}: "
+                                f"run `pixart ingest {cfg.dataset}` first")
+        check_output_root(cfg.output_root, cfg.create_bucket)
+        shards = []
+        if cfg.what in ("text", "both") and cfg.dataset != "imagenet":
+            shards += [Shard(f"text-{shard_of(u)}", ("text", u)) for u in committed_captions(cfg)[: cfg.max_shards]
+                       if cfg.force or not is_done(text_urls(cfg, shard_of(u))[1])]
+        if cfg.what in ("latents", "both"):
+            shards += [Shard(f"latents-{shard_of(u)}", ("latents", u)) for u in manifests
+                       if cfg.force or not is_done(latent_urls(cfg, shard_of(u))[1])]
+        log(f"extract {cfg.dataset}: {len(shards)} shards pending ({cfg.what}, base size {cfg.base_size}"
+            f"{', multi-scale' if cfg.multi_scale else ''})")
+        return shards
+
+    def open(self, cfg: ExtractConfig) -> None:
+        from pixart.encoders import LatentEncoder, TextEncoder
+
+        if cfg.what in ("text", "both") and cfg.dataset != "imagenet":
+            self.text = TextEncoder(cfg.t5_model, cfg.max_tokens, cfg.device, cfg.dtype)
+        if cfg.what in ("latents", "both"):
+            self.latents = LatentEncoder(cfg.vae_model, cfg.device, cfg.dtype)
+
+    def close(self) -> None:
+        self.text = self.latents = None
+
+    def run_shard(self, shard: Shard, cfg: ExtractConfig, progress) -> dict[str, Any]:
+        kind, url = shard.item
+        if kind == "text":
+            return extract_text_shard(url, cfg, self.text, progress).to_dict()
+        return extract_latent_shard(url, cfg, self.latents, progress).to_dict()
+
+    def finish(self, cfg: ExtractConfig, outcome: StageOutcome, runtime) -> str:
+        if cfg.what in ("latents", "both"):
+            table, extra = histogram(cfg)
+            out = latents_dir(cfg.output_root, cfg.dataset, cfg.base_size, cfg.multi_scale)
+            with commit_shard(join(out, "buckets.parquet")) as tmp:
+                write_table(table, tmp)
+            title = f"{cfg.dataset} @ {cfg.base_size}{' multi-scale' if cfg.multi_scale else ''}"
+            write_atomic(join(out, "buckets.png"), histogram_png(table, title))
+            runtime.table(f"extract-{cfg.dataset}-buckets".lower(),
+                          [r for r in table.to_pylist() if r["count"]], f"bucket histogram, {title}")
+            outcome.extra.update(extra)
+        c = outcome.counts()
+        if outcome.failed:
+            return failure_message(outcome)
+        return f"{c['num_ok']} feature samples, {c['num_error']} error rows"
+
+
+def histogram(cfg: ExtractConfig):
+    heights, widths = [], []
+    for url in committed_manifests(cfg.output_root, cfg.dataset):
+        t = read_manifest(url, ["height", "width", "status"]).to_pylist()
+        heights += [r["height"] for r in t if r["status"] == "ok"]
+        widths += [r["width"] for r in t if r["status"] == "ok"]
+    return bucket_histogram(heights, widths, cfg.base_size, cfg.bucket_policy if cfg.multi_scale else "clamp")
+
+
+def estimate_run(cfg: ExtractConfig) -> dict[str, Any]:
+    """Bytes per sample and in all for this dataset (what `pixart extract --estimate` prints)."""
+    sizes = []
+    for url in committed_manifests(cfg.output_root, cfg.dataset):
+        sizes += [(r["height"], r["width"]) for r in read_manifest(url, ["height", "width", "status"]).to_pylist()
+                  if r["status"] == "ok"]
+    tokens = []
+    if cfg.what in ("text", "both") and cfg.dataset != "imagenet":
+        for url in committed_captions(cfg):
+            tokens += [t for t in read_table(url, ["t5_tokens"])["t5_tokens"].to_pylist() if t]
+    if cfg.what == "text":
+        sizes = []
+    return estimate(sizes, tokens, base_size=cfg.base_size, multi_scale=cfg.multi_scale, policy=cfg.bucket_policy,
+                    d_model=t5_width(cfg.t5_model), max_tokens=cfg.max_tokens)
