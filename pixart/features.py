@@ -4,7 +4,7 @@
     result = extract_latent_shard(manifest_url, cfg, LatentEncoder(...))  # features/<ds>/latents/<size>/<shard>.tar
 
 Each output shard is a webdataset tar plus a parquet index beside it (`<shard>.parquet`, one row per input key:
-ok with its bucket, token count and bytes, or error with a reason) and the index's done marker, written last with
+ok with its bucket, token count and the byte range of its members in the tar, or error with a reason) and the index's done marker, written last with
 the lineage (input shard and its marker hash, config hash, model ids). A committed shard is skipped on a re-run;
 the shard's lease keeps a second run from doing the same work.
 
@@ -44,7 +44,8 @@ from storage.wds import ShardTarWriter
 
 Row = dict[str, Any]
 INDEX_SCHEMA = pa.schema([("key", pa.string()), ("bucket", pa.string()), ("n_tokens", pa.int32()),
-                          ("bytes", pa.int64()), ("status", pa.string()), ("error", pa.string())])
+                          ("offset", pa.int64()), ("bytes", pa.int64()),  # the sample's byte range in the tar
+                          ("status", pa.string()), ("error", pa.string())])
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -75,9 +76,8 @@ class _Output:
     def write(self, key: str, members: dict[str, bytes], **fields: Any) -> None:
         if self.writer is None:
             self.writer = ShardTarWriter(self.tar_url).__enter__()
-        self.writer.write({"__key__": key, **members})
-        self.index.append({"key": key, "bytes": sum(len(v) for v in members.values()), "status": "ok",
-                           "error": None, **fields})
+        offset, length = self.writer.write({"__key__": key, **members})
+        self.index.append({"key": key, "offset": offset, "bytes": length, "status": "ok", "error": None, **fields})
 
     def close(self, failed: BaseException | None = None) -> None:
         if self.writer is not None:

@@ -38,13 +38,17 @@ class ShardTarWriter:
         self._tar = wds.TarWriter(self._file)
         return self
 
-    def write(self, sample: dict[str, Any]) -> None:
+    def write(self, sample: dict[str, Any]) -> tuple[int, int]:
+        """Append one sample; returns (offset, length) of its members' byte range in the tar, for range reads
+        (`read_sample`)."""
         key = sample.get("__key__")
         if not isinstance(key, str) or not key or "." in key:
             raise ValueError(f"sample key {key!r} must be a non-empty string without dots")
         assert self._tar is not None, "use ShardTarWriter as a context manager"
+        start = self._tar.tarstream.offset  # the archive position (the file itself is written in 10 KiB records)
         self._tar.write(sample)
         self.count += 1
+        return start, self._tar.tarstream.offset - start
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         assert self._tar is not None
@@ -62,3 +66,16 @@ class ShardTarWriter:
         if error is not exc:
             raise error
         return False
+
+
+def read_sample(data: bytes) -> dict[str, bytes]:
+    """The members of one sample from its byte range (as `ShardTarWriter.write` returned it): {ext: bytes}."""
+    import io
+    import tarfile
+
+    out = {}
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
+        for info in tf:
+            if info.isreg():
+                out[info.name.split(".", 1)[1]] = tf.extractfile(info).read()
+    return out

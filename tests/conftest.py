@@ -39,3 +39,45 @@ def tiny_t5(tmp_path_factory) -> str:
     from captioning.tiny import make_tiny_t5_tokenizer
 
     return make_tiny_t5_tokenizer(tmp_path_factory.mktemp("tiny-t5"))
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_encoder(tmp_path_factory, tiny_t5):
+    from pixart.tiny import make_tiny_t5_encoder
+
+    return make_tiny_t5_encoder(tmp_path_factory.mktemp("tiny-t5-encoder"), tiny_t5)
+
+
+@pytest.fixture(scope="session")
+def tiny_vae(tmp_path_factory):
+    from pixart.tiny import make_tiny_vae
+
+    return make_tiny_vae(tmp_path_factory.mktemp("tiny-vae"))
+
+
+@pytest.fixture(scope="session")
+def captioned(samples, tmp_path_factory, tiny_llava, tiny_t5):
+    """SA-1B and ImageNet ingested, SA-1B captioned by the tiny LLaVA into the caption set "tiny"."""
+    from captioning.captioner import Captioner
+    from captioning.config import CaptionConfig
+    from captioning.records import ensure_caption_set
+    from captioning.runner import caption_shard
+    from captioning.text import T5TokenCounter
+    from storage.config import IngestConfig
+    from storage.ingest import ingest_shard, list_shards, prepare
+    from storage.manifest import committed_manifests
+
+    root = str(tmp_path_factory.mktemp("features-root"))
+    for cfg in (IngestConfig(dataset="sam", source=samples["sam"], output_root=root),
+                IngestConfig(dataset="imagenet", source=samples["imagenet_wds"], output_root=root,
+                             synset_mapping=samples["synset_mapping"])):
+        ctx = prepare(cfg)
+        for s in list_shards(cfg):
+            ingest_shard(s, cfg, ctx)
+    cfg = CaptionConfig(dataset="sam", output_root=root, model=tiny_llava, t5_tokenizer=tiny_t5,
+                        generation={"max_new_tokens": 12}, caption_set="tiny", batch_size=4)
+    ensure_caption_set(cfg)
+    captioner, counter = Captioner(cfg), T5TokenCounter(tiny_t5)
+    for m in committed_manifests(root, "sam"):
+        caption_shard(m, cfg, captioner, counter)
+    return root

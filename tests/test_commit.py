@@ -163,3 +163,19 @@ def test_a_full_disk_leaves_no_temporaries_and_old_ones_are_swept(tmp_path, monk
         write_done(str(tmp_path / "x.parquet"), {"n": 1})
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither the new nor the old temporaries remain
+
+
+def test_wds_writer_returns_each_samples_byte_range(tmp_path):
+    import numpy as np
+
+    from storage.wds import read_sample
+
+    ranges = {}
+    with ShardTarWriter(str(tmp_path / "r.tar")) as w:
+        for i in range(5):
+            ranges[f"k{i}"] = w.write({"__key__": f"k{i}", "t5.npy": np.full((i + 1, 3), i, np.float16).tobytes(),
+                                       "json": b'{"i": %d}' % i})
+    data = (tmp_path / "r.tar").read_bytes()
+    for i, (offset, length) in enumerate(ranges.values()):
+        got = read_sample(data[offset:offset + length])
+        assert got == {"t5.npy": np.full((i + 1, 3), i, np.float16).tobytes(), "json": b'{"i": %d}' % i}

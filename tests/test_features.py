@@ -8,51 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from captioning.captioner import Captioner
-from captioning.config import CaptionConfig
-from captioning.records import ensure_caption_set
-from captioning.runner import caption_shard
-from captioning.text import T5TokenCounter
 from pixart.buckets import assign
 from pixart.config import ExtractConfig
 from pixart.encoders import LatentEncoder, TextEncoder
 from pixart.features import extract_latent_shard, extract_text_shard, latent_urls, text_urls
-from pixart.tiny import make_tiny_t5_encoder, make_tiny_vae
-from storage.config import IngestConfig
-from storage.ingest import ingest_shard, list_shards, prepare
 from storage.layout import caption_url
 from storage.manifest import committed_manifests
 from storage.parquet import read_rows
 from storage.shard import marker_hash
-
-
-@pytest.fixture(scope="session")
-def tiny_t5_encoder(tmp_path_factory, tiny_t5):
-    return make_tiny_t5_encoder(tmp_path_factory.mktemp("tiny-t5-encoder"), tiny_t5)
-
-
-@pytest.fixture(scope="session")
-def tiny_vae(tmp_path_factory):
-    return make_tiny_vae(tmp_path_factory.mktemp("tiny-vae"))
-
-
-@pytest.fixture(scope="session")
-def captioned(samples, tmp_path_factory, tiny_llava, tiny_t5):
-    """SA-1B and ImageNet ingested, SA-1B captioned by the tiny LLaVA into a caption set."""
-    root = str(tmp_path_factory.mktemp("features-root"))
-    for cfg in (IngestConfig(dataset="sam", source=samples["sam"], output_root=root),
-                IngestConfig(dataset="imagenet", source=samples["imagenet_wds"], output_root=root,
-                             synset_mapping=samples["synset_mapping"])):
-        ctx = prepare(cfg)
-        for s in list_shards(cfg):
-            ingest_shard(s, cfg, ctx)
-    cfg = CaptionConfig(dataset="sam", output_root=root, model=tiny_llava, t5_tokenizer=tiny_t5,
-                        generation={"max_new_tokens": 12}, caption_set="tiny", batch_size=4)
-    ensure_caption_set(cfg)
-    captioner, counter = Captioner(cfg), T5TokenCounter(tiny_t5)
-    for m in committed_manifests(root, "sam"):
-        caption_shard(m, cfg, captioner, counter)
-    return root
 
 
 def members(tar_url: str) -> dict[str, bytes]:

@@ -1,0 +1,140 @@
+"""The bucketed streaming loader over real extracted feature shards (tiny T5 and VAE)."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from pixart.config import ExtractConfig
+from pixart.data import BucketedLoader, feature_shards
+from pixart.encoders import LatentEncoder, TextEncoder
+from pixart.features import extract_latent_shard, extract_text_shard, latent_urls
+from storage.layout import caption_url
+from storage.manifest import committed_manifests
+from storage.parquet import read_rows
+
+
+@pytest.fixture(scope="module")
+def features(captioned, tiny_t5_encoder, tiny_vae):
+    text, vae = TextEncoder(tiny_t5_encoder), LatentEncoder(tiny_vae)
+    for base, ms in ((256, False), (512, True)):
+        cfg = ExtractConfig(dataset="sam", output_root=captioned, caption_set="tiny", base_size=base, multi_scale=ms,
+                            t5_model=tiny_t5_encoder, vae_model=tiny_vae, image_batch_size=3)
+        for m in committed_manifests(captioned, "sam"):
+            extract_latent_shard(m, cfg, vae)
+            extract_text_shard(caption_url(captioned, "sam", "tiny", m.rsplit("/", 1)[-1][:-8]), cfg, text)
+    imagenet = ExtractConfig(dataset="imagenet", what="latents", output_root=captioned, vae_model=tiny_vae)
+    for m in committed_manifests(captioned, "imagenet"):
+        extract_latent_shard(m, imagenet, vae)
+    return captioned
+
+
+def all_batches(loader):
+    return [b for b in loader]
+
+
+def test_every_batch_is_one_bucket_with_padded_text_and_a_mask(features):
+    shards = feature_shards(features, "sam", 512, multi_scale=True, caption_set="tiny")
+    assert [s.name for s in shards] == ["sa_000000", "sa_000001"]
+    batches = all_batches(BucketedLoader(shards, batch_size=2, drop_last=False))
+    keys = [k for b in batches for k in b["keys"]]
+    assert sorted(keys) == sorted(r["key"] for s in shards for r in read_rows(s.latents))  # each key once
+    tokens = {r["key"]: r["n_tokens"] for s in shards for r in read_rows(s.text)}
+    for b in batches:
+        n = len(b["keys"])
+        assert len(set(b["aspect_ratio"].tolist())) == 1
+        assert b["latents"].shape[0] == n and b["latents"].shape[1] == 4 and b["latents"].dtype == torch.float32
+        assert b["text"].shape == (n, 120, 32) and b["mask"].shape == (n, 120)
+        assert b["mask"].sum(1).tolist() == [tokens[k] for k in b["keys"]]
+        assert (b["text"][b["mask"] == 0] == 0).all()
+        assert b["img_hw"].shape == (n, 2)
+
+
+def test_drop_last_keeps_only_full_batches(features):
+    shards = feature_shards(features, "sam", 256, caption_set="tiny")
+    batches = all_batches(BucketedLoader(shards, batch_size=3))
+    assert len(batches) == 2 and all(len(b["keys"]) == 3 for b in batches)  # 8 squares: 2 full batches of 3
+    assert all(b["latents"].shape == (3, 4, 32, 32) for b in batches)
+
+
+def test_latents_are_sampled_from_the_stored_posterior(features):
+    shards = feature_shards(features, "sam", 256, caption_set="tiny")
+    batch = next(iter(BucketedLoader(shards, batch_size=1)))
+    key = batch["keys"][0]
+    shard = next(s for s in shards if key in {r["key"] for r in read_rows(s.latents)})
+    row = next(r for r in read_rows(shard.latents) if r["key"] == key)
+    from storage.wds import read_sample
+
+    raw = open(latent_urls(ExtractConfig(dataset="sam", what="latents", output_root=features), shard.name)[0],
+               "rb").read()
+    stored = np.load(io.BytesIO(read_sample(raw[row["offset"]:row["offset"] + row["bytes"]])["latent.npy"]),
+                     allow_pickle=False).astype(np.float32)
+    mean, std = stored[:4], stored[4:]
+    eps = (batch["latents"][0].numpy() / 0.18215 - mean) / std
+    assert abs(float(eps.mean())) < 0.5 and 0.5 < float(eps.std()) < 1.5  # standard normal noise
+
+
+def test_same_seed_and_epoch_give_the_same_batches_and_epochs_differ(features):
+    shards = feature_shards(features, "sam", 512, multi_scale=True, caption_set="tiny")
+    a = all_batches(BucketedLoader(shards, batch_size=1, seed=7))
+    b = all_batches(BucketedLoader(shards, batch_size=1, seed=7))
+    assert [x["keys"] for x in a] == [y["keys"] for y in b]
+    assert all(torch.equal(x["latents"], y["latents"]) for x, y in zip(a, b, strict=True))
+    other = BucketedLoader(shards, batch_size=1, seed=7)
+    other.set_epoch(1)
+    c = all_batches(other)
+    assert [x["keys"] for x in c] != [x["keys"] for x in a] or not torch.equal(c[0]["latents"], a[0]["latents"])
+
+
+def test_ranks_and_dataloader_workers_split_without_duplicates_or_losses(features):
+    shards = feature_shards(features, "sam", 256, caption_set="tiny")
+    everything = sorted(k for b in BucketedLoader(shards, batch_size=1) for k in b["keys"])
+    seen = []
+    for rank in range(2):
+        loader = BucketedLoader(shards, batch_size=1, rank=rank, world_size=2)
+        seen += [k for b in loader for k in b["keys"]]
+    assert sorted(seen) == everything and len(everything) == 8
+    loader = BucketedLoader(shards, batch_size=1)
+    dl = torch.utils.data.DataLoader(loader.dataset(), batch_size=None, num_workers=2)
+    assert sorted(k for b in dl for k in b["keys"]) == everything
+
+
+def test_resume_mid_epoch_replays_exactly_the_remaining_batches(features):
+    shards = feature_shards(features, "sam", 512, multi_scale=True, caption_set="tiny")
+    full = all_batches(BucketedLoader(shards, batch_size=1, seed=3))
+    first = BucketedLoader(shards, batch_size=1, seed=3)
+    it = iter(first)
+    seen = [next(it) for _ in range(3)]
+    state = first.state_dict()
+    resumed = BucketedLoader(shards, batch_size=1, seed=3)
+    resumed.load_state_dict(state)
+    rest = all_batches(resumed)
+    got = seen + rest
+    assert [b["keys"] for b in got] == [b["keys"] for b in full]
+    assert all(torch.equal(x["latents"], y["latents"]) and torch.equal(x["text"], y["text"])
+               for x, y in zip(got, full, strict=True))
+
+
+def test_imagenet_batches_carry_class_labels(features):
+    shards = feature_shards(features, "imagenet", 256)
+    batch = next(iter(BucketedLoader(shards, batch_size=4)))
+    labels = {r["key"]: r["label"] for m in committed_manifests(features, "imagenet") for r in read_rows(m)}
+    assert batch["cls"].tolist() == [labels[k] for k in batch["keys"]] and "text" not in batch
+
+
+def test_a_key_without_text_features_is_skipped(features, monkeypatch):
+    import pixart.data as data
+
+    shards = feature_shards(features, "sam", 256, caption_set="tiny")
+    real = data.read_rows
+
+    def drop_one(url, columns=None):
+        rows = real(url, columns)
+        if url.endswith("/text/tiny/sa_000000.parquet"):
+            rows[0]["status"] = "error"
+        return rows
+
+    monkeypatch.setattr(data, "read_rows", drop_one)
+    keys = [k for b in BucketedLoader(shards, batch_size=1) for k in b["keys"]]
+    assert len(keys) == 7 and len(set(keys)) == 7
