@@ -89,8 +89,8 @@ def shard_entries(index: int, shard: FeatureShard) -> list[Entry]:
     """The samples of one shard that are ok on every side, in index order."""
     text = {}
     if shard.text is not None:
-        text = {r["key"]: (r["offset"], r["bytes"]) for r in read_rows(shard.text, ["key", "offset", "bytes", "status"])
-                if r["status"] == "ok"}
+        rows = read_rows(shard.text, ["key", "offset", "bytes", "status"])
+        text = {r["key"]: (r["offset"], r["bytes"]) for r in rows if r["status"] == "ok"}
     out = []
     for r in read_rows(shard.latents, ["key", "bucket", "offset", "bytes", "status"]):
         if r["status"] != "ok" or (shard.text is not None and r["key"] not in text):

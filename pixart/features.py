@@ -4,9 +4,9 @@
     result = extract_latent_shard(manifest_url, cfg, LatentEncoder(...))  # features/<ds>/latents/<size>/<shard>.tar
 
 Each output shard is a webdataset tar plus a parquet index beside it (`<shard>.parquet`, one row per input key:
-ok with its bucket, token count and the byte range of its members in the tar, or error with a reason) and the index's done marker, written last with
-the lineage (input shard and its marker hash, config hash, model ids). A committed shard is skipped on a re-run;
-the shard's lease keeps a second run from doing the same work.
+ok with its bucket, token count and the byte range of its members in the tar, or error with a reason) and the
+index's done marker, written last with the lineage (input shard and its marker hash, config hash, model ids).
+A committed shard is skipped on a re-run; the shard's lease keeps a second run from doing the same work.
 
 Tar members per sample (keys have no dots):
     text:    <key>.t5.npy   [n_tokens, d_model] float16, valid tokens only      <key>.json {caption, n_tokens}
