@@ -27,6 +27,8 @@ class ExtractConfig(StageConfig):
     t5_model: str = Field(DEFAULT_T5, description="T5 encoder id or local dir (T5EncoderModel + tokenizer).")
     vae_model: str = Field(DEFAULT_VAE, description="AutoencoderKL id or local dir.")
     max_tokens: int = Field(120, gt=0, description="T5 tokens kept per caption (PixArt-alpha: 120).")
+    clean_caption: bool = Field(False, description="Clean captions as PixArt's pipeline does (URLs, HTML, "
+                                "punctuation runs; diffusers' _clean_caption) before encoding.")
     text_batch_size: int = Field(64, gt=0, description="Captions per T5 forward pass.")
     image_batch_size: int = Field(16, gt=0, description="Images per VAE forward pass (one bucket per batch).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available.")

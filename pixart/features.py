@@ -54,6 +54,15 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def clean_caption(text: str) -> str:
+    """PixArt's caption cleaning, from diffusers (which applies it twice): URLs, HTML, IDs, punctuation runs."""
+    from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import PixArtAlphaPipeline
+
+    for _ in range(2):  # its _clean_caption reads only class attributes, so the class can stand in for `self`
+        text = PixArtAlphaPipeline._clean_caption(PixArtAlphaPipeline, text)
+    return text
+
+
 def text_urls(cfg: ExtractConfig, shard: str) -> tuple[str, str]:
     base = join(text_features_dir(cfg.output_root, cfg.dataset, cfg.caption_set or ""), shard)
     return base + ".tar", base + ".parquet"
@@ -137,11 +146,12 @@ def extract_text_shard(caption_url: str, cfg: ExtractConfig, encoder: TextEncode
         tokens = 0
         for i in range(0, len(good), cfg.text_batch_size):
             batch = good[i:i + cfg.text_batch_size]
-            for r, feats in zip(batch, encoder.encode([r["text"] for r in batch]), strict=True):
+            texts = [clean_caption(r["text"]) if cfg.clean_caption else r["text"] for r in batch]
+            for r, text, feats in zip(batch, texts, encoder.encode(texts), strict=True):
                 n = int(feats.shape[0])
                 tokens += n
-                out.write(r["key"], {"t5.npy": npy_bytes(feats),
-                                     "json": json.dumps({"caption": r["text"], "n_tokens": n}).encode()}, n_tokens=n)
+                meta = {"caption": r["text"], "n_tokens": n, **({"encoded_text": text} if cfg.clean_caption else {})}
+                out.write(r["key"], {"t5.npy": npy_bytes(feats), "json": json.dumps(meta).encode()}, n_tokens=n)
             if progress is not None:
                 progress(len(batch))
         result.stats["tokens"] = tokens

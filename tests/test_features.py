@@ -180,3 +180,20 @@ def test_extract_flow_publishes_the_bucket_histogram(prefect_server, captioned, 
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
     assert {a.key for a in found} == set(keys)
+
+
+def test_caption_cleaning_as_pixart_does_before_encoding(captioned, tiny_t5_encoder):
+    from pixart.features import clean_caption
+
+    assert clean_caption("A CAT on https://x.org/a.jpg <b>sofa</b>") == "a cat on sofa"
+    cfg = ExtractConfig(dataset="sam", what="text", caption_set="tiny", output_root=captioned, clean_caption=True,
+                        t5_model=tiny_t5_encoder, force=True)
+    encoder = TextEncoder(tiny_t5_encoder)
+    caps = caption_url(captioned, "sam", "tiny", "sa_000000")
+    extract_text_shard(caps, cfg, encoder)
+    got = members(text_urls(cfg, "sa_000000")[0])
+    for r in read_rows(caps):
+        meta = json.loads(got[f"{r['key']}.json"])
+        assert meta["caption"] == r["text"] and meta["encoded_text"] == clean_caption(r["text"])
+        np.testing.assert_array_equal(load_npy(got[f"{r['key']}.t5.npy"]), encoder.encode([meta["encoded_text"]])[0])
+    extract_text_shard(caps, cfg.model_copy(update={"clean_caption": False}), encoder)  # as other tests expect
