@@ -21,7 +21,9 @@ import io
 import json
 import math
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -93,37 +95,70 @@ class _Output:
             self.writer.__exit__(type(failed) if failed else None, failed, None)
 
 
-def _commit(out: _Output, index_url: str, result: ShardResult, cfg: ExtractConfig, inputs: list[str],
-            models: dict[str, str]) -> ShardResult:
-    result.num_ok = sum(r["status"] == "ok" for r in out.index)
-    result.num_error = len(out.index) - result.num_ok
-    result.bytes = sum(r.get("bytes") or 0 for r in out.index)
-    with commit_shard(index_url) as tmp:
-        write_table(out.index, tmp, INDEX_SCHEMA)
-    write_done(index_url, {**result.to_dict(), "tar_url": out.tar_url if out.writer else None,
-                           "config": config_dict(cfg), "lineage": lineage(inputs, result.config_hash, models)})
-    return result
+class FeatureShard:
+    """One output shard end to end: lease, tar + index (`_Output`), commit with lineage. Executors (the local loop
+    below, `flows/_ray_extract.py`) feed it; `TextShard` and `LatentShard` add what each kind needs.
 
+    `done` holds the stored result when the shard is already committed (nothing else is set up then).
+    """
 
-def _run(stage: str, input_url: str, urls: tuple[str, str], cfg: ExtractConfig, work, models: dict[str, str]):
-    tar_url, index_url = urls
-    fixed = {"stage": stage, "dataset": cfg.dataset, "shard": shard_of(input_url), "input_url": input_url}
-    if not cfg.force and (done := skipped(index_url, **fixed)) is not None:
-        return done
-    with Lease(index_url):
-        if not cfg.force and (done := skipped(index_url, **fixed)) is not None:
-            return done
-        start = time.perf_counter()
-        result = ShardResult(output_url=index_url, config_hash=config_hash(cfg), **fixed)
-        out = _Output(tar_url)
+    stage = ""
+
+    def __init__(self, input_url: str, urls: tuple[str, str], cfg: ExtractConfig, models: dict[str, str]) -> None:
+        self.input_url, self.cfg, self.models = input_url, cfg, models
+        self.tar_url, self.index_url = urls
+        fixed = {"stage": self.stage, "dataset": cfg.dataset, "shard": shard_of(input_url), "input_url": input_url}
+        self.done = None if cfg.force else skipped(self.index_url, **fixed)
+        if self.done is not None:
+            return
+        self.lease = Lease(self.index_url)
+        self.lease.acquire()
+        self.done = None if cfg.force else skipped(self.index_url, **fixed)  # finished by another run meanwhile
+        if self.done is not None:
+            self.lease.release()
+            return
+        self.start = time.perf_counter()
+        self.result = ShardResult(output_url=self.index_url, config_hash=config_hash(cfg), **fixed)
+        self.out = _Output(self.tar_url)
+
+    @property
+    def name(self) -> str:
+        return self.result.shard
+
+    def abort(self, error: BaseException) -> None:
+        """Give up: nothing is published, the lease is released."""
         try:
-            work(out, result)
-        except BaseException as e:
-            out.close(e)
-            raise
-        out.close()
-        result.seconds = round(time.perf_counter() - start, 3)
-        return _commit(out, index_url, result, cfg, [input_url], models)
+            self.out.close(error)
+        finally:
+            self.lease.release()
+
+    def finish(self) -> ShardResult:
+        try:
+            self.out.close()
+            out, result = self.out, self.result
+            result.seconds = round(time.perf_counter() - self.start, 3)
+            result.num_ok = sum(r["status"] == "ok" for r in out.index)
+            result.num_error = len(out.index) - result.num_ok
+            result.bytes = sum(r.get("bytes") or 0 for r in out.index)
+            with commit_shard(self.index_url) as tmp:
+                write_table(out.index, tmp, INDEX_SCHEMA)
+            write_done(self.index_url, {**result.to_dict(), "tar_url": out.tar_url if out.writer else None,
+                                        "config": config_dict(self.cfg),
+                                        "lineage": lineage([self.input_url], result.config_hash, self.models)})
+            return result
+        finally:
+            self.lease.release()
+
+
+def _run_local(shard: FeatureShard, work) -> ShardResult:
+    if shard.done is not None:
+        return shard.done
+    try:
+        work()
+    except BaseException as e:
+        shard.abort(e)
+        raise
+    return shard.finish()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -131,33 +166,54 @@ def _run(stage: str, input_url: str, urls: tuple[str, str], cfg: ExtractConfig, 
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+class TextShard(FeatureShard):
+    """`chunks()`: (keys, texts) to encode, `text_batch_size` at a time; `accept(keys, texts, feats)` writes them.
+    Missing or failed captions are error rows from the start."""
+
+    stage = "extract-text"
+
+    def __init__(self, caption_url: str, cfg: ExtractConfig) -> None:
+        super().__init__(caption_url, text_urls(cfg, shard_of(caption_url)), cfg, {"t5": cfg.t5_model})
+        if self.done is not None:
+            return
+        self.todo, self.captions = [], {}
+        for r in read_rows(caption_url, ["key", "text", "status", "error"]):
+            if r["status"] != "ok" or not (r["text"] or "").strip():
+                self.out.error(r["key"], f"no caption: {r['error'] or 'empty text'}")
+            else:
+                self.captions[r["key"]] = r["text"]
+                self.todo.append(r["key"])
+        self.result.stats["tokens"] = 0
+
+    def chunks(self) -> list[tuple[list[str], list[str]]]:
+        out = []
+        for i in range(0, len(self.todo), self.cfg.text_batch_size):
+            keys = self.todo[i:i + self.cfg.text_batch_size]
+            texts = [clean_caption(self.captions[k]) if self.cfg.clean_caption else self.captions[k] for k in keys]
+            out.append((keys, texts))
+        return out
+
+    def accept(self, keys: list[str], texts: list[str], feats: list[np.ndarray]) -> None:
+        for key, text, f in zip(keys, texts, feats, strict=True):
+            n = int(f.shape[0])
+            self.result.stats["tokens"] += n
+            meta = {"caption": self.captions[key], "n_tokens": n,
+                    **({"encoded_text": text} if self.cfg.clean_caption else {})}
+            self.out.write(key, {"t5.npy": npy_bytes(f), "json": json.dumps(meta).encode()}, n_tokens=n)
+
+
 def extract_text_shard(caption_url: str, cfg: ExtractConfig, encoder: TextEncoder,
                        progress: Callable[[int], None] | None = None) -> ShardResult:
     """T5 features of every ok caption of one caption shard; missing or failed captions become error rows."""
+    shard = TextShard(caption_url, cfg)
 
-    def work(out: _Output, result: ShardResult) -> None:
-        rows = read_rows(caption_url, ["key", "text", "status", "error"])
-        good = []
-        for r in rows:
-            if r["status"] != "ok" or not (r["text"] or "").strip():
-                out.error(r["key"], f"no caption: {r['error'] or 'empty text'}")
-            else:
-                good.append(r)
-        tokens = 0
-        for i in range(0, len(good), cfg.text_batch_size):
-            batch = good[i:i + cfg.text_batch_size]
-            texts = [clean_caption(r["text"]) if cfg.clean_caption else r["text"] for r in batch]
-            for r, text, feats in zip(batch, texts, encoder.encode(texts), strict=True):
-                n = int(feats.shape[0])
-                tokens += n
-                meta = {"caption": r["text"], "n_tokens": n, **({"encoded_text": text} if cfg.clean_caption else {})}
-                out.write(r["key"], {"t5.npy": npy_bytes(feats), "json": json.dumps(meta).encode()}, n_tokens=n)
+    def work() -> None:
+        for keys, texts in shard.chunks():
+            shard.accept(keys, texts, encoder.encode(texts))
             if progress is not None:
-                progress(len(batch))
-        result.stats["tokens"] = tokens
+                progress(len(keys))
 
-    return _run("extract-text", caption_url, text_urls(cfg, shard_of(caption_url)), cfg, work,
-                {"t5": cfg.t5_model})
+    return _run_local(shard, work)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -172,8 +228,9 @@ def bucket_of(row: Row, cfg: ExtractConfig) -> Bucket:
     return fixed_bucket(cfg.base_size)
 
 
-def prepare_image(row: Row, data: bytes, bucket: Bucket, cfg: ExtractConfig) -> tuple[np.ndarray, dict]:
+def prepare_image(row: Row, data: bytes, cfg: ExtractConfig) -> tuple[np.ndarray, dict]:
     """Decode (JPEG at the smallest scale that still covers the bucket) and crop: (HxWx3 uint8, json fields)."""
+    bucket = bucket_of(row, cfg)
     crop = bucket.crop(row["height"], row["width"])
     need = math.ceil(min(row["height"], row["width"]) * crop.resized[0] / row["height"])
     image = decode_image(data, max_pixels=cfg.decode.max_pixels, max_decoded_bytes=cfg.decode.max_decoded_bytes,
@@ -184,52 +241,105 @@ def prepare_image(row: Row, data: bytes, bucket: Bucket, cfg: ExtractConfig) -> 
     return pixels, meta
 
 
-def extract_latent_shard(manifest_url: str, cfg: ExtractConfig, encoder: LatentEncoder,
-                         progress: Callable[[int], None] | None = None) -> ShardResult:
-    """VAE latents of every ok image of one manifest shard, one bucket per batch."""
+def _prepared(item: tuple[Row, bytes | None, str | None], cfg: ExtractConfig):
+    row, data, err = item
+    if err is not None:
+        return row, None, err
+    try:
+        pixels, meta = prepare_image(row, data, cfg)
+    except ImageDecodeError as e:
+        return row, None, f"image not decodable: {e}"
+    return row, (pixels, meta), None
 
-    def flush(out: _Output, items: list[tuple[Row, np.ndarray, dict]]) -> None:
-        mean, std = encoder.encode([pixels for _, pixels, _ in items])
-        for (row, _, meta), m, s in zip(items, mean, std, strict=True):
-            if not (np.isfinite(m).all() and np.isfinite(s).all()):
-                out.error(row["key"], "VAE returned non-finite latents")
-                continue
-            members = {"latent.npy": npy_bytes(np.concatenate([m, s])), "json": json.dumps(meta).encode()}
-            if row.get("label") is not None:
-                members["cls"] = str(row["label"]).encode()
-            out.write(row["key"], members, bucket=meta["bucket"])
-        if progress is not None:
-            progress(len(items))
 
-    def work(out: _Output, result: ShardResult) -> None:
-        rows = read_rows(manifest_url)
-        pending: dict[str, list[tuple[Row, np.ndarray, dict]]] = {}
-        good = []
-        for r in rows:
-            if r["status"] != "ok":
-                out.error(r["key"], f"not ingested: {r['error']}")
-                continue
-            try:
-                r["_bucket"] = bucket_of(r, cfg)
-                good.append(r)
-            except BucketError as e:
-                out.error(r["key"], str(e))
-        for row, data, err in iter_manifest_images(good):
+def bucket_groups(rows: list[Row], cfg: ExtractConfig, threads: int = 1) -> Iterator[dict[str, Any]]:
+    """Read, decode and crop `rows` (CPU work, on `threads` threads, in order, a bounded window ahead) and group
+    them by bucket: {"keys", "pixels" [B,H,W,3] uint8, "metas"} per full or final group, {"key", "error"} per
+    failure. Runs in the local loop and in Ray Data CPU tasks alike."""
+    pending: dict[str, list[tuple[Row, np.ndarray, dict]]] = {}
+
+    def group(items):
+        return {"keys": [r["key"] for r, _, _ in items], "pixels": np.stack([p for _, p, _ in items]),
+                "metas": [m for _, _, m in items]}
+
+    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="decode") as pool:
+        window: deque = deque()
+        source = iter_manifest_images(rows)
+        while True:
+            while len(window) < 4 * max(1, threads):
+                item = next(source, None)
+                if item is None:
+                    break
+                window.append(pool.submit(_prepared, item, cfg))
+            if not window:
+                break
+            row, ready, err = window.popleft().result()
             if err is not None:
-                out.error(row["key"], err)
+                yield {"key": row["key"], "error": err}
                 continue
-            try:
-                pixels, meta = prepare_image(row, data, row["_bucket"], cfg)
-            except ImageDecodeError as e:
-                out.error(row["key"], f"image not decodable: {e}")
-                continue
+            pixels, meta = ready
             batch = pending.setdefault(meta["bucket"], [])
             batch.append((row, pixels, meta))
             if len(batch) == cfg.image_batch_size:
-                flush(out, pending.pop(meta["bucket"]))
-        for items in pending.values():
-            flush(out, items)
-        result.stats["buckets"] = len({r["bucket"] for r in out.index if r.get("bucket")})
+                yield group(pending.pop(meta["bucket"]))
+    for items in pending.values():
+        yield group(items)
 
-    return _run("extract-latents", manifest_url, latent_urls(cfg, shard_of(manifest_url)), cfg, work,
-                {"vae": cfg.vae_model})
+
+class LatentShard(FeatureShard):
+    """`todo`: manifest rows to read and encode (ok and inside a bucket); `accept(group, mean, std)` writes one
+    encoded bucket group; `error(key, reason)` records a failure."""
+
+    stage = "extract-latents"
+
+    def __init__(self, manifest_url: str, cfg: ExtractConfig) -> None:
+        super().__init__(manifest_url, latent_urls(cfg, shard_of(manifest_url)), cfg, {"vae": cfg.vae_model})
+        if self.done is not None:
+            return
+        self.todo = []
+        for r in read_rows(manifest_url):
+            if r["status"] != "ok":
+                self.out.error(r["key"], f"not ingested: {r['error']}")
+                continue
+            try:
+                bucket_of(r, cfg)
+                self.todo.append(r)
+            except BucketError as e:
+                self.out.error(r["key"], str(e))
+
+    def error(self, key: str, reason: str) -> None:
+        self.out.error(key, reason)
+
+    def accept(self, group: dict[str, Any], mean: np.ndarray, std: np.ndarray) -> None:
+        labels = {r["key"]: r.get("label") for r in self.todo} if not hasattr(self, "_labels") else self._labels
+        self._labels = labels
+        for key, meta, m, s in zip(group["keys"], group["metas"], mean, std, strict=True):
+            if not (np.isfinite(m).all() and np.isfinite(s).all()):
+                self.out.error(key, "VAE returned non-finite latents")
+                continue
+            members = {"latent.npy": npy_bytes(np.concatenate([m, s])), "json": json.dumps(meta).encode()}
+            if labels.get(key) is not None:
+                members["cls"] = str(labels[key]).encode()
+            self.out.write(key, members, bucket=meta["bucket"])
+
+    def finish(self) -> ShardResult:
+        if self.done is None:
+            self.result.stats["buckets"] = len({r["bucket"] for r in self.out.index if r.get("bucket")})
+        return super().finish()
+
+
+def extract_latent_shard(manifest_url: str, cfg: ExtractConfig, encoder: LatentEncoder,
+                         progress: Callable[[int], None] | None = None, decode_threads: int = 2) -> ShardResult:
+    """VAE latents of every ok image of one manifest shard, one bucket per batch, decoding on CPU threads."""
+    shard = LatentShard(manifest_url, cfg)
+
+    def work() -> None:
+        for group in bucket_groups(shard.todo, cfg, decode_threads):
+            if "error" in group:
+                shard.error(group["key"], group["error"])
+                continue
+            shard.accept(group, *encoder.encode(list(group["pixels"])))
+            if progress is not None:
+                progress(len(group["keys"]))
+
+    return _run_local(shard, work)

@@ -119,6 +119,8 @@ def test_the_drop_policy_turns_extreme_ratios_into_error_rows(captioned, tiny_va
     assert (result.num_ok, result.num_error) == (3, 1)
     index = {r["key"]: r for r in read_rows(latent_urls(cfg, "sa_000001")[1])}
     assert "outside 0.25-4.0 (bucket policy drop)" in index[rows[0]["key"]]["error"]
+    monkeypatch.undo()
+    extract_latent_shard(manifest, cfg, LatentEncoder(tiny_vae))  # restore: other tests read these features
 
 
 def test_non_finite_latents_are_error_rows(captioned, tiny_vae):
@@ -136,6 +138,7 @@ def test_non_finite_latents_are_error_rows(captioned, tiny_vae):
     assert result.num_error >= 1 and result.num_ok + result.num_error == 4
     errors = [r for r in read_rows(latent_urls(cfg, "sa_000001")[1]) if r["status"] == "error"]
     assert errors and all(r["error"] == "VAE returned non-finite latents" for r in errors)
+    extract_latent_shard(committed_manifests(captioned, "sam")[1], cfg, LatentEncoder(tiny_vae))  # restore
 
 
 def run_cli(*args: str):
