@@ -67,6 +67,8 @@ class ExtractStage(Stage):
     def open(self, cfg: ExtractConfig) -> None:
         from pixart.encoders import LatentEncoder, TextEncoder
 
+        if cfg.executor == "ray":  # the encoders load inside the Ray actors
+            return
         if cfg.what in ("text", "both") and cfg.dataset != "imagenet":
             self.text = TextEncoder(cfg.t5_model, cfg.max_tokens, cfg.device, cfg.dtype)
         if cfg.what in ("latents", "both"):
@@ -74,6 +76,17 @@ class ExtractStage(Stage):
 
     def close(self) -> None:
         self.text = self.latents = None
+
+    def run_all(self, cfg: ExtractConfig, shards: list[Shard], runtime, on_done) -> None:
+        if cfg.executor == "local":
+            return super().run_all(cfg, shards, runtime, on_done)
+        from flows._ray_extract import extract_on_ray
+
+        by_name = {s.name: s for s in shards}
+        urls = {kind: [s.item[1] for s in shards if s.item[0] == kind] for kind in ("text", "latents")}
+        failed = extract_on_ray(urls["text"], urls["latents"], cfg, lambda n, r: on_done(by_name[n], r, None))
+        for name, reason in failed.items():
+            on_done(by_name[name], None, PipelineError(reason))
 
     def run_shard(self, shard: Shard, cfg: ExtractConfig, progress) -> dict[str, Any]:
         kind, url = shard.item

@@ -7,9 +7,22 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from storage.config import DecodeConfig, StageConfig
+from storage.configio import StrictModel
 
 DEFAULT_T5 = "DeepFloyd/t5-v1_1-xxl"
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
+
+
+class RayExtractConfig(StrictModel):
+    """Ray Data execution: CPU tasks decode and crop; one T5 and one VAE actor pool, one replica per GPU each."""
+
+    address: str | None = Field(None, description="Ray cluster address; None starts or joins a local Ray.")
+    t5_replicas: int = Field(1, gt=0, description="T5 encoder actors.")
+    vae_replicas: int = Field(1, gt=0, description="VAE encoder actors.")
+    num_gpus_per_replica: float = Field(1.0, ge=0, description="GPUs per actor; 0 runs on CPU (tests).")
+    t5_accelerator_type: str | None = Field(None, description="Ray accelerator type for T5 actors (e.g. H100).")
+    vae_accelerator_type: str | None = Field(None, description="Ray accelerator type for VAE actors (e.g. L4).")
+    num_cpus_per_decoder: float = Field(1.0, gt=0, description="CPUs per decode-and-crop task.")
 
 
 class ExtractConfig(StageConfig):
@@ -34,6 +47,9 @@ class ExtractConfig(StageConfig):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="auto: bf16 GPU, fp32 CPU.")
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    decode_threads: int = Field(2, gt=0, description="Local executor: threads decoding and cropping JPEGs.")
+    executor: Literal["local", "ray"] = Field("local", description="local: this process; ray: Ray Data actor pools.")
+    ray: RayExtractConfig = Field(default_factory=RayExtractConfig)
 
     @model_validator(mode="after")
     def _check(self) -> ExtractConfig:

@@ -329,12 +329,12 @@ class LatentShard(FeatureShard):
 
 
 def extract_latent_shard(manifest_url: str, cfg: ExtractConfig, encoder: LatentEncoder,
-                         progress: Callable[[int], None] | None = None, decode_threads: int = 2) -> ShardResult:
+                         progress: Callable[[int], None] | None = None) -> ShardResult:
     """VAE latents of every ok image of one manifest shard, one bucket per batch, decoding on CPU threads."""
     shard = LatentShard(manifest_url, cfg)
 
     def work() -> None:
-        for group in bucket_groups(shard.todo, cfg, decode_threads):
+        for group in bucket_groups(shard.todo, cfg, cfg.decode_threads):
             if "error" in group:
                 shard.error(group["key"], group["error"])
                 continue

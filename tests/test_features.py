@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import tarfile
 
 import numpy as np
@@ -200,3 +201,53 @@ def test_caption_cleaning_as_pixart_does_before_encoding(captioned, tiny_t5_enco
         assert meta["caption"] == r["text"] and meta["encoded_text"] == clean_caption(r["text"])
         np.testing.assert_array_equal(load_npy(got[f"{r['key']}.t5.npy"]), encoder.encode([meta["encoded_text"]])[0])
     extract_text_shard(caps, cfg.model_copy(update={"clean_caption": False}), encoder)  # as other tests expect
+
+
+def test_ray_data_path_writes_the_same_features_as_the_local_one(captioned, tiny_t5_encoder, tiny_vae):
+    import ray
+
+    from flows._ray_extract import extract_on_ray
+
+    base = dict(dataset="sam", caption_set="tiny", output_root=captioned, t5_model=tiny_t5_encoder,
+                vae_model=tiny_vae, base_size=512, multi_scale=True, image_batch_size=2)
+    local = ExtractConfig(**base)
+    on_ray = ExtractConfig(**{**base, "caption_set": "tiny-ray"}, executor="ray", ray={"num_gpus_per_replica": 0})
+    import shutil
+
+    shutil.copytree(os.path.join(captioned, "captions", "sam", "tiny"), os.path.join(captioned, "captions", "sam",
+                                                                                     "tiny-ray"))
+    manifests = committed_manifests(captioned, "sam")
+    captions = [caption_url(captioned, "sam", "tiny-ray", m.rsplit("/", 1)[-1][:-8]) for m in manifests]
+    latent_cfg = local.model_copy(update={"multi_scale": True, "base_size": 1024, "force": True})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a Ray actor with one CPU: oneDNN's sums then run in the same order
+    try:
+        for m in manifests:
+            extract_latent_shard(m, latent_cfg, LatentEncoder(tiny_vae))
+    finally:
+        torch.set_num_threads(threads)
+    for m in manifests:
+        extract_text_shard(caption_url(captioned, "sam", "tiny", m.rsplit("/", 1)[-1][:-8]), local,
+                           TextEncoder(tiny_t5_encoder))
+    local_latents = {n: members(latent_urls(latent_cfg, n)[0]) for n in ("sa_000000", "sa_000001")}
+    done = {}
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False)
+    try:
+        failed = extract_on_ray(captions, manifests, on_ray.model_copy(update={"base_size": 1024, "force": True}),
+                                lambda name, r: done.setdefault(name, r))
+    finally:
+        ray.shutdown()
+    assert failed == {} and sorted(done) == ["latents-sa_000000", "latents-sa_000001", "text-sa_000000",
+                                             "text-sa_000001"]
+    for name in ("sa_000000", "sa_000001"):
+        a = members(text_urls(local, name)[0])
+        b = members(text_urls(on_ray, name)[0])
+        assert a.keys() == b.keys()
+        assert all(np.array_equal(load_npy(a[k]), load_npy(b[k])) for k in a if k.endswith(".npy"))
+        lat = members(latent_urls(latent_cfg, name)[0])  # the Ray run rewrote the same 1024-ms shards (force)
+        assert lat.keys() == local_latents[name].keys() and len(lat) == 8
+        assert all(np.array_equal(load_npy(lat[k]), load_npy(local_latents[name][k])) for k in lat
+                   if k.endswith(".npy"))
+        assert all(lat[k] == local_latents[name][k] for k in lat if k.endswith(".json"))
+        index = read_rows(latent_urls(latent_cfg, name)[1])
+        assert [r["status"] for r in index] == ["ok"] * 4
