@@ -33,6 +33,7 @@ from PIL import Image
 
 from captioning.config import CaptionConfig
 from captioning.images import ImagePrep
+from storage.devices import device_name, dtype_name
 from storage.errors import PipelineError
 
 T = TypeVar("T")
@@ -177,15 +178,11 @@ class Caption:
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return torch.device(device_name(device, torch.cuda.is_available()))
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, dtype)
+    return getattr(torch, dtype_name(dtype, device.type))
 
 
 class Captioner:

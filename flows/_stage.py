@@ -234,6 +234,19 @@ def run_stage(stage: Stage, config: str, overrides: list[str], force: bool, runt
     return outcome
 
 
+def manifests_to_read(cfg: Any) -> list[str]:
+    """The committed manifests a downstream stage reads (first `max_shards`), after checking the output root."""
+    from storage.manifest import committed_manifests, manifest_dir
+    from storage.urls import check_output_root
+
+    manifests = committed_manifests(cfg.output_root, cfg.dataset)[: cfg.max_shards]
+    if not manifests:
+        raise PipelineError(f"no committed manifests under {manifest_dir(cfg.output_root, cfg.dataset)}: "
+                            f"run `pixart ingest {cfg.dataset}` first")
+    check_output_root(cfg.output_root, cfg.create_bucket)
+    return manifests
+
+
 def failure_message(outcome: StageOutcome) -> str:
     reasons = "; ".join(f"{k}: {v}" for k, v in sorted(outcome.failed.items())[:5])
     return f"{len(outcome.failed)} of {outcome.total} shards failed: {reasons}"

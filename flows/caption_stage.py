@@ -16,14 +16,13 @@ from captioning.config import CaptionConfig
 from captioning.quality import QualityAccumulator, quality_markdown
 from captioning.records import ensure_caption_set
 from captioning.shard import pending_manifests
-from flows._stage import Shard, Stage, StageOutcome, failure_message
+from flows._stage import Shard, Stage, StageOutcome, failure_message, manifests_to_read
 from storage.commit import is_done, write_atomic
 from storage.configio import load_config
 from storage.errors import PipelineError
-from storage.layout import caption_set_dir, manifest_dir, shard_of
-from storage.manifest import committed_manifests
+from storage.layout import caption_set_dir, shard_of
 from storage.parquet import read_rows
-from storage.urls import check_output_root, filesystem, join, to_url
+from storage.urls import filesystem, join, to_url
 
 SAMPLE_ROWS = 20
 QUALITY_COLUMNS = ["key", "caption", "t5_tokens", "t5_truncated", "degenerate", "status", "error"]
@@ -43,11 +42,7 @@ class CaptionStage(Stage):
         return caption_set_dir(cfg.output_root, cfg.dataset, cfg.resolved_caption_set())
 
     def shards(self, cfg: CaptionConfig, log) -> list[Shard]:
-        manifests = committed_manifests(cfg.output_root, cfg.dataset)[: cfg.max_shards]
-        if not manifests:
-            raise PipelineError(f"no committed manifests under {manifest_dir(cfg.output_root, cfg.dataset)}: "
-                                f"run `pixart ingest {cfg.dataset}` first")
-        check_output_root(cfg.output_root, cfg.create_bucket)
+        manifests = manifests_to_read(cfg)
         self.manifests = manifests
         pending = pending_manifests(manifests, cfg)
         log(f"caption {cfg.dataset} into set {cfg.resolved_caption_set()}: {len(pending)} of {len(manifests)} "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flows._stage import Shard, Stage, StageOutcome, failure_message
+from flows._stage import Shard, Stage, StageOutcome, failure_message, manifests_to_read
 from pixart.bucket_report import bucket_histogram, histogram_png
 from pixart.config import ExtractConfig
 from pixart.estimate import estimate, t5_width
@@ -18,10 +18,10 @@ from pixart.features import extract_latent_shard, extract_text_shard, latent_url
 from storage.commit import commit_shard, is_done, write_atomic
 from storage.configio import load_config
 from storage.errors import PipelineError
-from storage.layout import caption_set_dir, latents_dir, manifest_dir, shard_of
+from storage.layout import caption_set_dir, latents_dir, shard_of
 from storage.manifest import committed_manifests, read_manifest
 from storage.parquet import read_table, write_table
-from storage.urls import check_output_root, exists, filesystem, join, to_url
+from storage.urls import exists, filesystem, join, to_url
 
 
 def committed_captions(cfg: ExtractConfig) -> list[str]:
@@ -48,11 +48,7 @@ class ExtractStage(Stage):
         return join(cfg.output_root, "features", cfg.dataset)
 
     def shards(self, cfg: ExtractConfig, log) -> list[Shard]:
-        manifests = committed_manifests(cfg.output_root, cfg.dataset)[: cfg.max_shards]
-        if not manifests:
-            raise PipelineError(f"no committed manifests under {manifest_dir(cfg.output_root, cfg.dataset)}: "
-                                f"run `pixart ingest {cfg.dataset}` first")
-        check_output_root(cfg.output_root, cfg.create_bucket)
+        manifests = manifests_to_read(cfg)
         shards = []
         if cfg.what in ("text", "both") and cfg.dataset != "imagenet":
             shards += [Shard(f"text-{shard_of(u)}", ("text", u)) for u in committed_captions(cfg)[: cfg.max_shards]

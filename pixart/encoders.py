@@ -15,19 +15,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from storage.devices import device_name, dtype_name
 from storage.errors import PipelineError
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return torch.device(device_name(device, torch.cuda.is_available()))
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, dtype)
+    return getattr(torch, dtype_name(dtype, device.type))
 
 
 class ModelLoadError(PipelineError):
