@@ -3,7 +3,7 @@
     shards = feature_shards(root, "sam", base_size=1024, multi_scale=True, caption_set="llava-...")
     loader = BucketedLoader(shards, batch_size=12, seed=0, rank=rank, world_size=world)
     loader.set_epoch(epoch)
-    for batch in loader:            # {"latents" [B,4,h,w], "text" [B,120,d], "mask" [B,120], "img_hw" [B,2],
+    for batch in loader:            # {"latents" [B,4,h,w] fp32, "text" [B,120,d] fp16, "mask" [B,120], "img_hw" [B,2],
         ...                         #  "aspect_ratio" [B], "keys", (+ "cls" [B] for ImageNet)}
     state = loader.state_dict()     # resume mid-epoch: load_state_dict(state) replays exactly the remaining batches
 
@@ -159,7 +159,7 @@ class BucketedLoader:
         if e.text is not None:
             txt = read_sample(_read(files, shard.text.removesuffix(".parquet") + ".tar", e.text))
             feats = np.load(io.BytesIO(txt["t5.npy"]), allow_pickle=False)[: self.max_tokens]
-            padded = np.zeros((self.max_tokens, feats.shape[1]), dtype=np.float32)
+            padded = np.zeros((self.max_tokens, feats.shape[1]), dtype=feats.dtype)  # fp16 as stored: half the copy
             padded[: len(feats)] = feats
             mask = torch.zeros(self.max_tokens, dtype=torch.long)
             mask[: len(feats)] = 1
