@@ -20,9 +20,9 @@ untimed warm-up round:
     wds text+latents   the sum of the two rows above: what stock webdataset costs to read both features (the
                        baseline of the "vs wds" column)
     wds + collate      stock webdataset doing the loader's job, for reference: both tar sets read in step, the
-                       posterior sampled, text padded to 120 fp32 + mask, per-bucket batches stacked
+                       posterior sampled, text padded to 120 fp16 + mask, per-bucket batches stacked
     loader             BucketedLoader(feature_shards(...), batch_size=--batch-size): every collated batch of an epoch:
-                       latents sampled from the posterior (fp32, scaled), text padded to [B, 120, 4096] fp32 + mask
+                       latents sampled from the posterior (fp32, scaled), text padded to [B, 120, 4096] fp16 + mask
 
 Stock webdataset only decodes; the loader also joins text and latents by key, samples the posterior, pads the text
 to 120 tokens and collates batches, so it does strictly more work per sample. Bytes/s count the bytes each case
@@ -179,7 +179,8 @@ def wds_read(paths: list[str]) -> tuple[int, int]:
 
 def wds_batches(latent_tars: list[str], text_tars: list[str], batch_size: int, scale: float) -> tuple[int, int]:
     """Stock webdataset doing the loader's job: both tar sets read in step (written in the same key order), the
-    posterior sampled, text padded to 120 fp32 with a mask, one bucket per batch, collated with torch.stack."""
+    posterior sampled, text padded to 120 tokens (fp16, as stored and as the loader delivers it) with a mask, one
+    bucket per batch, collated with torch.stack."""
     import webdataset as wds
 
     buffers: dict[str, list[dict]] = {}
@@ -190,7 +191,7 @@ def wds_batches(latent_tars: list[str], text_tars: list[str], batch_size: int, s
         assert lat["__key__"] == txt["__key__"]
         mean, std = np.split(lat["latent.npy"].astype(np.float32), 2, axis=0)
         feats = txt["t5.npy"][:MAX_TOKENS]
-        padded = np.zeros((MAX_TOKENS, feats.shape[1]), dtype=np.float32)
+        padded = np.zeros((MAX_TOKENS, feats.shape[1]), dtype=feats.dtype)  # as the loader: the stored fp16
         padded[:len(feats)] = feats
         mask = torch.zeros(MAX_TOKENS, dtype=torch.long)
         mask[:len(feats)] = 1
