@@ -19,6 +19,9 @@ untimed warm-up round:
     wds text           the same over the text tars (a second tar set: stock webdataset cannot join the two by key)
     wds text+latents   the sum of the two rows above: what stock webdataset costs to read both features (the
                        baseline of the "vs wds" column)
+    output floor       no I/O: the same plan's batches built from memory (fresh zeroed [B, 120, 4096] fp16 text with
+                       the valid rows copied in, the mask, the posterior sampled with per-sample seeded noise). Any
+                       loader delivering these batches spends at least this; it bounds the "vs wds" ratio
     wds + collate      stock webdataset doing the loader's job, for reference: both tar sets read in step, the
                        posterior sampled, text padded to 120 fp16 + mask, per-bucket batches stacked
     loader             BucketedLoader(feature_shards(...), batch_size=--batch-size): every collated batch of an epoch:
@@ -48,13 +51,14 @@ import numpy as np
 import torch
 
 from captioning.records import CAPTION_SCHEMA
+from pixart.buckets import bucket_table
 from pixart.config import ExtractConfig
 from pixart.data import SCALING_FACTOR, BucketedLoader, feature_shards, shard_entries
 from pixart.features import LatentShard, bucket_of, extract_text_shard, latent_urls, text_urls
 from storage.commit import write_done
 from storage.layout import caption_url, manifest_url
 from storage.manifest import write_manifest
-from storage.parquet import write_table
+from storage.parquet import read_rows, write_table
 
 D_MODEL = 4096  # T5-XXL
 MAX_TOKENS = 120
@@ -209,6 +213,35 @@ def wds_batches(latent_tars: list[str], text_tars: list[str], batch_size: int, s
     return n, sum(Path(p).stat().st_size for p in latent_tars + text_tars)
 
 
+def output_floor(shards: list, batch_size: int, seed: int, tokens: dict[str, int], base_size: int,
+                 multi_scale: bool) -> tuple[int, int]:
+    """The loader's outputs for the same plan built from memory, with no I/O or tar parsing: per batch, a fresh
+    [B, 120, d] fp16 text array (zeros, valid rows copied in), the mask, and the posterior sampled from fp16
+    mean/std with per-sample seeded noise. What any loader that delivers these batches must at least spend."""
+    loader = BucketedLoader(shards, batch_size=batch_size, seed=seed)
+    pool = np.random.default_rng(0).standard_normal((MAX_TOKENS, D_MODEL), dtype=np.float32).astype(np.float16)
+    table = bucket_table(base_size) if multi_scale else {"1.0": (base_size, base_size)}
+    n = 0
+    for entries in loader.plan():
+        b = len(entries)
+        text = np.zeros((b, MAX_TOKENS, D_MODEL), dtype=np.float16)
+        mask = np.zeros((b, MAX_TOKENS), dtype=np.int64)
+        for i, e in enumerate(entries):
+            rows = min(tokens[e.key], MAX_TOKENS)
+            text[i, :rows] = pool[:rows]
+            mask[i, :rows] = 1
+        h, w = (x // 8 for x in table[entries[0].bucket])
+        stored = np.zeros((b, 8, h, w), dtype=np.float16)
+        mean, std = torch.from_numpy(stored).float().chunk(2, dim=1)
+        eps = torch.empty_like(mean)
+        gen = torch.Generator()
+        for i, e in enumerate(entries):
+            eps[i].normal_(generator=gen.manual_seed(loader._noise_seed(e.key)))
+        mean.add_(std.mul_(eps)).mul_(SCALING_FACTOR)
+        n += b
+    return n, 0
+
+
 def loader_read(shards: list, batch_size: int, seed: int, spans: dict[str, int]) -> tuple[int, int]:
     """One epoch of a fresh loader (a loader iterated twice in one epoch resumes: it would skip every batch)."""
     n = total = 0
@@ -254,6 +287,7 @@ def main(argv: list[str] | None = None) -> None:
         for i, shard in enumerate(shards):
             for e in shard_entries(i, shard):
                 spans[e.key] = e.latent[1] + e.text[1]
+        key_tokens = {r["key"]: r["n_tokens"] for s in shards for r in read_rows(s.text, ["key", "n_tokens"])}
         text_tars = [t for t in tars if "/text/" in t]
         latent_tars = [t for t in tars if "/latents/" in t]
         total_bytes = sum(Path(t).stat().st_size for t in tars)
@@ -263,7 +297,9 @@ def main(argv: list[str] | None = None) -> None:
         cases = {"raw file read": lambda: raw_file_read(tars), "raw tarfile r|": lambda: raw_tarfile(tars),
                  "wds latents": lambda: wds_read(latent_tars), "wds text": lambda: wds_read(text_tars),
                  "wds + collate": lambda: wds_batches(latent_tars, text_tars, args.batch_size, SCALING_FACTOR),
-                 "loader": lambda: loader_read(shards, args.batch_size, args.seed, spans)}
+                 "loader": lambda: loader_read(shards, args.batch_size, args.seed, spans),
+                 "output floor": lambda: output_floor(shards, args.batch_size, args.seed, key_tokens,
+                                                      args.base_size, args.multi_scale)}
         times, results = measure(cases, max(1, args.repeats))
         profile = None
         if args.profile:
@@ -294,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     rows["wds text+latents"] = (best["wds text"] + best["wds latents"], med["wds text"] + med["wds latents"],
                                 results["wds text"][0], results["wds text"][1] + results["wds latents"][1])
     rows = {k: rows[k] for k in ("raw file read", "raw tarfile r|", "wds latents", "wds text", "wds text+latents",
-                                 "wds + collate", "loader")}
+                                 "wds + collate", "loader", "output floor")}
     raw_rate = rows["raw file read"][3] / rows["raw file read"][0]
     wds_rate = rows["wds text+latents"][2] / rows["wds text+latents"][0]
     print(f"{'case':<18}{'best s':>9}{'median s':>10}{'samples/s':>11}{'vs wds':>9}{'MB/s':>9}{'vs raw MB/s':>13}")
@@ -308,6 +344,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nloader: {speed:.2f}x stock webdataset samples/s (goal >= {SPEED_GOAL:g}x: "
           f"{'MET' if speed >= SPEED_GOAL else 'NOT MET'}); {share:.1%} of the raw byte rate (goal >= "
           f"{BYTES_GOAL:.0%}: {'MET' if share >= BYTES_GOAL else 'NOT MET'})")
+    floor = rows["output floor"][2] / rows["output floor"][0]
+    print(f"loader: {lcount / lt / (rows['wds + collate'][2] / rows['wds + collate'][0]):.2f}x stock webdataset doing "
+          f"the same job (wds + collate); {lcount / lt / floor:.0%} of the output floor ({floor:.0f} samples/s: the "
+          f"batches alone, built from memory, bound any loader on this core)")
     print("(raw tarfile r| counts members, not samples; the raw rows only bound the byte rate)")
     if profile:
         print("\nloader profile (one epoch, cProfile, by own time):\n" + profile)

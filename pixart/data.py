@@ -24,8 +24,9 @@ run would have seen.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
+import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -39,8 +40,9 @@ from storage.commit import is_done
 from storage.layout import latents_dir
 from storage.parquet import read_rows
 from storage.urls import filesystem, open_url
-from storage.wds import read_sample
+from storage.wds import load_npy, member_spans, npy_layout, sample_members
 
+HEAD_BYTES = 4096  # read first to locate a sample's members: its tar headers and the .npy header
 SCALING_FACTOR = 0.18215  # SD VAE latent scale, as PixArt-alpha trains
 
 
@@ -143,49 +145,81 @@ class BucketedLoader:
 
     # -- reading -----------------------------------------------------------------------------------------------------
 
-    def _sample(self, e: Entry, files: dict[str, Any]) -> dict[str, Any]:
-        shard = self.shards[e.shard]
-        lat = read_sample(_read(files, shard.latents.removesuffix(".parquet") + ".tar", e.latent))
-        latent = np.load(io.BytesIO(lat["latent.npy"]), allow_pickle=False).astype(np.float32)
-        mean, std = np.split(latent, 2, axis=0)
-        eps = torch.from_numpy(mean).new_empty(mean.shape).normal_(
-            generator=torch.Generator().manual_seed(int(_rng(self.seed, self.epoch, e.key).integers(2**62))))
-        meta = json.loads(lat["json"])
-        out = {"latents": (torch.from_numpy(mean) + torch.from_numpy(std) * eps) * self.scaling_factor,
-               "img_hw": torch.tensor(meta["orig_hw"], dtype=torch.float32),
-               "aspect_ratio": torch.tensor(float(meta["bucket"]), dtype=torch.float32), "key": e.key}
-        if "cls" in lat:
-            out["cls"] = torch.tensor(int(lat["cls"]), dtype=torch.long)
-        if e.text is not None:
-            txt = read_sample(_read(files, shard.text.removesuffix(".parquet") + ".tar", e.text))
-            feats = np.load(io.BytesIO(txt["t5.npy"]), allow_pickle=False)[: self.max_tokens]
-            padded = np.zeros((self.max_tokens, feats.shape[1]), dtype=feats.dtype)  # fp16 as stored: half the copy
-            padded[: len(feats)] = feats
-            mask = torch.zeros(self.max_tokens, dtype=torch.long)
-            mask[: len(feats)] = 1
-            out.update(text=torch.from_numpy(padded), mask=mask)
-        return out
+    def _noise_seed(self, key: str) -> int:
+        digest = hashlib.blake2b(f"{self.seed}/{self.epoch}/{key}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") >> 1
 
-    def collate(self, entries: list[Entry], files: dict[str, Any]) -> dict[str, Any]:
-        samples = [self._sample(e, files) for e in entries]
-        batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0] if k != "key"}
-        batch["keys"] = [s["key"] for s in samples]
+    def collate(self, entries: list[Entry], files: _Files) -> dict[str, Any]:
+        """Read one planned batch straight into preallocated batch arrays: each sample's byte range is read into a
+        reused buffer, its members located by their headers and its arrays viewed in place, then copied once into
+        the batch (text padded with zeros as it lands)."""
+        n = len(entries)
+        posterior = text = mask = None
+        img_hw = np.empty((n, 2), dtype=np.float32)
+        ratio = np.empty(n, dtype=np.float32)
+        cls = []
+        for i, e in enumerate(entries):
+            shard = self.shards[e.shard]
+            lat = sample_members(files.read(shard.latents.removesuffix(".parquet") + ".tar", e.latent), e.key)
+            arr = load_npy(lat["latent.npy"])
+            if posterior is None:
+                posterior = np.empty((n, *arr.shape), dtype=arr.dtype)
+            if arr.shape != posterior.shape[1:]:
+                raise ValueError(f"{e.key}: latent shape {arr.shape} differs from its batch's {posterior.shape[1:]}"
+                                 f" in bucket {e.bucket}")
+            posterior[i] = arr
+            meta = json.loads(bytes(lat["json"]))
+            img_hw[i], ratio[i] = meta["orig_hw"], float(meta["bucket"])
+            if "cls" in lat:
+                cls.append(int(bytes(lat["cls"])))
+            if e.text is not None:
+                url = shard.text.removesuffix(".parquet") + ".tar"
+                found = files.locate_npy(url, e.text, e.key, "t5.npy")
+                if found is None:  # not a plain ustar layout: read it whole
+                    feats = load_npy(sample_members(files.read(url, e.text), e.key)["t5.npy"])
+                    shape, dtype = feats.shape, feats.dtype
+                else:
+                    (shape, dtype, data_offset), feats = found, None
+                if text is None:
+                    text = np.empty((n, self.max_tokens, *shape[1:]), dtype=dtype)  # fp16 as stored
+                    mask = np.zeros((n, self.max_tokens), dtype=np.int64)
+                if shape[1:] != text.shape[2:] or dtype != text.dtype:
+                    raise ValueError(f"{e.key}: T5 features {dtype}{list(shape)} do not match the batch's "
+                                     f"{text.dtype}{list(text.shape[1:])}")
+                rows = min(shape[0], self.max_tokens)
+                if feats is None:  # straight from the file into the batch: no intermediate copy
+                    files.read_into(url, data_offset, text[i, :rows])
+                else:
+                    text[i, :rows] = feats[:rows]
+                text[i, rows:] = 0
+                mask[i, :rows] = 1
+        assert posterior is not None
+        # (mean + std * eps) * scaling_factor, eps from a generator seeded by (seed, epoch, key)
+        stored = torch.from_numpy(posterior).float()
+        mean, std = stored.chunk(2, dim=1)
+        eps = torch.empty_like(mean)
+        gen = torch.Generator()
+        for i, e in enumerate(entries):
+            eps[i].normal_(generator=gen.manual_seed(self._noise_seed(e.key)))
+        batch: dict[str, Any] = {"latents": mean.add_(std.mul_(eps)).mul_(self.scaling_factor),
+                                 "img_hw": torch.from_numpy(img_hw), "aspect_ratio": torch.from_numpy(ratio)}
+        if text is not None:
+            batch.update(text=torch.from_numpy(text), mask=torch.from_numpy(mask))
+        if cls:
+            batch["cls"] = torch.tensor(cls, dtype=torch.long)
+        batch["keys"] = [e.key for e in entries]
         return batch
 
     def iter_stream(self, worker: int = 0, num_workers: int = 1) -> Iterator[dict[str, Any]]:
         """Batches of one stream, skipping those already consumed (resume)."""
         skip = self.consumed.get(worker, 0)
-        files: dict[str, Any] = {}
-        try:
+        with _Files() as files:
             for index, entries in enumerate(self.plan(worker, num_workers)):
                 if index < skip:
                     continue
                 batch = self.collate(entries, files)
                 batch.update(worker=worker, index=index)
                 yield batch
-        finally:
-            for f in files.values():
-                f.close()
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self.num_workers = 1
@@ -212,12 +246,70 @@ class BucketedLoader:
         self.consumed = {int(k): int(v) for k, v in state["consumed"].items()}
 
 
-def _read(files: dict[str, Any], tar_url: str, span: tuple[int, int]) -> bytes:
-    if tar_url not in files:
-        files[tar_url] = open_url(tar_url, "rb")
-    f = files[tar_url]
-    f.seek(span[0])
-    return f.read(span[1])
+class _Files:
+    """Open tar files of one stream, and one reused read buffer (a sample's arrays are copied out of it before the
+    next read). Local files are read with os.preadv (one call, no buffering layer, straight into the target);
+    remote ones through fsspec."""
+
+    def __init__(self) -> None:
+        self.open: dict[str, Any] = {}
+        self.buffer = bytearray(1 << 20)
+
+    def read(self, tar_url: str, span: tuple[int, int]) -> memoryview:
+        offset, length = span
+        if length > len(self.buffer):
+            self.buffer = bytearray(length)
+        view = memoryview(self.buffer)[:length]
+        self._pread(tar_url, offset, view)
+        return view
+
+    def _pread(self, tar_url: str, offset: int, view: memoryview) -> None:
+        f = self.open.get(tar_url)
+        if f is None:
+            fs, path = filesystem(tar_url)
+            local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+            f = self.open[tar_url] = os.open(path, os.O_RDONLY) if local else open_url(tar_url, "rb")
+        if isinstance(f, int):
+            got = os.preadv(f, [view], offset)
+        else:
+            f.seek(offset)
+            got = f.readinto(view) if hasattr(f, "readinto") else _read_into(f, view)
+        if got != len(view):
+            raise ValueError(f"{tar_url}: short read at byte {offset} ({got} of {len(view)} bytes): truncated shard?")
+
+    def locate_npy(self, tar_url: str, span: tuple[int, int], key: str, ext: str
+                   ) -> tuple[tuple[int, ...], np.dtype, int] | None:
+        """(shape, dtype, file offset of the data) of one sample's C-order .npy member, from the first bytes of its
+        range; None where the headers do not fit there or are not plain ustar (then read the range whole)."""
+        head = self.read(tar_url, (span[0], min(span[1], HEAD_BYTES)))
+        spans = member_spans(head, key, span[1])
+        if spans is None or ext not in spans or spans[ext][0] + min(spans[ext][1], 1024) > len(head):
+            return None
+        start, size = spans[ext]
+        shape, fortran, dtype, data = npy_layout(head[start:start + size])
+        if fortran:
+            return None
+        if size - data != math.prod(shape) * dtype.itemsize:
+            raise ValueError(f"{tar_url}: {key}.{ext} holds {size - data} data bytes, its header says "
+                             f"{math.prod(shape) * dtype.itemsize}")
+        return shape, dtype, span[0] + start + data
+
+    def read_into(self, tar_url: str, offset: int, out: np.ndarray) -> None:
+        """Fill the C-contiguous array `out` with the bytes at `offset` (its first rows of a stored array)."""
+        self._pread(tar_url, offset, memoryview(out.reshape(-1)).cast("B"))
+
+    def __enter__(self) -> _Files:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for f in self.open.values():
+            os.close(f) if isinstance(f, int) else f.close()
+
+
+def _read_into(f: Any, view: memoryview) -> int:
+    data = f.read(len(view))
+    view[: len(data)] = data
+    return len(data)
 
 
 class _StreamDataset(torch.utils.data.IterableDataset):

@@ -126,3 +126,17 @@ def latents_dir(root: str, dataset: str, base_size: int, multi_scale: bool = Fal
     """`latents/<base_size>/` (square crops) or `latents/<base_size>-ms/` (aspect-ratio buckets)."""
     return join(root, "features", check_name("dataset", dataset), "latents",
                 f"{int(base_size)}{'-ms' if multi_scale else ''}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training runs
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def run_dir(root: str, run: str) -> str:
+    """`runs/<run>/`: a training run's checkpoints, metrics, samples and export."""
+    return join(root, "runs", check_name("run", run))
+
+
+def checkpoint_url(root: str, run: str, step: int) -> str:
+    return join(run_dir(root, run), "checkpoints", f"step-{int(step):09d}")

@@ -4,17 +4,30 @@
         w.write({"__key__": "sa_1", "t5.npy": arr, "meta.json": {...}})
     # published as `url` only if at least one sample was written and the tar closed cleanly
 
-Keys must not contain dots (webdataset splits member names at the first dot of the basename).
+Keys must not contain dots (webdataset splits member names at the first dot of the basename). Members get a fixed
+integer mtime, so the tar holds plain ustar headers (no pax records) and the same samples give the same bytes.
+
+Reading one sample back from its byte range (`ShardTarWriter.write` returns it; feature indexes store it):
+
+    members = sample_members(data, key)     # {ext: memoryview}, no copy
+    arr = load_npy(members["t5.npy"])       # read-only ndarray view; never unpickles
 """
 
 from __future__ import annotations
 
+import functools
+import io
+import math
+import tarfile
 from typing import Any
 
+import numpy as np
 import webdataset as wds
 
 from storage.commit import commit_shard
 from storage.urls import filesystem
+
+MTIME = 0  # fixed member mtime: reproducible shards, and ustar headers without a pax record per member
 
 
 class EmptyShardError(ValueError):
@@ -35,7 +48,7 @@ class ShardTarWriter:
         tmp = self._commit.__enter__()
         fs, path = filesystem(tmp)
         self._file = fs.open(path, "wb")
-        self._tar = wds.TarWriter(self._file)
+        self._tar = wds.TarWriter(self._file, mtime=MTIME)
         return self
 
     def write(self, sample: dict[str, Any]) -> tuple[int, int]:
@@ -69,13 +82,113 @@ class ShardTarWriter:
 
 
 def read_sample(data: bytes) -> dict[str, bytes]:
-    """The members of one sample from its byte range (as `ShardTarWriter.write` returned it): {ext: bytes}."""
-    import io
-    import tarfile
+    """The members of one sample from its byte range, as bytes: {ext: bytes}."""
+    return {ext: bytes(view) for ext, view in sample_members(data).items()}
 
+
+class CorruptSampleError(ValueError):
+    """A sample's byte range is not what its index says: a bad header, a truncated member, another key."""
+
+
+def sample_members(data: bytes | bytearray | memoryview, key: str | None = None) -> dict[str, memoryview]:
+    """The members of one sample from its byte range: {ext: view of the member's bytes}, without copying.
+
+    Plain ustar headers (what `ShardTarWriter` writes) are parsed here, checksum included; any other header (pax
+    records, GNU long names, from other writers) sends the whole range through `tarfile`. With `key`, every member
+    must belong to that key, which catches an index that points at the wrong place."""
+    view = memoryview(data)
+    spans = member_spans(view, key)
+    if spans is None:
+        return _members_via_tarfile(data, key)
+    if not spans:
+        raise CorruptSampleError("no tar member in the sample range")
+    return {ext: view[start:start + size] for ext, (start, size) in spans.items()}
+
+
+def member_spans(head: memoryview, key: str | None = None, length: int | None = None
+                 ) -> dict[str, tuple[int, int]] | None:
+    """{ext: (start, size)} of the members of a sample range of `length` bytes (default: all of `head`), from the
+    headers found in `head`, its first bytes; None if a header is not a plain ustar file header (use tarfile). With
+    a partial head, members whose header lies past it are not listed."""
+    length = len(head) if length is None else length
+    out: dict[str, tuple[int, int]] = {}
+    pos = 0
+    while pos + 512 <= min(len(head), length):
+        header = bytes(head[pos:pos + 512])
+        if header[156] not in (0x30, 0) or header[124] & 0x80:  # not a plain file, or a base-256 size
+            return None
+        if header == bytes(512):
+            return out  # end-of-archive blocks
+        if _octal(header[148:156]) != sum(header) - sum(header[148:156]) + 256:
+            raise CorruptSampleError(f"bad tar header checksum at byte {pos} of the sample range")
+        name = header[:100].split(b"\0", 1)[0]
+        if header[257:262] == b"ustar" and header[345] != 0:
+            name = header[345:500].split(b"\0", 1)[0] + b"/" + name
+        size, start = _octal(header[124:136]), pos + 512
+        if start + size > length:
+            raise CorruptSampleError(f"tar member {name!r} runs past the end of the sample range")
+        out[_ext(name.decode(), key)] = (start, size)
+        pos = start + -(-size // 512) * 512
+    if len(head) >= length and pos != length:  # a whole range ends exactly where its last member's padding does
+        raise CorruptSampleError(f"the sample range ends inside a tar member or header (byte {pos} of {length})")
+    return out
+
+
+def _octal(field: bytes) -> int:
+    digits = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(digits, 8) if digits else 0
+    except ValueError:
+        raise CorruptSampleError(f"bad tar header number {field!r}") from None
+
+
+def _ext(name: str, key: str | None) -> str:
+    stem, _, ext = name.partition(".")
+    if not ext or (key is not None and stem.rsplit("/", 1)[-1] != key):
+        raise CorruptSampleError(f"tar member {name!r} does not belong to sample {key!r}")
+    return ext
+
+
+def _members_via_tarfile(data: bytes | bytearray | memoryview, key: str | None) -> dict[str, memoryview]:
     out = {}
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
         for info in tf:
             if info.isreg():
-                out[info.name.split(".", 1)[1]] = tf.extractfile(info).read()
+                out[_ext(info.name, key)] = memoryview(tf.extractfile(info).read())
     return out
+
+
+def load_npy(data: bytes | bytearray | memoryview) -> np.ndarray:
+    """An .npy member as a read-only array viewing `data` (no copy). Object arrays are refused: nothing is ever
+    unpickled."""
+    view = memoryview(data)
+    shape, fortran, dtype, start = npy_layout(view)
+    count = math.prod(shape)
+    if len(view) - start != count * dtype.itemsize:
+        raise ValueError(f".npy data holds {len(view) - start} bytes, its header says {count * dtype.itemsize}")
+    arr = np.frombuffer(view, dtype=dtype, count=count, offset=start)
+    return arr.reshape(shape[::-1]).T if fortran else arr.reshape(shape)
+
+
+def npy_layout(head: memoryview) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """(shape, fortran_order, dtype, data offset) of an .npy from its first bytes. The header is parsed by numpy
+    (`read_array_header_*`) and cached, since a shard repeats few; object dtypes are refused."""
+    if bytes(head[:6]) != b"\x93NUMPY" or len(head) < 12:
+        raise ValueError("not an .npy array (bad magic)")
+    start = 10 + int.from_bytes(head[8:10], "little") if head[6] == 1 else 12 + int.from_bytes(head[8:12], "little")
+    if start > len(head):
+        raise ValueError(f".npy header of {start} bytes runs past the {len(head)} bytes given")
+    return (*_npy_header(bytes(head[:start])), start)
+
+
+@functools.lru_cache(maxsize=4096)
+def _npy_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
+    stream = io.BytesIO(header)
+    version = np.lib.format.read_magic(stream)
+    if version not in ((1, 0), (2, 0)):
+        raise ValueError(f"unsupported .npy version {version}")
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(stream)
+    if dtype.hasobject:
+        raise ValueError("refusing an .npy object array (it would need unpickling)")
+    return tuple(shape), bool(fortran), dtype

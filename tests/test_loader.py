@@ -138,3 +138,35 @@ def test_a_key_without_text_features_is_skipped(features, monkeypatch):
     monkeypatch.setattr(data, "read_rows", drop_one)
     keys = [k for b in BucketedLoader(shards, batch_size=1) for k in b["keys"]]
     assert len(keys) == 7 and len(set(keys)) == 7
+
+
+def test_text_read_straight_into_the_batch_equals_reading_the_range_whole(features, monkeypatch):
+    """The direct read (headers located, data read into the batch) and the fallback (range read whole, parsed,
+    copied) give identical batches; shards written by other tar writers take the fallback."""
+    import pixart.data as data
+
+    shards = feature_shards(features, "sam", 512, multi_scale=True, caption_set="tiny")
+    direct = all_batches(BucketedLoader(shards, batch_size=2, seed=5, drop_last=False))
+    monkeypatch.setattr(data._Files, "locate_npy", lambda self, *a: None)
+    whole = all_batches(BucketedLoader(shards, batch_size=2, seed=5, drop_last=False))
+    assert [b["keys"] for b in direct] == [b["keys"] for b in whole]
+    for x, y in zip(direct, whole, strict=True):
+        assert all(torch.equal(x[k], y[k]) for k in ("latents", "text", "mask", "img_hw", "aspect_ratio"))
+        assert x["text"].dtype == torch.float16
+
+
+def test_an_index_pointing_at_the_wrong_bytes_is_a_clear_error(features, monkeypatch):
+    import pixart.data as data
+
+    shards = feature_shards(features, "sam", 256, caption_set="tiny")
+    real = data.read_rows
+
+    def shifted(url, columns=None):
+        rows = real(url, columns)
+        if url.endswith("/text/tiny/sa_000000.parquet"):
+            rows[0]["offset"], rows[1]["offset"] = rows[1]["offset"], rows[0]["offset"]  # two keys swapped
+        return rows
+
+    monkeypatch.setattr(data, "read_rows", shifted)
+    with pytest.raises(ValueError, match="does not belong to sample"):
+        all_batches(BucketedLoader(shards, batch_size=1, drop_last=False))
