@@ -322,3 +322,19 @@ class _StreamDataset(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, num = (info.id, info.num_workers) if info is not None else (0, 1)
         return self.loader.iter_stream(worker, num)
+
+
+def peek(shard: FeatureShard) -> dict[str, Any]:
+    """Shapes of one shard's first sample: {"latent": (2C, h, w), "text_width": C or None, "bucket": key}."""
+    entries = shard_entries(0, shard)
+    if not entries:
+        raise ValueError(f"{shard.latents}: no sample that is ok on every side")
+    e = entries[0]
+    with _Files() as files:
+        lat = load_npy(sample_members(files.read(shard.latents.removesuffix(".parquet") + ".tar", e.latent),
+                                      e.key)["latent.npy"])
+        width = None
+        if shard.text is not None and e.text is not None:
+            width = int(load_npy(sample_members(files.read(shard.text.removesuffix(".parquet") + ".tar", e.text),
+                                                e.key)["t5.npy"]).shape[1])
+        return {"latent": tuple(lat.shape), "text_width": width, "bucket": e.bucket}

@@ -113,8 +113,10 @@ class IDDPM:
         return self.q_posterior(x0_hat, x_t, t)[0], log_var
 
     def training_losses(self, model_output: Tensor, x0: Tensor, x_t: Tensor, t: torch.LongTensor,
-                        noise: Tensor) -> dict[str, Tensor]:
-        """Per-sample {"loss", "mse", "vb"} ([B] each, loss = mse + vb), computed in at least fp32."""
+                        noise: Tensor, any_t0: bool | None = None) -> dict[str, Tensor]:
+        """Per-sample {"loss", "mse", "vb"} ([B] each, loss = mse + vb), computed in at least fp32. `any_t0=False`
+        (the caller drew t on the host and knows no row has t = 0) skips the decoder likelihood, which costs as much
+        as the rest of the loss and would otherwise need a device sync to skip."""
         dtype = torch.promote_types(torch.promote_types(model_output.dtype, x0.dtype), torch.float32)
         out, x0, x_t, noise = (a.to(dtype) for a in (model_output, x0, x_t, noise))
         C = x0.shape[1]
@@ -127,8 +129,11 @@ class IDDPM:
         mean, log_var = self.p_mean_logvar(torch.cat([eps.detach(), v], dim=1), x_t, t)
         true_mean, _, true_log_var = self.q_posterior(x0, x_t, t)
         kl = _mean_flat(normal_kl(true_mean, true_log_var, mean, log_var)) / math.log(2.0)
-        nll = -_mean_flat(discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var)) / math.log(2.0)
-        vb = torch.where(t == 0, nll, kl)
+        if any_t0 is False:
+            vb = kl
+        else:
+            nll = -_mean_flat(discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var)) / math.log(2.0)
+            vb = torch.where(t == 0, nll, kl)
         return {"loss": mse + vb, "mse": mse, "vb": vb}
 
     def loss(self, model: Callable[[Tensor, torch.LongTensor], Tensor], x0: Tensor, t: torch.LongTensor | None = None,

@@ -237,3 +237,26 @@ def dit_forward(model: DiTTransformer2DModel, x_t: torch.Tensor, t: torch.Tensor
 def count_params(model: torch.nn.Module) -> int:
     """Parameters (each counted once), trainable or not; works on meta-device models."""
     return sum(p.numel() for p in model.parameters())
+
+
+def init_like_pixart(model: PixArtTransformer2DModel) -> None:
+    """PixArt-alpha's initialisation of a model trained from scratch (pixart.md §1.6): xavier-uniform linears with
+    zero bias; Normal(0, 0.02) for the timestep MLP, the adaLN-single linear and the caption projection; zero
+    cross-attention output projections and final linear, so a fresh model ignores captions and predicts zero."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                torch.nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    module.bias.zero_()
+        proj = model.pos_embed.proj
+        torch.nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
+        emb = model.adaln_single.emb.timestep_embedder
+        for lin in (emb.linear_1, emb.linear_2, model.adaln_single.linear, model.caption_projection.linear_1,
+                    model.caption_projection.linear_2):
+            torch.nn.init.normal_(lin.weight, std=0.02)
+        for block in model.transformer_blocks:
+            block.attn2.to_out[0].weight.zero_()
+            block.attn2.to_out[0].bias.zero_()
+        model.proj_out.weight.zero_()
+        model.proj_out.bias.zero_()

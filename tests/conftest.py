@@ -81,3 +81,25 @@ def captioned(samples, tmp_path_factory, tiny_llava, tiny_t5):
     for m in committed_manifests(root, "sam"):
         caption_shard(m, cfg, captioner, counter)
     return root
+
+
+@pytest.fixture(scope="session")
+def features(captioned, tiny_t5_encoder, tiny_vae):
+    """`captioned` plus features by the tiny T5 and VAE: sam text + 256 and 512-ms latents, imagenet 256."""
+    from pixart.config import ExtractConfig
+    from pixart.encoders import LatentEncoder, TextEncoder
+    from pixart.features import extract_latent_shard, extract_text_shard
+    from storage.layout import caption_url
+    from storage.manifest import committed_manifests
+
+    text, vae = TextEncoder(tiny_t5_encoder), LatentEncoder(tiny_vae)
+    for base, ms in ((256, False), (512, True)):
+        cfg = ExtractConfig(dataset="sam", output_root=captioned, caption_set="tiny", base_size=base, multi_scale=ms,
+                            t5_model=tiny_t5_encoder, vae_model=tiny_vae, image_batch_size=3)
+        for m in committed_manifests(captioned, "sam"):
+            extract_latent_shard(m, cfg, vae)
+            extract_text_shard(caption_url(captioned, "sam", "tiny", m.rsplit("/", 1)[-1][:-8]), cfg, text)
+    imagenet = ExtractConfig(dataset="imagenet", what="latents", output_root=captioned, vae_model=tiny_vae)
+    for m in committed_manifests(captioned, "imagenet"):
+        extract_latent_shard(m, imagenet, vae)
+    return captioned

@@ -107,6 +107,8 @@ def test_vb_is_kl_in_bits_for_t_positive(diff):
     torch.testing.assert_close(got["vb"], want, rtol=1e-6, atol=0)
     torch.testing.assert_close(got["mse"], ((out[:, :3] - noise) ** 2).mean(dim=(1, 2, 3)), rtol=1e-12, atol=0)
     torch.testing.assert_close(got["loss"], got["mse"] + got["vb"], rtol=1e-12, atol=0)
+    skipped = diff.training_losses(out, x0, x_t, t, noise, any_t0=False)  # the host knows no t is 0
+    assert all(torch.equal(skipped[k], got[k]) for k in got)
 
 
 def test_vb_at_t0_is_discretized_gaussian_nll(diff):

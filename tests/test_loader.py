@@ -8,26 +8,9 @@ import torch
 
 from pixart.config import ExtractConfig
 from pixart.data import BucketedLoader, feature_shards
-from pixart.encoders import LatentEncoder, TextEncoder
-from pixart.features import extract_latent_shard, extract_text_shard, latent_urls
-from storage.layout import caption_url
+from pixart.features import latent_urls
 from storage.manifest import committed_manifests
 from storage.parquet import read_rows
-
-
-@pytest.fixture(scope="module")
-def features(captioned, tiny_t5_encoder, tiny_vae):
-    text, vae = TextEncoder(tiny_t5_encoder), LatentEncoder(tiny_vae)
-    for base, ms in ((256, False), (512, True)):
-        cfg = ExtractConfig(dataset="sam", output_root=captioned, caption_set="tiny", base_size=base, multi_scale=ms,
-                            t5_model=tiny_t5_encoder, vae_model=tiny_vae, image_batch_size=3)
-        for m in committed_manifests(captioned, "sam"):
-            extract_latent_shard(m, cfg, vae)
-            extract_text_shard(caption_url(captioned, "sam", "tiny", m.rsplit("/", 1)[-1][:-8]), cfg, text)
-    imagenet = ExtractConfig(dataset="imagenet", what="latents", output_root=captioned, vae_model=tiny_vae)
-    for m in committed_manifests(captioned, "imagenet"):
-        extract_latent_shard(m, imagenet, vae)
-    return captioned
 
 
 def all_batches(loader):

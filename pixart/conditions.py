@@ -1,0 +1,98 @@
+"""The fixed text conditions of a run, encoded once by T5 on the driver (`prepare_run`) and read by every worker:
+
+- the null caption, T5("") with its mask: captions dropped for classifier-free guidance are replaced by it, and
+  it is the negative prompt at sampling (diffusers' PixArtAlphaPipeline uses the same), so guidance matches training;
+- the sample prompts' features, for the sample grids.
+
+Stored as `runs/<run>/conditions.safetensors` (fp16, valid tokens, padded to max_tokens with masks).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
+
+from storage.commit import write_atomic
+from storage.layout import run_dir
+from storage.urls import exists, join, open_url
+
+if TYPE_CHECKING:
+    from pixart.train_config import TrainConfig
+
+
+def conditions_url(cfg: TrainConfig) -> str:
+    return join(run_dir(cfg.output_root, cfg.run), "conditions.safetensors")
+
+
+def _pad(arrays: list, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = arrays[0].shape[1]
+    text = torch.zeros(len(arrays), max_tokens, width, dtype=torch.float16)
+    mask = torch.zeros(len(arrays), max_tokens, dtype=torch.long)
+    for i, a in enumerate(arrays):
+        n = min(len(a), max_tokens)
+        text[i, :n] = torch.from_numpy(a[:n])
+        mask[i, :n] = 1
+    return text, mask
+
+
+@dataclass
+class Conditions:
+    null_text: torch.Tensor  # [max_tokens, C] fp16
+    null_mask: torch.Tensor  # [max_tokens]
+    prompt_text: torch.Tensor  # [P, max_tokens, C]
+    prompt_mask: torch.Tensor  # [P, max_tokens]
+
+    @property
+    def width(self) -> int:
+        return int(self.null_text.shape[-1])
+
+    @staticmethod
+    def prepare(cfg: TrainConfig) -> Conditions:
+        """Encode with cfg.t5_model and store; kept when present for the same T5 and prompts."""
+        url = conditions_url(cfg)
+        if exists(url):
+            found = Conditions.load(cfg)
+            if found is not None:
+                return found
+        from pixart.encoders import TextEncoder
+
+        encoder = TextEncoder(cfg.t5_model, max_tokens=cfg.data.max_tokens, device=cfg.device)
+        feats = encoder.encode([""] + list(cfg.schedule.sample_prompts))
+        text, mask = _pad(feats, cfg.data.max_tokens)
+        tensors = {"null_text": text[0], "null_mask": mask[0], "prompt_text": text[1:], "prompt_mask": mask[1:]}
+        write_atomic(url, save_bytes(tensors, metadata=_identity(cfg)))
+        return Conditions(**tensors)
+
+    @staticmethod
+    def load(cfg: TrainConfig) -> Conditions | None:
+        """The stored conditions, or None if absent or made for another T5 or other prompts."""
+        url = conditions_url(cfg)
+        if not exists(url):
+            return None
+        with open_url(url, "rb") as f:
+            data = f.read()
+        header = json.loads(data[8:8 + struct.unpack("<Q", data[:8])[0]])  # safetensors: u64 length, JSON header
+        if header.get("__metadata__", {}) != _identity(cfg):
+            return None
+        return Conditions(**load_bytes(data))
+
+    def drop(self, text: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows where `drop` is true become the null caption (features and mask)."""
+        if not drop.any():
+            return text, mask
+        text, mask = text.clone(), mask.clone()
+        text[drop] = self.null_text.to(text.dtype)
+        mask[drop] = self.null_mask.to(mask.dtype)
+        return text, mask
+
+
+def _identity(cfg: TrainConfig) -> dict[str, str]:
+    prompts = hashlib.sha256("\n".join(cfg.schedule.sample_prompts).encode()).hexdigest()[:16]
+    return {"t5_model": cfg.t5_model, "max_tokens": str(cfg.data.max_tokens), "prompts": prompts}

@@ -1,0 +1,268 @@
+"""The training step and loop of every stage, as a library: no Prefect, no Ray (flows/_ray_train.py wraps it).
+
+    prepare_run(cfg)                          # once, on the driver: checks features, encodes the null caption
+    trainer = Trainer(cfg, rank, world_size)  # model (init or re-param), AdamW, warm-up, EMA, loader
+    trainer.resume()                          # from the run's latest checkpoint, if there is one
+    for metrics in trainer.fit(): ...         # steps up to schedule.max_steps; checkpoints, samples, metrics
+
+One step: latents from the loader (posterior already sampled), t ~ U{0..999}, noise, q_sample, the model, the IDDPM
+hybrid loss (pixart/diffusion.py), backward, clip at 0.01, AdamW, warm-up schedule, EMA. Stage 1 drops 10 % of the
+labels to the null class 1000; stages 2-3 drop 10 % of the captions to the null caption (T5("") and its mask,
+what diffusers' PixArtAlphaPipeline uses as the negative prompt, so guidance at sampling matches training).
+
+Determinism. Everything random in a step (t, noise, dropout) comes from a generator seeded by (seed, step, rank),
+and the loader's batch for (step, rank) is fixed by its plan, so a run stopped and resumed from a checkpoint
+computes exactly the steps an uninterrupted run would. Every rank runs the same number of steps per epoch (the
+smallest rank's batch count), which DDP needs and which makes the loader position a function of the step alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pixart import checkpoint
+from pixart.conditions import Conditions
+from pixart.data import BucketedLoader, feature_shards
+from pixart.diffusion import IDDPM
+from pixart.encoders import resolve_device
+from pixart.models import build_dit, build_pixart, dit_forward, init_like_pixart, pixart_forward
+from pixart.train_config import TrainConfig
+from pixart.weights import load_init, load_weights
+from storage.configio import config_hash, dump_yaml
+from storage.errors import PipelineError
+
+NULL_CLASS = 1000  # DiT's classifier-free-guidance class
+
+
+class NonFiniteLossError(PipelineError):
+    """A NaN or inf loss: the step is not applied and the last checkpoint stays the latest."""
+
+
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    digest = hashlib.blake2b(f"{seed}/{step}/{rank}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, rank: int = 0, world_size: int = 1, *, device: torch.device | None = None,
+                 wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+                 all_reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.device = device or resolve_device(cfg.device)
+        self.autocast = self.device.type == "cuda" and cfg.precision != "float32"
+        self.all_reduce_mean = all_reduce_mean or (lambda x: x)
+        data = cfg.data
+        shards = feature_shards(cfg.output_root, data.dataset, data.base_size, data.multi_scale, data.caption_set)
+        if not shards:
+            raise PipelineError(f"no committed feature shards for {data.dataset} at {data.base_size}"
+                                f"{'-ms' if data.multi_scale else ''} (caption set {data.caption_set}) under "
+                                f"{cfg.output_root}: run pixart extract first")
+        self.loader = BucketedLoader(shards, data.batch_size, seed=data.seed, rank=rank, world_size=world_size,
+                                     max_tokens=data.max_tokens)
+        self.steps_per_epoch = min(
+            sum(1 for _ in BucketedLoader(shards, data.batch_size, seed=data.seed, rank=r,
+                                          world_size=world_size).plan()) for r in range(world_size))
+        if self.steps_per_epoch == 0:
+            raise PipelineError(f"a rank gets no full batch of {data.batch_size} per epoch ({len(shards)} shards "
+                                f"over {world_size} workers): lower data.batch_size or add shards")
+        self.conditions = Conditions.load(cfg) if cfg.stage > 1 else None
+        self.model = self._init_model().to(self.device).train()
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval() if cfg.optim.ema_decay else None
+        self.forward_model = wrap(self.model) if wrap else self.model
+        self.lr = cfg.optim.lr * (math.sqrt(data.batch_size * world_size / 256) if cfg.optim.lr_scaling == "sqrt"
+                                  else 1.0)
+        self.optimizer = torch.optim.AdamW(self.forward_model.parameters(), lr=self.lr, betas=cfg.optim.betas,
+                                           eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay,
+                                           fused=self.device.type == "cuda")
+        from diffusers.optimization import get_constant_schedule_with_warmup
+
+        self.scheduler = get_constant_schedule_with_warmup(self.optimizer, cfg.optim.warmup_steps)
+        self.diffusion = IDDPM()
+        self.step, self.gpu_hours, self.samples_seen = 0, 0.0, 0
+
+    # -- model --------------------------------------------------------------------------------------------------------
+
+    def _init_model(self) -> torch.nn.Module:
+        """Built under a generator seeded by data.seed, so a fresh run has the same initial weights every time
+        and on every rank."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.data.seed)
+            return self._build()
+
+    def _build(self) -> torch.nn.Module:
+        cfg = self.cfg
+        if cfg.stage == 1:
+            model = build_dit(cfg.model, cfg.resolution)
+        else:
+            model = build_pixart(cfg.model, cfg.resolution, caption_channels=self.conditions.width)
+            init_like_pixart(model)
+        if cfg.init:
+            load_init(model, cfg, caption_channels=self.conditions.width if self.conditions else None)
+        return model
+
+    # -- data ---------------------------------------------------------------------------------------------------------
+
+    def batches(self) -> Iterator[dict[str, Any]]:
+        """The loader's batches from the current step on, epoch after epoch (equal length on every rank)."""
+        while True:
+            epoch, index = divmod(self.step, self.steps_per_epoch)
+            self.loader.load_state_dict({"epoch": epoch, "seed": self.cfg.data.seed, "consumed": {0: index}})
+            for batch in self.loader:
+                yield batch
+                if self.loader.consumed[0] >= self.steps_per_epoch:
+                    break
+
+    # -- one step -----------------------------------------------------------------------------------------------------
+
+    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+        cfg, dev = self.cfg, self.device
+        start = time.perf_counter()
+        x0 = batch["latents"].to(dev, non_blocking=True)
+        n = x0.shape[0]
+        gen = step_generator(cfg.data.seed, self.step, self.rank)
+        t = torch.randint(0, self.diffusion.num_timesteps, (n,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        drop = torch.rand(n, generator=gen) < cfg.caption_dropout
+        any_t0 = bool((t == 0).any())
+        t, noise = t.to(dev), noise.to(dev)
+        x_t = self.diffusion.q_sample(x0, t, noise)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.autocast):
+            if cfg.stage == 1:
+                labels = torch.where(drop, NULL_CLASS, batch["cls"]).to(dev)
+                out = dit_forward(self.forward_model, x_t, t, labels)
+            else:
+                text, mask = self.conditions.drop(batch["text"], batch["mask"], drop)
+                micro = {}
+                if cfg.model.multi_scale:
+                    micro = {"img_hw": batch["img_hw"].to(dev), "aspect_ratio": batch["aspect_ratio"][:, None].to(dev)}
+                text = text.to(dev, non_blocking=True).float()  # fp16 over the bus; the model casts it (autocast)
+                out = pixart_forward(self.forward_model, x_t, t, text, mask.to(dev), **micro)
+        losses = self.diffusion.training_losses(out.float(), x0, x_t, t, noise, any_t0=any_t0)
+        loss = losses["loss"].mean()
+        if not torch.isfinite(loss.detach()).item():
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(f"step {self.step}: loss is {loss.item()} (mse {losses['mse'].mean().item()}, "
+                                     f"vb {losses['vb'].mean().item()}); the step was not applied and the last "
+                                     "checkpoint is kept. Lower optim.lr or check the features.")
+        loss.backward()
+        grad_norm = self._clip()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()),
+                                     1 - cfg.optim.ema_decay)
+        self.step += 1
+        self.samples_seen += n * self.world_size
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        seconds = time.perf_counter() - start
+        if dev.type == "cuda":
+            self.gpu_hours += seconds * self.world_size / 3600
+        reduced = self.all_reduce_mean(torch.stack([loss.detach(), losses["mse"].mean().detach(),
+                                                    losses["vb"].mean().detach()]).float()).tolist()
+        return {"step": self.step, "loss": reduced[0], "mse": reduced[1], "vb": reduced[2], "grad_norm": grad_norm,
+                "lr": self.scheduler.get_last_lr()[0], "step_s": seconds,
+                "samples_per_s": n * self.world_size / seconds, "gpu_hours": self.gpu_hours}
+
+    def _clip(self) -> float:
+        """Clip the global gradient norm. Stage 1: diffusers' DiT keeps one copy of the timestep/label embedder per
+        block where the original shares one; their gradients are summed into every copy (the shared parameter's
+        gradient), so the copies stay equal and the re-param can use them. The norm counts them once."""
+        params = list(self.forward_model.parameters())
+        if self.cfg.stage == 1:
+            blocks = self.model.transformer_blocks
+            copies = list(zip(*(b.norm1.emb.parameters() for b in blocks), strict=True))
+            skip = {id(p) for group in copies for p in group[1:]}
+            for group in copies:
+                grads = [p.grad for p in group if p.grad is not None]
+                if grads:
+                    total = torch.stack(grads).sum(0)
+                    group[0].grad = total
+            params = [p for p in params if id(p) not in skip]
+        clip = getattr(self.forward_model, "clip_grad_norm_", None)  # FSDP shards the norm
+        norm = clip(self.cfg.optim.grad_clip) if clip else torch.nn.utils.clip_grad_norm_(params,
+                                                                                           self.cfg.optim.grad_clip)
+        if self.cfg.stage == 1:
+            for group in copies:
+                if group[0].grad is not None:
+                    for p in group[1:]:
+                        p.grad = group[0].grad.clone()
+        return float(norm)
+
+    # -- checkpoints --------------------------------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        return {"step": self.step, "epoch": self.step // self.steps_per_epoch,
+                "steps_per_epoch": self.steps_per_epoch, "world_size": self.world_size, "stage": self.cfg.stage,
+                "lr": self.lr, "lr_scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict(),
+                "gpu_hours": self.gpu_hours, "samples_seen": self.samples_seen,
+                "config_hash": config_hash(self.cfg)}
+
+    def save_checkpoint(self) -> str | None:
+        """Rank 0 publishes the checkpoint of the current step (DDP replicas are identical)."""
+        if self.rank != 0:
+            return None
+
+        def write(d: Path) -> dict[str, Any]:
+            self.model.save_pretrained(d / "transformer", safe_serialization=True)
+            if self.ema is not None:
+                self.ema.save_pretrained(d / "ema", safe_serialization=True)
+            checkpoint.save_optimizer(self.optimizer, d)
+            (d / "config.yaml").write_text(dump_yaml(self.cfg))
+            return self.state()
+
+        keep = self.cfg.schedule.keep_checkpoints
+        return checkpoint.save(self.cfg.output_root, self.cfg.run, self.step, write, keep)
+
+    def resume(self, url: str | None = None) -> bool:
+        """Load the run's latest checkpoint (or `url`): weights, EMA, optimizer, schedule, step. False if none."""
+        url = url or checkpoint.latest(self.cfg.output_root, self.cfg.run)
+        if url is None:
+            return False
+        state = checkpoint.trainer_state(url)
+        if state["world_size"] != self.world_size or state["steps_per_epoch"] != self.steps_per_epoch:
+            raise PipelineError(f"{url} was written by {state['world_size']} workers with {state['steps_per_epoch']} "
+                                f"steps per epoch; this run has {self.world_size} and {self.steps_per_epoch}. "
+                                "Resume with the same ray.num_workers and data.batch_size, or start a new run.")
+        local, cleanup = checkpoint.local_copy(url)
+        try:
+            load_weights(self.model, Path(local) / "transformer", strict=True)
+            if self.ema is not None:
+                ema_dir = Path(local) / "ema"
+                load_weights(self.ema, ema_dir if ema_dir.exists() else Path(local) / "transformer", strict=True)
+            checkpoint.load_optimizer(self.optimizer, Path(local), self.device)
+        finally:
+            cleanup()
+        self.scheduler.load_state_dict(state["lr_scheduler"])
+        self.step, self.gpu_hours = int(state["step"]), float(state["gpu_hours"])
+        self.samples_seen = int(state["samples_seen"])
+        return True
+
+    # -- the loop -----------------------------------------------------------------------------------------------------
+
+    def fit(self, on_checkpoint: Callable[[str | None, int], None] | None = None) -> Iterator[dict[str, float]]:
+        """Train up to schedule.max_steps, yielding each step's metrics; checkpoint every checkpoint_every steps
+        and at the end."""
+        sched = self.cfg.schedule
+        if self.step >= sched.max_steps:
+            return
+        for batch in self.batches():
+            metrics = self.train_step(batch)
+            yield metrics
+            if self.step % sched.checkpoint_every == 0 or self.step >= sched.max_steps:
+                url = self.save_checkpoint()
+                if on_checkpoint is not None:
+                    on_checkpoint(url, self.step)
+            if self.step >= sched.max_steps:
+                return
+

@@ -1,0 +1,95 @@
+"""Moving weights into a model being trained: resume from our own checkpoints, or initialise a stage from the
+previous one (a checkpoint, an export, a diffusers transformer, or a DiT to re-parameterise).
+
+Only safetensors are read. Every mismatch is an error that names it: architecture, config keys, tensor shapes,
+missing or unexpected tensors. The one allowed difference is PixArt -> PixArt-MS (stage 3 at 1024 from 512): the
+micro-condition embedders are new and keep their init, as the official loader's strict=False allowed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import load_file
+
+from pixart.models import ModelMismatchError, load_transformer
+from pixart.reparam import dit_to_pixart
+from storage.errors import PipelineError
+
+if TYPE_CHECKING:
+    from pixart.train_config import TrainConfig
+
+MICRO_CONDITIONS = ("adaln_single.emb.resolution_embedder.", "adaln_single.emb.aspect_ratio_embedder.")
+ARCH_KEYS = ("num_layers", "num_attention_heads", "attention_head_dim", "patch_size", "in_channels", "out_channels")
+
+
+def load_weights(model: torch.nn.Module, directory: Path, strict: bool = True) -> None:
+    """Load a diffusers model directory's safetensors (one file or shards) into `model`."""
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files:
+        raise PipelineError(f"no .safetensors weights in {directory} (pickled checkpoints are never loaded)")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    transfer(model, state, str(directory), allow_missing=() if strict else MICRO_CONDITIONS)
+
+
+def transfer(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
+             allow_missing: tuple[str, ...] = ()) -> None:
+    own = model.state_dict()
+    shapes = [f"{k}: {tuple(v.shape)} in {source}, {tuple(own[k].shape)} here" for k, v in state.items()
+              if k in own and v.shape != own[k].shape]
+    missing = [k for k in own if k not in state and not k.startswith(allow_missing)]
+    unexpected = [k for k in state if k not in own]
+    if shapes or missing or unexpected:
+        parts = [f"shape mismatch: {'; '.join(shapes[:5])}"] if shapes else []
+        for what, keys in (("missing", missing), ("unexpected", unexpected)):
+            if keys:
+                parts.append(f"{what}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}")
+        raise ModelMismatchError(f"weights of {source} do not fit this model: {' | '.join(parts)}")
+    model.load_state_dict(state, strict=False)
+
+
+def _source(init: str, kind: str) -> tuple[str, str | None, str]:
+    """(path or id, subfolder, class name) of the transformer an init points at."""
+    path = Path(init).expanduser()
+    if not path.exists():
+        if init.startswith(("/", ".", "~")) or init.count("/") != 1:
+            raise PipelineError(f"init {init!r} does not exist (a checkpoint, export or transformer directory, or "
+                                "a hub id)")
+        return init, "transformer", ""  # a hub pipeline id: its transformer/ folder
+    if kind == "checkpoint" or (kind == "auto" and (path / "trainer.json").exists()):
+        path = path / "transformer"
+    elif (path / "model_index.json").exists():
+        path = path / "transformer"
+    config = path / "config.json"
+    if not config.is_file():
+        raise PipelineError(f"init {init!r}: no transformer config at {config}")
+    return str(path), None, json.loads(config.read_text()).get("_class_name", "")
+
+
+def load_init(model: torch.nn.Module, cfg: TrainConfig, caption_channels: int | None) -> None:
+    """Initialise `model` (built from cfg.model) from cfg.init; stage 2 from a DiT goes through the re-param."""
+    src, subfolder, cls = _source(cfg.init, cfg.init_kind)
+    is_dit = cls == "DiTTransformer2DModel" or cfg.init_kind == "dit"
+    arch = {k: model.config[k] for k in ARCH_KEYS}
+    if cfg.stage == 1 or is_dit:
+        dit = load_transformer(src, "dit", expect={**arch, "sample_size": model.config.sample_size}
+                               if cfg.stage == 1 else {k: v for k, v in arch.items() if k != "out_channels"},
+                               subfolder=subfolder)
+        if cfg.stage == 1:
+            transfer(model, dit.state_dict(), src)
+            return
+        converted = dit_to_pixart(dit, caption_channels=caption_channels, t_match=cfg.reparam_t)
+        if converted.config.sample_size != model.config.sample_size:
+            raise ModelMismatchError(f"{src}: a DiT at latent size {converted.config.sample_size} cannot start a "
+                                     f"stage at {cfg.resolution} px (latent size {model.config.sample_size})")
+        transfer(model, converted.state_dict(), f"{src} (re-parameterised at t={cfg.reparam_t})")
+        return
+    loaded = load_transformer(src, "pixart", expect={**arch, "caption_channels": caption_channels},
+                              subfolder=subfolder)
+    allow = MICRO_CONDITIONS if cfg.model.multi_scale and not loaded.config.use_additional_conditions else ()
+    transfer(model, loaded.state_dict(), src, allow_missing=allow)
