@@ -20,6 +20,7 @@ import typer
 
 from captioning.config import CaptionConfig
 from pixart.config import ExtractConfig
+from pixart.train_config import TrainConfig
 from storage.config import IngestConfig
 from storage.errors import PipelineError
 
@@ -116,6 +117,36 @@ def extract(
     out = _run(ExtractStage(), config, overrides or [], force)
     typer.echo(f"{out['dataset']}: {out['done']} shards ({out['skipped']} already committed), "
                f"{out['num_ok']} feature samples, {out['num_error']} error rows")
+
+
+@app.command(epilog="Config keys (override with key=value):\n\n" + "\n\n".join(_config_keys(TrainConfig)))
+def train(
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. data.caption_set=<name>")]
+    = None,
+    stage: Annotated[int | None, typer.Option(help="1, 2 or 3: the stage's preset (stage1, stage2, stage3-512) when "
+                                                   "--config is not given.")] = None,
+    config: Annotated[str | None, typer.Option(help="Preset under configs/train/ (stage1, stage2, stage3-512, "
+                                                    "stage3-1024, tiny-stage1..3) or a YAML path.")] = None,
+    init: Annotated[str | None, typer.Option(help="Previous stage's export or checkpoint, or a DiT (stage 2).")]
+    = None,
+) -> None:
+    """Train one PixArt-alpha stage (locally, or on Ray Train with executor=ray); a re-run resumes the run."""
+    from flows.train_stage import load_train_config, run_training
+
+    if config is None and stage not in (1, 2, 3):
+        _fail("give --stage 1|2|3 or --config <preset or YAML>")
+    config = config or {1: "stage1", 2: "stage2", 3: "stage3-512"}[stage]
+    extra = [*(overrides or []), *([f"stage={stage}"] if stage is not None else [])]
+    try:
+        cfg = load_train_config(config, extra, init)
+        summary = run_training(cfg, log=typer.echo, progress=lambda m: typer.echo(
+            f"step {m['step']}: loss {m['loss']:.4f} grad_norm {m['grad_norm']:.3g} lr {m['lr']:.3g} "
+            f"{m['samples_per_s']:.1f} samples/s"))
+    except PipelineError as e:
+        _fail(str(e))
+    typer.echo(f"{summary['run']}: {summary['steps']} steps, final loss {summary['final_loss']}, "
+               f"{summary['gpu_hours']:.3f} GPU-hours (paper stage {summary['stage']}: "
+               f"{summary['paper_v100_days']} V100-days)")
 
 
 @app.command(epilog="Keys: dataset (sam, journeydb, imagenet), caption_set (optional), output_root.")

@@ -64,3 +64,63 @@ def test_a_nan_loss_stops_the_step_and_keeps_the_checkpoint(features, tiny_t5_en
         next(trainer.fit())
     assert checkpoint.latest(features, "nan").endswith("step-000000002")
     assert trainer.step == 2 and before.keys() == trainer.model.state_dict().keys()
+
+
+def test_stage1_dit_then_stage2_from_its_reparameterisation(features, tiny_t5_encoder):
+    from safetensors.torch import load_file
+
+    one = config(features, "tiny-stage1", "s1", "schedule.max_steps=2")
+    prepare_run(one)
+    trainer = Trainer(one)
+    assert all(torch.isfinite(torch.tensor([m["loss"] for m in trainer.fit()])))
+    blocks = trainer.model.transformer_blocks  # the per-block embedder copies stayed equal (summed gradients)
+    assert all(torch.equal(a, b) for blk in blocks[1:] for a, b in
+               zip(blocks[0].norm1.emb.parameters(), blk.norm1.emb.parameters(), strict=True))
+    ckpt = checkpoint.latest(features, "s1")
+    two = config(features, "tiny-stage2", "s2-from-s1", "schedule.max_steps=2", f"init={ckpt}", t5=tiny_t5_encoder)
+    prepare_run(two)
+    pixart = Trainer(two)
+    dit = load_file(f"{ckpt}/transformer/diffusion_pytorch_model.safetensors")
+    own = pixart.model.state_dict()
+    assert torch.equal(own["transformer_blocks.1.attn1.to_q.weight"], dit["transformer_blocks.1.attn1.to_q.weight"])
+    assert torch.equal(own["pos_embed.proj.weight"], dit["pos_embed.proj.weight"])
+    assert not own["transformer_blocks.0.attn2.to_out.0.weight"].any()  # cross-attention starts as a no-op
+    assert len([m for m in pixart.fit()]) == 2
+
+
+def test_stage3_multi_scale_starts_from_stage2_and_feeds_micro_conditions(features, tiny_t5_encoder):
+    base = config(features, "tiny-stage2", "s2-for-s3", "schedule.max_steps=2", t5=tiny_t5_encoder)
+    prepare_run(base)
+    list(Trainer(base).fit())
+    cfg = config(features, "tiny-stage3", "s3", f"init={checkpoint.latest(features, 's2-for-s3')}",
+                 t5=tiny_t5_encoder)
+    prepare_run(cfg)
+    trainer = Trainer(cfg)
+    assert trainer.model.config.use_additional_conditions and trainer.model.config.sample_size == 64
+    batch = next(trainer.batches())
+    assert batch["img_hw"].shape == (1, 2) and batch["aspect_ratio"].shape == (1,)
+    metrics = list(trainer.fit())
+    assert len(metrics) == 4 and all(m["loss"] == m["loss"] for m in metrics)
+
+
+def test_an_incompatible_init_names_the_mismatch(features, tiny_t5_encoder, tmp_path):
+    from pixart.models import ModelConfig, build_pixart
+
+    build_pixart(ModelConfig(preset="pixart-tiny"), 256, caption_channels=16).save_pretrained(tmp_path / "other")
+    cfg = config(features, "tiny-stage2", "bad-init", f"init={tmp_path / 'other'}", t5=tiny_t5_encoder)
+    prepare_run(cfg)
+    with pytest.raises(ValueError, match="caption_channels: expected 32, found 16"):
+        Trainer(cfg)
+    missing = config(features, "tiny-stage2", "bad-init", f"init={tmp_path / 'nowhere'}", t5=tiny_t5_encoder)
+    with pytest.raises(Exception, match="does not exist"):
+        Trainer(missing)
+
+
+def test_resume_refuses_a_different_worker_count(features, tiny_t5_encoder):
+    cfg = config(features, "tiny-stage2", "ws", "schedule.max_steps=2", t5=tiny_t5_encoder)
+    prepare_run(cfg)
+    list(Trainer(cfg).fit())
+    state = json.loads(open(checkpoint.latest(features, "ws") + ".done").read())
+    assert state["step"] == 2 and state["world_size"] == 1
+    with pytest.raises(Exception, match="written by 1 workers"):
+        Trainer(cfg, rank=0, world_size=2).resume()

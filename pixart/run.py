@@ -1,0 +1,51 @@
+"""One training worker's whole job, shared by the local run (`pixart train`) and each Ray Train worker.
+
+    summary = train_worker(cfg)                                   # local: rank 0 of 1
+    train_worker(cfg, rank, world, device=dev, wrap=ddp, ...)     # flows/_ray_train.py, per worker
+
+Resumes from the run's latest checkpoint, trains to schedule.max_steps, logs metrics on rank 0, writes sample
+grids every schedule.sample_every steps and at the end, then the loss curve and the cost summary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from pixart.monitor import MetricsLog
+from pixart.train_config import TrainConfig
+from pixart.trainer import Trainer
+
+
+def train_worker(cfg: TrainConfig, rank: int = 0, world_size: int = 1, *, device: torch.device | None = None,
+                 wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+                 all_reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 report: Callable[[dict[str, Any]], None] | None = None,
+                 progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Train one worker to the end; returns the summary (rank 0) or the last metrics. `report` is called on every
+    rank at the same steps (Ray requires that); `progress` on rank 0 after each logged step."""
+    from pixart.sampling import save_samples
+
+    trainer = Trainer(cfg, rank, world_size, device=device, wrap=wrap, all_reduce_mean=all_reduce_mean)
+    trainer.resume()
+    log = MetricsLog(cfg.output_root, cfg.run, trainer.step) if rank == 0 else None
+    sched = cfg.schedule
+    last: dict[str, Any] = {"step": trainer.step}
+    for metrics in trainer.fit(on_checkpoint=lambda url, step: log.flush() if log else None):
+        last = metrics
+        step = metrics["step"]
+        if step % sched.log_every == 0 or step >= sched.max_steps:
+            if log is not None:
+                log.append(metrics)
+                if progress is not None:
+                    progress(metrics)
+            if report is not None:
+                report(metrics)
+        if rank == 0 and sched.sample_every and step % sched.sample_every == 0 and step < sched.max_steps:
+            save_samples(trainer, step)
+    if rank != 0:
+        return last
+    save_samples(trainer, trainer.step)
+    return {**log.finish(cfg.stage), "run": cfg.run}
