@@ -63,12 +63,13 @@ def bare_steps(trainer: Trainer, batch: dict, steps: int) -> int:
     x0, text, mask = batch["latents"].to(dev), batch["text"].to(dev).float(), batch["mask"].to(dev)
     n = x0.shape[0]
     for _ in range(steps):
-        t = torch.randint(0, 1000, (n,), device=dev)
-        noise = torch.randn_like(x0)
+        t = torch.randint(0, 1000, (n,))  # drawn on the host, as the project does: it knows when no t is 0
+        any_t0 = bool((t == 0).any())
+        t, noise = t.to(dev), torch.randn_like(x0)
         x_t = diff.q_sample(x0, t, noise)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=trainer.autocast):
             out = pixart_forward(model, x_t, t, text, mask)
-        loss = diff.training_losses(out.float(), x0, x_t, t, noise)["loss"].mean()
+        loss = diff.training_losses(out.float(), x0, x_t, t, noise, any_t0=any_t0)["loss"].mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), trainer.cfg.optim.grad_clip)
         opt.step()
