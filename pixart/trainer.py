@@ -30,7 +30,7 @@ import torch
 
 from pixart import checkpoint
 from pixart.conditions import Conditions
-from pixart.data import BucketedLoader, feature_shards
+from pixart.data import BucketedLoader, Prefetch, feature_shards
 from pixart.diffusion import IDDPM
 from pixart.encoders import resolve_device
 from pixart.models import build_dit, build_pixart, dit_forward, init_like_pixart, pixart_forward
@@ -74,6 +74,9 @@ class Trainer:
             raise PipelineError(f"a rank gets no full batch of {data.batch_size} per epoch ({len(shards)} shards "
                                 f"over {world_size} workers): lower data.batch_size or add shards")
         self.conditions = Conditions.load(cfg) if cfg.stage > 1 else None
+        if cfg.stage > 1 and self.conditions is None:
+            raise PipelineError(f"run {cfg.run}: no null caption / sample prompts encoded by {cfg.t5_model} "
+                                "(runs/<run>/conditions.safetensors); prepare_run(cfg) writes them before training")
         self.model = self._init_model().to(self.device).train()
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval() if cfg.optim.ema_decay else None
         self.forward_model = wrap(self.model) if wrap else self.model
@@ -111,11 +114,21 @@ class Trainer:
     # -- data ---------------------------------------------------------------------------------------------------------
 
     def batches(self) -> Iterator[dict[str, Any]]:
-        """The loader's batches from the current step on, epoch after epoch (equal length on every rank)."""
+        """The loader's batches from the current step on, epoch after epoch (equal length on every rank), read
+        ahead in a background thread while the step runs."""
+        ahead = Prefetch(self._batches(), depth=2, pin=self.device.type == "cuda")
+        try:
+            yield from ahead
+        finally:
+            ahead.close()
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
+        position = self.step  # its own count: it runs ahead of self.step in the prefetch thread
         while True:
-            epoch, index = divmod(self.step, self.steps_per_epoch)
+            epoch, index = divmod(position, self.steps_per_epoch)
             self.loader.load_state_dict({"epoch": epoch, "seed": self.cfg.data.seed, "consumed": {0: index}})
             for batch in self.loader:
+                position += 1
                 yield batch
                 if self.loader.consumed[0] >= self.steps_per_epoch:
                     break
