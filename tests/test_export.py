@@ -99,6 +99,7 @@ def test_exported_transformer_is_the_ema_or_the_model(stage2, tmp_path):
         assert "interpolation_scale 1.0" in (Path(out) / "README.md").read_text()
     assert all(torch.equal(v, ema[k]) for k, v in trainer.ema.state_dict().items())
     cfg = trainer.cfg.model_copy(update={"run": "export-init", "init": str(tmp_path / "ema-True")})
+    prepare_run(cfg)
     started = Trainer(cfg).model.state_dict()  # an export is a valid init: the next stage starts from the EMA
     assert all(torch.equal(v, ema[k]) for k, v in started.items())
 
