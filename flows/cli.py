@@ -149,6 +149,61 @@ def train(
                f"{summary['paper_v100_days']} V100-days)")
 
 
+def _checkpoint_of(path: str) -> str:
+    """A checkpoint directory as given, or a run directory's latest checkpoint."""
+    from pixart import checkpoint
+
+    p = Path(path)
+    if (p / "checkpoints").is_dir():
+        found = checkpoint.list_checkpoints(str(p.parent.parent), p.name)
+        if not found:
+            _fail(f"run {path} has no committed checkpoint yet")
+        return found[-1][1]
+    return path
+
+
+@app.command()
+def sample(
+    checkpoint_dir: Annotated[str, typer.Argument(help="A checkpoint directory, or a run directory (its latest).")],
+    prompt: Annotated[list[str] | None, typer.Option("--prompt", help="A prompt; repeat for a grid.")] = None,
+    class_id: Annotated[list[int] | None, typer.Option("--class", help="Stage 1: an ImageNet class id.")] = None,
+    out: Annotated[Path, typer.Option(help="PNG to write.")] = Path("samples.png"),
+    steps: Annotated[int, typer.Option(help="DPM-Solver++ steps.")] = 20,
+    cfg_scale: Annotated[float, typer.Option("--cfg", help="Classifier-free guidance scale.")] = 4.5,
+    seed: Annotated[int, typer.Option()] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Sample a grid from a training checkpoint (EMA weights when present) with the T5 and VAE it names."""
+    from pixart.sampling import sample_checkpoint
+
+    try:
+        image = sample_checkpoint(_checkpoint_of(checkpoint_dir), prompt, class_id, steps=steps,
+                                  cfg_scale=cfg_scale, seed=seed, device=device)
+    except (PipelineError, ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    image.save(out)
+    typer.echo(f"wrote {out} ({image.width}x{image.height})")
+
+
+@app.command()
+def export(
+    checkpoint_dir: Annotated[str, typer.Argument(help="A checkpoint directory, or a run directory (its latest).")],
+    out: Annotated[str, typer.Argument(help="Directory to write: PixArtAlphaPipeline.from_pretrained(out) loads it.")],
+    bundle: Annotated[bool, typer.Option("--bundle", help="Copy the T5 and VAE in, so the export stands alone.")]
+    = False,
+    no_ema: Annotated[bool, typer.Option("--no-ema", help="Export the trained weights, not the EMA.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace a different export at `out`.")] = False,
+) -> None:
+    """Export a checkpoint as a diffusers pipeline directory (transformer + scheduler, naming the T5 and VAE)."""
+    from pixart.export import export as export_checkpoint
+
+    try:
+        path = export_checkpoint(_checkpoint_of(checkpoint_dir), out, use_ema=not no_ema, bundle=bundle, force=force)
+    except (PipelineError, FileNotFoundError) as e:
+        _fail(str(e))
+    typer.echo(f"exported to {path}")
+
+
 @app.command(epilog="Keys: dataset (sam, journeydb, imagenet), caption_set (optional), output_root.")
 def audit(
     args: Annotated[list[str], typer.Argument(help="key=value: dataset=sam caption_set=<name> output_root=<root>")],
@@ -193,7 +248,7 @@ def demo(
     vae: Annotated[str | None, typer.Option(help="AutoencoderKL id or dir; default: a tiny one.")] = None,
 ) -> None:
     """Sample SA-1B, JourneyDB and ImageNet shards from real photos -> manifests -> LLaVA captions -> T5 features and
-    VAE latents (256 px, and 1024 px in aspect-ratio buckets).
+    VAE latents (256 px, and 1024 px in aspect-ratio buckets) -> the three training stages on tiny models -> export.
 
     Without --caption-model the captions come from a tiny random LLaVA built on the spot (no downloads), so
     they are noise: the demo shows the pipeline and its outputs, not caption quality. The same holds for the tiny
@@ -232,6 +287,7 @@ def demo(
                           ("sam-1024", [f"caption_set={captions['sam']['caption_set']}", "what=latents"]),
                           ("imagenet-256", [])):
         features[preset] = _run(ExtractStage(), preset, [*models, *extra], force=True)
+    trained = _demo_training(out, captions["sam"]["caption_set"], t5_model, vae_model)
     typer.echo(f"\nmanifests under {out}/manifests:")
     for dataset in runs:
         table = read_dataset(out, dataset).to_pylist()
@@ -245,6 +301,31 @@ def demo(
     typer.echo(f"features under {out}/features (bucket histogram: buckets.png beside the latents):")
     for preset, res in features.items():
         typer.echo(f"  {preset:<13} {res['num_ok']} samples, {res['num_error']} error rows")
+    typer.echo(f"training runs under {out}/runs (metrics.jsonl, loss.png, samples/, checkpoints/):")
+    for name, res in trained.items():
+        typer.echo(f"  {name:<11} {res['steps']} steps, final loss {res['final_loss']:.4f}")
+    typer.echo(f"export (PixArtAlphaPipeline.from_pretrained): {out}/export")
+
+
+def _demo_training(out: str, caption_set: str, t5_model: str, vae_model: str) -> dict:
+    """The three stages on tiny models: a class-conditional DiT on ImageNet latents; PixArt at 256 re-parameterised
+    from it; PixArt-MS at 1024 in aspect-ratio buckets from that; then the export."""
+    from flows.train_stage import load_train_config, run_training
+    from pixart import checkpoint
+    from pixart.export import export as export_checkpoint
+
+    common = [f"output_root={out}", f"t5_model={t5_model}", f"vae_model={vae_model}"]
+    text = [f"data.caption_set={caption_set}"]
+    stages = {"stage 1": ("tiny-stage1", "demo-stage1", [], None),
+              "stage 2": ("tiny-stage2", "demo-stage2", text, "demo-stage1"),
+              "stage 3": ("tiny-stage3", "demo-stage3", [*text, "data.base_size=1024"], "demo-stage2")}
+    results = {}
+    for name, (preset, run, extra, previous) in stages.items():
+        init = checkpoint.latest(out, previous) if previous else None
+        cfg = load_train_config(preset, [*common, *extra, f"run={run}"], init)
+        results[name] = run_training(cfg, log=lambda m: None)
+    export_checkpoint(checkpoint.latest(out, "demo-stage3"), f"{out}/export", force=True)
+    return results
 
 
 def main() -> None:

@@ -70,7 +70,8 @@ class LatentEncoder:
 
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.model = _load("VAE", model_id, lambda: AutoencoderKL.from_pretrained(model_id, torch_dtype=self.dtype))
+        self.model = _load("VAE", model_id, lambda: AutoencoderKL.from_pretrained(
+            model_id, torch_dtype=self.dtype, low_cpu_mem_usage=False))  # False: no accelerate, no warning
         self.model.to(self.device).eval()
         self.scaling_factor = float(self.model.config.scaling_factor)
 

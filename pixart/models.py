@@ -209,7 +209,7 @@ def load_transformer(path_or_id: str, kind: Literal["pixart", "dit"], expect: di
         raise ModelLoadError(f"cannot load {cls.__name__} {path_or_id!r}: no .safetensors weights in {weights} "
                              "(pickled .bin checkpoints are never unpickled; re-save with safetensors)")
     try:
-        return cls.from_pretrained(path_or_id, subfolder=subfolder, use_safetensors=True)
+        return cls.from_pretrained(path_or_id, subfolder=subfolder, use_safetensors=True, low_cpu_mem_usage=False)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load {cls.__name__} {path_or_id!r}: {_first_line(e)}") from None
 
@@ -225,7 +225,7 @@ def pixart_forward(model: PixArtTransformer2DModel, x_t: torch.Tensor, t: torch.
     """[B, out, h, w] for latents [B, in, h, w], timesteps [B] (or one int), T5 features [B, L, C] and their mask
     [B, L] (1 = keep). `img_hw` [B, 2] and `aspect_ratio` [B, 1] are required by a multi-scale model, ignored
     otherwise."""
-    if model.use_additional_conditions and (img_hw is None or aspect_ratio is None):
+    if getattr(model, "module", model).use_additional_conditions and (img_hw is None or aspect_ratio is None):
         raise ValueError("a multi-scale PixArt needs img_hw [B, 2] and aspect_ratio [B, 1]")
     return model(x_t, encoder_hidden_states=text, encoder_attention_mask=mask, timestep=_timesteps(t, x_t),
                  added_cond_kwargs={"resolution": img_hw, "aspect_ratio": aspect_ratio}, return_dict=False)[0]

@@ -160,7 +160,7 @@ def _sample_vae(trainer: Any) -> AutoencoderKL:
         from pixart.encoders import ModelLoadError
 
         try:
-            vae = AutoencoderKL.from_pretrained(trainer.cfg.vae_model)
+            vae = AutoencoderKL.from_pretrained(trainer.cfg.vae_model, low_cpu_mem_usage=False)
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"cannot load the sample VAE {trainer.cfg.vae_model!r}: "
                                  f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
@@ -194,3 +194,43 @@ def save_samples(trainer: Any, step: int | None = None) -> str | None:
     url = samples_url(cfg.output_root, cfg.run, step)
     write_atomic(url, buf.getvalue())
     return url
+
+
+def sample_checkpoint(url: str, prompts: list[str] | None = None, classes: list[int] | None = None, *,
+                      steps: int = 20, cfg_scale: float = 4.5, seed: int = 0, device: str = "auto",
+                      use_ema: bool = True) -> Image.Image:
+    """A grid from a committed checkpoint, with the T5 and VAE its config names (`pixart sample`). Text stages
+    encode `prompts` and the null caption T5("") here; stage 1 samples `classes`."""
+    from pathlib import Path
+
+    import yaml
+    from diffusers import AutoencoderKL
+
+    from pixart import checkpoint
+    from pixart.conditions import _pad
+    from pixart.encoders import TextEncoder, resolve_device
+    from pixart.models import load_transformer
+
+    checkpoint.trainer_state(url)  # a committed checkpoint, or a clear error
+    local, cleanup = checkpoint.local_copy(url)
+    try:
+        cfg = yaml.safe_load((Path(local) / "config.yaml").read_text())
+        weights = "ema" if use_ema and (Path(local) / "ema" / "config.json").is_file() else "transformer"
+        dev = resolve_device(device)
+        model = load_transformer(local, "dit" if cfg["stage"] == 1 else "pixart", subfolder=weights).to(dev).eval()
+    finally:
+        cleanup()
+    vae = AutoencoderKL.from_pretrained(cfg["vae_model"], low_cpu_mem_usage=False).to(dev).eval()
+    common = {"steps": steps, "cfg_scale": cfg_scale, "resolution": cfg["data"]["base_size"], "seed": seed,
+              "device": dev}
+    with torch.no_grad():
+        if cfg["stage"] == 1:
+            images = sample_classes(model, vae, list(classes or [207, 360, 387, 974]), **common)
+        else:
+            if not prompts:
+                raise ValueError("give at least one prompt")
+            feats = TextEncoder(cfg["t5_model"], max_tokens=cfg["data"]["max_tokens"], device=device).encode(
+                ["", *prompts])
+            text, mask = _pad(feats, cfg["data"]["max_tokens"])
+            images = sample_text(model, vae, text[1:], mask[1:], text[0], mask[0], **common)
+    return grid(images, math.ceil(math.sqrt(len(images))))
