@@ -146,3 +146,42 @@ def test_batches_cross_epochs_in_plan_order_while_read_ahead(features, tiny_t5_e
         if len(got) == len(expected):
             break
     assert got == expected
+
+
+def test_train_flow_trains_and_publishes_samples_and_cost(prefect_server, features, tiny_t5_encoder, tiny_vae):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.train import train
+
+    overrides = [f"output_root={features}", "run=flow-s2", "data.caption_set=tiny", f"t5_model={tiny_t5_encoder}",
+                 f"vae_model={tiny_vae}", "schedule.max_steps=2"]
+    state = train(config="tiny-stage2", overrides=overrides, return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert summary["steps"] == 2 and summary["paper_v100_days"] == 672
+    keys = ["train-flow-s2-samples", "train-flow-s2-cost", "train-flow-s2-progress"]
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+    assert {a.key for a in found} == set(keys)
+    bad = train(config="tiny-stage2", overrides=[*overrides, "model.preset=pixart-xl-2"], return_state=True)
+    assert bad.is_failed() and "caption_channels 4096" in bad.message  # refused before any model is built
+
+
+def test_cli_train_resumes_and_reports(features, tiny_t5_encoder, tiny_vae):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    args = ["train", "--config", "tiny-stage2", f"output_root={features}", "run=cli-s2", "data.caption_set=tiny",
+            f"t5_model={tiny_t5_encoder}", f"vae_model={tiny_vae}"]
+    first = CliRunner().invoke(app, [*args, "schedule.max_steps=2"])
+    assert first.exit_code == 0, first.output
+    assert "step 2: loss" in first.output and "cli-s2: 2 steps" in first.output
+    second = CliRunner().invoke(app, args)  # resumes at 2, runs to the preset's 4
+    assert second.exit_code == 0, second.output
+    assert "step 1:" not in second.output and "step 3: loss" in second.output and "cli-s2: 4 steps" in second.output
+    lines = [json.loads(x) for x in open(f"{features}/runs/cli-s2/metrics.jsonl")]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4]
+    missing = CliRunner().invoke(app, ["train", f"output_root={features}"])
+    assert missing.exit_code == 2 and "--stage 1|2|3" in missing.output
