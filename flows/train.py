@@ -11,6 +11,7 @@ A retry (or a re-run with the same run name) resumes from the run's latest check
 from __future__ import annotations
 
 import base64
+import contextvars
 import json
 import threading
 
@@ -69,7 +70,8 @@ def train(config: str = "train/stage2", init: str | None = None, overrides: list
     except PipelineError as e:
         return Failed(message=str(e))
     stop = threading.Event()
-    watcher = threading.Thread(target=_watch, args=(cfg, stop), daemon=True)
+    context = contextvars.copy_context()  # the flow run's context, so the watcher's artifacts belong to it
+    watcher = threading.Thread(target=context.run, args=(_watch, cfg, stop), daemon=True)
     watcher.start()
     try:
         summary = run_training(cfg, log=logger.info)
