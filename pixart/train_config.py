@@ -31,6 +31,8 @@ class DataConfig(StrictModel):
     batch_size: int = Field(32, gt=0, description="Samples per step per worker (global batch = x num_workers).")
     seed: int = Field(0, description="Seeds the shard order, the posterior noise, timesteps and dropout.")
     max_tokens: int = Field(120, gt=0, description="T5 tokens per caption after padding.")
+    prefetch: int | None = Field(None, ge=0, description="Batches read ahead in a background thread; None: 2 on "
+                                 "GPU, 0 on CPU (where the step's own threads need the cores).")
 
 
 class OptimConfig(StrictModel):

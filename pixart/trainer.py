@@ -116,7 +116,12 @@ class Trainer:
     def batches(self) -> Iterator[dict[str, Any]]:
         """The loader's batches from the current step on, epoch after epoch (equal length on every rank), read
         ahead in a background thread while the step runs."""
-        ahead = Prefetch(self._batches(), depth=2, pin=self.device.type == "cuda")
+        depth = self.cfg.data.prefetch if self.cfg.data.prefetch is not None else (
+            2 if self.device.type == "cuda" else 0)
+        if depth == 0:
+            yield from self._batches()
+            return
+        ahead = Prefetch(self._batches(), depth=depth, pin=self.device.type == "cuda")
         try:
             yield from ahead
         finally:

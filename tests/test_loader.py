@@ -153,3 +153,24 @@ def test_an_index_pointing_at_the_wrong_bytes_is_a_clear_error(features, monkeyp
     monkeypatch.setattr(data, "read_rows", shifted)
     with pytest.raises(ValueError, match="does not belong to sample"):
         all_batches(BucketedLoader(shards, batch_size=1, drop_last=False))
+
+
+def test_prefetch_keeps_order_and_hands_errors_to_the_consumer():
+    from pixart.data import Prefetch
+
+    def source():
+        for i in range(5):
+            yield {"i": torch.tensor(i)}
+        raise ValueError("shard 3 is truncated")
+
+    ahead = Prefetch(source(), depth=2)
+    got = []
+    with pytest.raises(ValueError, match="truncated"):
+        for item in ahead:
+            got.append(int(item["i"]))
+    assert got == [0, 1, 2, 3, 4]
+    stopped = Prefetch(iter([{"i": torch.tensor(0)}] * 100), depth=1)
+    next(stopped)
+    stopped.close()  # the reader thread ends instead of blocking on a full queue
+    stopped.thread.join(timeout=5)
+    assert not stopped.thread.is_alive()

@@ -130,7 +130,7 @@ def test_batches_cross_epochs_in_plan_order_while_read_ahead(features, tiny_t5_e
     """The prefetching reader runs ahead of the steps; across epoch boundaries it must still follow the plan."""
     from pixart.data import BucketedLoader
 
-    cfg = config(features, "tiny-stage2", "epochs", t5=tiny_t5_encoder)
+    cfg = config(features, "tiny-stage2", "epochs", "data.prefetch=2", t5=tiny_t5_encoder)
     prepare_run(cfg)
     trainer = Trainer(cfg)
     per_epoch = trainer.steps_per_epoch
