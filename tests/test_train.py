@@ -185,3 +185,20 @@ def test_cli_train_resumes_and_reports(features, tiny_t5_encoder, tiny_vae):
     assert [r["step"] for r in lines] == [1, 2, 3, 4]
     missing = CliRunner().invoke(app, ["train", f"output_root={features}"])
     assert missing.exit_code == 2 and "--stage 1|2|3" in missing.output
+
+
+def test_caption_dropout_swaps_a_tenth_of_captions_for_the_null_caption(features, tiny_t5_encoder):
+    from pixart.conditions import Conditions
+    from pixart.trainer import step_generator
+
+    cfg = config(features, "tiny-stage2", "dropout", t5=tiny_t5_encoder)
+    prepare_run(cfg)
+    cond = Conditions.load(cfg)
+    assert cond.null_mask.sum() >= 1 and cond.width == 32  # T5("") is its EOS token
+    rate = torch.cat([torch.rand(64, generator=step_generator(0, s, 0)) < cfg.caption_dropout
+                      for s in range(200)]).float().mean()
+    assert 0.08 < float(rate) < 0.12
+    text, mask = torch.randn(3, 120, 32).half(), torch.ones(3, 120, dtype=torch.long)
+    out_text, out_mask = cond.drop(text, mask, torch.tensor([False, True, False]))
+    assert torch.equal(out_text[1], cond.null_text) and torch.equal(out_mask[1], cond.null_mask)
+    assert torch.equal(out_text[0], text[0]) and torch.equal(out_mask[2], mask[2])
