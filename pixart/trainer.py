@@ -104,6 +104,10 @@ class Trainer:
         cfg = self.cfg
         if cfg.stage == 1:
             model = build_dit(cfg.model, cfg.resolution)
+            for block in model.transformer_blocks:
+                # diffusers' label embedder drops labels itself in train mode, from the global RNG and in every
+                # block independently; the step's seeded dropout (same labels for all blocks) replaces it
+                block.norm1.emb.class_embedder.dropout_prob = 0.0
         else:
             model = build_pixart(cfg.model, cfg.resolution, caption_channels=self.conditions.width)
             init_like_pixart(model)
