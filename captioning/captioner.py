@@ -4,6 +4,9 @@
     inputs = cap.encode([cap.prep.shrink(im) for im in images])     # CPU: pad, shrink, tokenize
     captions = cap.generate(inputs)                                  # accelerator: generate()
 
+`engine=refill` decodes greedily with `captioning.engine.RefillEngine` instead of generate() (the default and the
+reference): the same captions, but a row that finished hands its slot to the next image of the batch.
+
 The model goes through `AutoModelForImageTextToText` + `AutoProcessor` and the processor's chat template, so any
 LLaVA-family checkpoint (1.5, NeXT, OneVision) works with the same code. `__call__(batch) -> batch` serves Ray Data
 actor pools without importing Ray.
@@ -32,6 +35,7 @@ import torch
 from PIL import Image
 
 from captioning.config import CaptionConfig
+from captioning.engine import RefillEngine, check_generation_config
 from captioning.images import ImagePrep
 from storage.devices import device_name, dtype_name
 from storage.errors import PipelineError
@@ -185,9 +189,24 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype_name(dtype, device.type))
 
 
+class _ForceEos:
+    """generate()'s side of `stop_lengths`, a logits processor (duck-typed: transformers is imported lazily here):
+    row i must emit end-of-sequence once it has `lengths[i]` new tokens, as the refill engine forces it."""
+
+    def __init__(self, prompt_length: int, lengths: list[int], eos: int) -> None:
+        self.prompt_length, self.eos = prompt_length, eos
+        self.lengths = torch.tensor(lengths)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        due = self.lengths.to(scores.device) <= input_ids.shape[1] - self.prompt_length
+        forced = torch.full_like(scores, -float("inf"))
+        forced[:, self.eos] = 0.0
+        return torch.where(due[:, None], forced, scores)  # a new tensor: generate() keeps `scores` as raw logits
+
+
 class Captioner:
     """Loads the processor and model once (ModelLoadError when either cannot be); CPU side: `prep` (an ImagePrep:
-    decode, pad, shrink) and `encode`; device side: `generate`."""
+    decode, pad, shrink) and `encode`; device side: `generate` (or `caption_stream`, captions as rows finish)."""
 
     def __init__(self, cfg: CaptionConfig) -> None:
         from transformers import AutoModelForImageTextToText
@@ -207,8 +226,18 @@ class Captioner:
         self.prep = ImagePrep.from_processor(self.processor, cfg.pad_to_square, cfg.decode)
         tok = self.processor.tokenizer
         eos = self.model.generation_config.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [tok.eos_token_id])
+        eos_list = eos if isinstance(eos, list) else [eos] if eos is not None else [tok.eos_token_id]
+        self.eos_ids = set(eos_list)
+        self.forced_eos = eos_list[0]  # what stop_lengths forces, in both engines
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else next(iter(self.eos_ids))
+        self.engine: RefillEngine | None = None
+        if cfg.engine == "refill":
+            try:
+                check_generation_config(self.model.generation_config)
+            except ValueError as e:
+                raise ModelLoadError(f"{LLAVA} {cfg.model!r}: {e}") from None
+            self.engine = RefillEngine(self.model, cfg.refill_rows or cfg.batch_size, cfg.generation.max_new_tokens,
+                                       self.eos_ids, self.forced_eos)
 
     # -- CPU side (see captioning.images.ImagePrep for decoding and padding) -------------------------------------
 
@@ -220,22 +249,44 @@ class Captioner:
     # -- device side ----------------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def generate(self, inputs: Any) -> list[Caption]:
-        """Run generate() on an encoded batch; deterministic for a fixed seed."""
+    def generate(self, inputs: Any, stop_lengths: list[int] | None = None) -> list[Caption]:
+        """Captions of an encoded batch, in its order; deterministic for a fixed seed. engine=generate: one
+        generate() call; engine=refill: the batch is a queue for `refill_rows` slots (same greedy captions).
+        `stop_lengths[i]` forces end-of-sequence after that many new tokens of row i (benchmarks: random weights
+        never stop on their own)."""
+        return [cap for _, cap in sorted(self.caption_stream(inputs, stop_lengths), key=lambda ic: ic[0])]
+
+    @torch.inference_mode()
+    def caption_stream(self, inputs: Any, stop_lengths: list[int] | None = None) -> Iterator[tuple[int, Caption]]:
+        """(row, caption) pairs of an encoded batch as rows finish: in finishing order with engine=refill, in row
+        order (all at the end) with engine=generate."""
         torch.manual_seed(self.cfg.generation.seed)
         inputs = inputs.to(self.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        out = self.model.generate(**inputs, **self.cfg.generation.generate_kwargs(), pad_token_id=self.pad_id)
-        new = out[:, inputs["input_ids"].shape[1]:].cpu()
-        captions = []
-        for row in new.tolist():
-            stop = next((i for i, t in enumerate(row) if t in self.eos_ids), None)
-            tokens = row[:stop] if stop is not None else [t for t in row if t != self.pad_id]
-            text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True)
-            captions.append(Caption(text=text, n_tokens=len(tokens), finish_reason="stop" if stop is not None
-                                    else "length"))
-        return captions
+        if stop_lengths is not None and len(stop_lengths) != inputs["input_ids"].shape[0]:
+            raise ValueError(f"{len(stop_lengths)} stop_lengths for {inputs['input_ids'].shape[0]} images")
+        if self.engine is not None:
+            for i, tokens in self.engine.run(inputs, stop_lengths):
+                yield i, self._caption(tokens)
+            return
+        from transformers import LogitsProcessorList
+
+        kwargs = self.cfg.generation.generate_kwargs()
+        if stop_lengths is not None:
+            prompt = inputs["input_ids"].shape[1]
+            kwargs["logits_processor"] = LogitsProcessorList([_ForceEos(prompt, stop_lengths, self.forced_eos)])
+        out = self.model.generate(**inputs, **kwargs, pad_token_id=self.pad_id)
+        for i, row in enumerate(out[:, inputs["input_ids"].shape[1]:].cpu().tolist()):
+            yield i, self._caption(row)
+
+    def _caption(self, row: list[int]) -> Caption:
+        """A row of new tokens -> Caption: up to the first end-of-sequence ("stop"), else without padding ("length").
+        One function for both engines, so their captions can only differ by the tokens."""
+        stop = next((i for i, t in enumerate(row) if t in self.eos_ids), None)
+        tokens = row[:stop] if stop is not None else [t for t in row if t != self.pad_id]
+        text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True)
+        return Caption(text=text, n_tokens=len(tokens), finish_reason="stop" if stop is not None else "length")
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Ray Data form: batch["image"] holds prepared HxWx3 uint8 arrays and batch["error"] a reason or "" per

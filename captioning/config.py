@@ -56,6 +56,14 @@ class CaptionConfig(StageConfig):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     pad_to_square: bool = Field(True, description="Pad images to square (LLaVA-1.5 training) instead of cropping.")
     batch_size: int = Field(16, gt=0, description="Images per generate() call.")
+    engine: Literal["generate", "refill"] = Field(
+        "generate", description="generate: transformers' generate() (the reference); refill: greedy continuous "
+        "batching (captioning.engine), same greedy captions, a finished row's slot takes the next image."
+    )
+    refill_rows: int | None = Field(
+        None, gt=0, description="engine=refill: rows decoded together, refilled from the batch_size images of a "
+        "call (None: batch_size, so no refills; set batch_size to a few times this)."
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="auto: bf16 GPU, fp32 CPU.")
     t5_tokenizer: str = Field("google/t5-v1_1-xxl", description="Tokenizer for counting T5 tokens (id or dir).")
@@ -73,6 +81,10 @@ class CaptionConfig(StageConfig):
     def _check(self) -> CaptionConfig:
         if self.dataset != "journeydb" and self.training_text != "llava":
             raise ValueError("training_text other than 'llava' needs dataset journeydb (SA-1B has no prompts)")
+        g = self.generation
+        if self.engine == "refill" and (g.do_sample or g.num_beams != 1 or g.repetition_penalty != 1.0):
+            raise ValueError("engine=refill is greedy-only: it needs generation.do_sample=false, num_beams=1 and "
+                             "repetition_penalty=1.0 (use engine=generate for sampling, beams or penalties)")
         if self.caption_set is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", self.caption_set):
             raise ValueError("caption_set may hold only letters, digits, '.', '_' and '-'")
         return self
