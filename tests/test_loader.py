@@ -106,19 +106,24 @@ def test_imagenet_batches_carry_class_labels(features):
     assert batch["cls"].tolist() == [labels[k] for k in batch["keys"]] and "text" not in batch
 
 
-def test_a_key_without_text_features_is_skipped(features, monkeypatch):
+def edit_text_index(monkeypatch, edit):
+    """Make the loader see shard sa_000000's text index rows as `edit(rows)` leaves them."""
     import pixart.data as data
 
-    shards = feature_shards(features, "sam", 256, caption_set="tiny")
     real = data.read_rows
 
-    def drop_one(url, columns=None):
+    def edited(url, columns=None):
         rows = real(url, columns)
         if url.endswith("/text/tiny/sa_000000.parquet"):
-            rows[0]["status"] = "error"
+            edit(rows)
         return rows
 
-    monkeypatch.setattr(data, "read_rows", drop_one)
+    monkeypatch.setattr(data, "read_rows", edited)
+
+
+def test_a_key_without_text_features_is_skipped(features, monkeypatch):
+    shards = feature_shards(features, "sam", 256, caption_set="tiny")
+    edit_text_index(monkeypatch, lambda rows: rows[0].update(status="error"))
     keys = [k for b in BucketedLoader(shards, batch_size=1) for k in b["keys"]]
     assert len(keys) == 7 and len(set(keys)) == 7
 
@@ -139,18 +144,11 @@ def test_text_read_straight_into_the_batch_equals_reading_the_range_whole(featur
 
 
 def test_an_index_pointing_at_the_wrong_bytes_is_a_clear_error(features, monkeypatch):
-    import pixart.data as data
+    def swap(rows):  # two keys' byte ranges swapped
+        rows[0]["offset"], rows[1]["offset"] = rows[1]["offset"], rows[0]["offset"]
 
     shards = feature_shards(features, "sam", 256, caption_set="tiny")
-    real = data.read_rows
-
-    def shifted(url, columns=None):
-        rows = real(url, columns)
-        if url.endswith("/text/tiny/sa_000000.parquet"):
-            rows[0]["offset"], rows[1]["offset"] = rows[1]["offset"], rows[0]["offset"]  # two keys swapped
-        return rows
-
-    monkeypatch.setattr(data, "read_rows", shifted)
+    edit_text_index(monkeypatch, swap)
     with pytest.raises(ValueError, match="does not belong to sample"):
         all_batches(BucketedLoader(shards, batch_size=1, drop_last=False))
 
