@@ -37,6 +37,7 @@ from PIL import Image
 from captioning.config import CaptionConfig
 from captioning.engine import RefillEngine, check_generation_config
 from captioning.images import ImagePrep
+from captioning.sizing import auto_batch_size, free_device_bytes
 from storage.devices import device_name, dtype_name
 from storage.errors import PipelineError
 
@@ -230,14 +231,31 @@ class Captioner:
         self.eos_ids = set(eos_list)
         self.forced_eos = eos_list[0]  # what stop_lengths forces, in both engines
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else next(iter(self.eos_ids))
+        self.batch_size, rows = self._batch_sizes()
         self.engine: RefillEngine | None = None
         if cfg.engine == "refill":
             try:
                 check_generation_config(self.model.generation_config)
             except ValueError as e:
                 raise ModelLoadError(f"{LLAVA} {cfg.model!r}: {e}") from None
-            self.engine = RefillEngine(self.model, cfg.refill_rows or cfg.batch_size, cfg.generation.max_new_tokens,
-                                       self.eos_ids, self.forced_eos)
+            self.engine = RefillEngine(self.model, rows, cfg.generation.max_new_tokens, self.eos_ids, self.forced_eos)
+
+    def _batch_sizes(self) -> tuple[int, int]:
+        """(images per generate() call, rows decoded together). batch_size=auto: the rows whose KV cache fits in the
+        device's free memory (16 on CPU); the refill engine then takes 4x as many images per call as a queue."""
+        cfg = self.cfg
+        if cfg.batch_size != "auto":
+            return cfg.batch_size, cfg.refill_rows or cfg.batch_size
+        free = free_device_bytes(self.device)
+        if free is None:
+            rows = cfg.refill_rows or 16
+        else:
+            # the prompt's length with its image tokens (the processor expands them whatever the image's size)
+            prompt_tokens = int(self.encode([Image.new("RGB", (336, 336))])["input_ids"].shape[1])
+            rows = cfg.refill_rows or auto_batch_size(
+                self.model.config, prompt_tokens, cfg.generation.max_new_tokens, free, self.dtype.itemsize,
+                cache_growth=1.0 if cfg.engine == "refill" else 2.0)
+        return (4 * rows if cfg.engine == "refill" else rows), rows
 
     # -- CPU side (see captioning.images.ImagePrep for decoding and padding) -------------------------------------
 

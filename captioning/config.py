@@ -55,7 +55,9 @@ class CaptionConfig(StageConfig):
     prompt: str = Field(PAPER_PROMPT, min_length=1, description="User prompt, sent through the chat template.")
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     pad_to_square: bool = Field(True, description="Pad images to square (LLaVA-1.5 training) instead of cropping.")
-    batch_size: int = Field(16, gt=0, description="Images per generate() call.")
+    batch_size: int | Literal["auto"] = Field(
+        16, description="Images per generate() call; auto: the most whose KV cache fits in the GPU's free memory "
+        "(captioning/sizing.py; with engine=refill it sizes refill_rows and takes 4x that per call), 16 on CPU.")
     engine: Literal["generate", "refill"] = Field(
         "generate", description="generate: transformers' generate() (the reference); refill: greedy continuous "
         "batching (captioning.engine), same greedy captions, a finished row's slot takes the next image."
@@ -85,6 +87,11 @@ class CaptionConfig(StageConfig):
         if self.engine == "refill" and (g.do_sample or g.num_beams != 1 or g.repetition_penalty != 1.0):
             raise ValueError("engine=refill is greedy-only: it needs generation.do_sample=false, num_beams=1 and "
                              "repetition_penalty=1.0 (use engine=generate for sampling, beams or penalties)")
+        if isinstance(self.batch_size, int) and self.batch_size <= 0:
+            raise ValueError("batch_size must be a positive number or auto")
+        if self.batch_size == "auto" and self.executor == "ray":
+            raise ValueError("batch_size=auto sizes batches from a replica's GPU, but executor=ray fixes them on the "
+                             "driver: give a number")
         if self.caption_set is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", self.caption_set):
             raise ValueError("caption_set may hold only letters, digits, '.', '_' and '-'")
         return self

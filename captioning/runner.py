@@ -62,7 +62,7 @@ class _Job:
     def __init__(self, url: str, cfg: CaptionConfig, captioner: Captioner, counter, pool: ThreadPoolExecutor):
         self.url, self.cfg, self.captioner, self.pool = url, cfg, captioner, pool
         self.shard = CaptionShard(url, cfg, counter)
-        self.source = _batches(self.shard.todo, cfg.batch_size)
+        self.source = _batches(self.shard.todo, captioner.batch_size)  # batch_size=auto resolved on the device
         self.pending: deque[tuple[Future, list[Outcome]]] = deque()
         self.exhausted = False
 

@@ -138,3 +138,25 @@ def test_a_dict_without_the_sizes_is_refused_by_name():
 
 def test_no_free_bytes_on_cpu():
     assert free_device_bytes("cpu") is None
+
+
+def test_batch_size_auto_is_resolved_on_the_device(tiny_llava, tiny_t5, monkeypatch):
+    """auto: 16 rows on CPU; on a GPU the rows whose cache fits (refill takes 4x as many images per call as a
+    queue); refused for executor=ray, whose batches are fixed on the driver."""
+    import captioning.captioner as captioner_module
+    from captioning.captioner import Captioner
+    from captioning.config import CaptionConfig
+    from storage.configio import load_config
+    from storage.errors import ConfigError
+
+    base = dict(dataset="sam", model=tiny_llava, t5_tokenizer=tiny_t5, batch_size="auto",
+                generation={"max_new_tokens": 12})
+    assert Captioner(CaptionConfig(**base)).batch_size == 16  # CPU
+    monkeypatch.setattr(captioner_module, "free_device_bytes", lambda device: 2 * 2**20)  # a 2 MiB "GPU"
+    plain = Captioner(CaptionConfig(**base))
+    refill = Captioner(CaptionConfig(**base, engine="refill"))
+    assert 1 <= plain.batch_size < 256
+    assert refill.engine.slots >= plain.batch_size  # a static cache (growth 1.0) fits more rows than a dynamic one
+    assert refill.batch_size == 4 * refill.engine.slots
+    with pytest.raises(ConfigError, match="executor=ray fixes them"):
+        load_config(CaptionConfig, None, ["dataset=sam", "batch_size=auto", "executor=ray"])
