@@ -30,29 +30,22 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from bench_loader import build_features  # noqa: E402
 
-from pixart.conditions import Conditions, _identity, conditions_url  # noqa: E402
+from pixart.conditions import Conditions  # noqa: E402
 from pixart.models import pixart_forward  # noqa: E402
 from pixart.train_config import TrainConfig  # noqa: E402
 from pixart.trainer import Trainer  # noqa: E402
-from storage.commit import write_atomic  # noqa: E402
 
 GOAL = 0.95
 
 
 def write_conditions(cfg: TrainConfig, width: int) -> None:
     """The run's null caption and prompts without a T5 (random, T5-shaped): what prepare_run would write."""
-    from safetensors.torch import save
-
-    text = torch.randn(cfg.data.max_tokens, width).half()
-    mask = torch.zeros(cfg.data.max_tokens, dtype=torch.long)
-    mask[0] = 1
-    n = len(cfg.schedule.sample_prompts)
-    tensors = {"null_text": text, "null_mask": mask, "prompt_text": text.expand(n, -1, -1).contiguous(),
-               "prompt_mask": mask.expand(n, -1).contiguous()}
-    write_atomic(conditions_url(cfg), save(tensors, metadata=_identity(cfg)))
+    null = np.random.default_rng(0).standard_normal((1, width), dtype=np.float32).astype(np.float16)
+    Conditions.from_features([null] * (1 + len(cfg.schedule.sample_prompts)), cfg.data.max_tokens).save(cfg)
     assert Conditions.load(cfg) is not None
 
 

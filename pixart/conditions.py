@@ -31,7 +31,8 @@ def conditions_url(cfg: TrainConfig) -> str:
     return join(run_dir(cfg.output_root, cfg.run), "conditions.safetensors")
 
 
-def _pad(arrays: list, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_features(arrays: list, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Valid-token T5 features ([n_i, C] each) -> padded [N, max_tokens, C] fp16 and the [N, max_tokens] mask."""
     width = arrays[0].shape[1]
     text = torch.zeros(len(arrays), max_tokens, width, dtype=torch.float16)
     mask = torch.zeros(len(arrays), max_tokens, dtype=torch.long)
@@ -64,11 +65,20 @@ class Conditions:
         from pixart.encoders import TextEncoder
 
         encoder = TextEncoder(cfg.t5_model, max_tokens=cfg.data.max_tokens, device=cfg.device)
-        feats = encoder.encode([""] + list(cfg.schedule.sample_prompts))
-        text, mask = _pad(feats, cfg.data.max_tokens)
-        tensors = {"null_text": text[0], "null_mask": mask[0], "prompt_text": text[1:], "prompt_mask": mask[1:]}
-        write_atomic(url, save_bytes(tensors, metadata=_identity(cfg)))
-        return Conditions(**tensors)
+        found = Conditions.from_features(encoder.encode([""] + list(cfg.schedule.sample_prompts)), cfg.data.max_tokens)
+        found.save(cfg)
+        return found
+
+    @staticmethod
+    def from_features(features: list, max_tokens: int) -> Conditions:
+        """From T5 features of "" (first) and the sample prompts, valid tokens only."""
+        text, mask = pad_features(features, max_tokens)
+        return Conditions(null_text=text[0], null_mask=mask[0], prompt_text=text[1:], prompt_mask=mask[1:])
+
+    def save(self, cfg: TrainConfig) -> None:
+        """Store as the run's conditions, tagged with the T5 and prompts they belong to."""
+        tensors = {k: v.contiguous() for k, v in vars(self).items()}
+        write_atomic(conditions_url(cfg), save_bytes(tensors, metadata=_identity(cfg)))
 
     @staticmethod
     def load(cfg: TrainConfig) -> Conditions | None:

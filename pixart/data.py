@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import queue
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -348,7 +349,6 @@ class Prefetch:
     _END = object()
 
     def __init__(self, source: Iterator[dict[str, Any]], depth: int = 2, pin: bool = False) -> None:
-        import queue
         import threading
 
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
@@ -366,7 +366,7 @@ class Prefetch:
                     try:
                         self.queue.put(item, timeout=0.1)
                         break
-                    except Exception:  # noqa: BLE001 - queue.Full: retry until the consumer takes it or stops
+                    except queue.Full:  # retry until the consumer takes it, or stops
                         continue
                 if self.stop.is_set():
                     return

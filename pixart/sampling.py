@@ -207,7 +207,7 @@ def sample_checkpoint(url: str, prompts: list[str] | None = None, classes: list[
     from diffusers import AutoencoderKL
 
     from pixart import checkpoint
-    from pixart.conditions import _pad
+    from pixart.conditions import pad_features
     from pixart.encoders import TextEncoder, resolve_device
     from pixart.models import load_transformer
 
@@ -231,6 +231,6 @@ def sample_checkpoint(url: str, prompts: list[str] | None = None, classes: list[
                 raise ValueError("give at least one prompt")
             feats = TextEncoder(cfg["t5_model"], max_tokens=cfg["data"]["max_tokens"], device=device).encode(
                 ["", *prompts])
-            text, mask = _pad(feats, cfg["data"]["max_tokens"])
+            text, mask = pad_features(feats, cfg["data"]["max_tokens"])
             images = sample_text(model, vae, text[1:], mask[1:], text[0], mask[0], **common)
     return grid(images, math.ceil(math.sqrt(len(images))))
