@@ -19,13 +19,17 @@ untimed warm-up round:
     wds text           the same over the text tars (a second tar set: stock webdataset cannot join the two by key)
     wds text+latents   the sum of the two rows above: what stock webdataset costs to read both features (the
                        baseline of the "vs wds" column)
-    output floor       no I/O: the same plan's batches built from memory (fresh zeroed [B, 120, 4096] fp16 text with
-                       the valid rows copied in, the mask, the posterior sampled with per-sample seeded noise). Any
-                       loader delivering these batches spends at least this; it bounds the "vs wds" ratio
+    output floor       no I/O: the same plan's batches built from memory ([B, 120, 4096] fp16 text from an array pool
+                       as the loader's, the valid rows copied in and the rest zeroed, the mask, the posterior sampled
+                       with per-sample seeded noise). Any loader delivering these batches spends at least this; it
+                       bounds the "vs wds" ratio
     wds + collate      stock webdataset doing the loader's job, for reference: both tar sets read in step, the
                        posterior sampled, text padded to 120 fp16 + mask, per-bucket batches stacked
     loader             BucketedLoader(feature_shards(...), batch_size=--batch-size): every collated batch of an epoch:
                        latents sampled from the posterior (fp32, scaled), text padded to [B, 120, 4096] fp16 + mask
+    loader, posterior out   the same with sample_posterior=False: the stored fp16 posterior and the per-sample
+                       noise seeds instead of latents, for sampling in the training step on the GPU (what
+                       data.posterior=auto does on a GPU); the noise is not drawn on this core
 
 Stock webdataset only decodes; the loader also joins text and latents by key, samples the posterior, pads the text
 to 120 tokens and collates batches, so it does strictly more work per sample. Bytes/s count the bytes each case
@@ -53,7 +57,7 @@ import torch
 from captioning.records import CAPTION_SCHEMA
 from pixart.buckets import bucket_table
 from pixart.config import ExtractConfig
-from pixart.data import SCALING_FACTOR, BucketedLoader, feature_shards, shard_entries
+from pixart.data import SCALING_FACTOR, ArrayPool, BucketedLoader, feature_shards, sample_posterior, shard_entries
 from pixart.features import LatentShard, bucket_of, extract_text_shard, latent_urls, text_urls
 from storage.commit import write_done
 from storage.layout import caption_url, manifest_url
@@ -215,37 +219,37 @@ def wds_batches(latent_tars: list[str], text_tars: list[str], batch_size: int, s
 
 def output_floor(shards: list, batch_size: int, seed: int, tokens: dict[str, int], base_size: int,
                  multi_scale: bool) -> tuple[int, int]:
-    """The loader's outputs for the same plan built from memory, with no I/O or tar parsing: per batch, a fresh
-    [B, 120, d] fp16 text array (zeros, valid rows copied in), the mask, and the posterior sampled from fp16
-    mean/std with per-sample seeded noise. What any loader that delivers these batches must at least spend."""
+    """The loader's outputs for the same plan built from memory, with no I/O or tar parsing: per batch, a
+    [B, 120, d] fp16 text array from the same kind of pool as the loader's (valid rows copied in, the rest zeroed),
+    the mask, and the posterior sampled from fp16 mean/std with per-sample seeded noise. What any loader that
+    delivers these batches must at least spend."""
     loader = BucketedLoader(shards, batch_size=batch_size, seed=seed)
-    pool = np.random.default_rng(0).standard_normal((MAX_TOKENS, D_MODEL), dtype=np.float32).astype(np.float16)
+    source = np.random.default_rng(0).standard_normal((MAX_TOKENS, D_MODEL), dtype=np.float32).astype(np.float16)
     table = bucket_table(base_size) if multi_scale else {"1.0": (base_size, base_size)}
+    arrays = ArrayPool()
     n = 0
     for entries in loader.plan():
         b = len(entries)
-        text = np.zeros((b, MAX_TOKENS, D_MODEL), dtype=np.float16)
+        text = arrays.empty((b, MAX_TOKENS, D_MODEL), np.dtype(np.float16))
         mask = np.zeros((b, MAX_TOKENS), dtype=np.int64)
         for i, e in enumerate(entries):
             rows = min(tokens[e.key], MAX_TOKENS)
-            text[i, :rows] = pool[:rows]
+            text[i, :rows] = source[:rows]
+            text[i, rows:] = 0
             mask[i, :rows] = 1
         h, w = (x // 8 for x in table[entries[0].bucket])
-        stored = np.zeros((b, 8, h, w), dtype=np.float16)
-        mean, std = torch.from_numpy(stored).float().chunk(2, dim=1)
-        eps = torch.empty_like(mean)
-        gen = torch.Generator()
-        for i, e in enumerate(entries):
-            eps[i].normal_(generator=gen.manual_seed(loader._noise_seed(e.key)))
-        mean.add_(std.mul_(eps)).mul_(SCALING_FACTOR)
-        n += b
+        stored = torch.from_numpy(arrays.empty((b, 8, h, w), np.dtype(np.float16))).zero_()  # as if read
+        seeds = torch.tensor([loader._noise_seed(e.key) for e in entries], dtype=torch.int64)
+        batch = {"latents": sample_posterior(stored, seeds), "text": torch.from_numpy(text), "mask": mask}
+        n += len(batch["mask"])
     return n, 0
 
 
-def loader_read(shards: list, batch_size: int, seed: int, spans: dict[str, int]) -> tuple[int, int]:
+def loader_read(shards: list, batch_size: int, seed: int, spans: dict[str, int],
+                sample: bool = True) -> tuple[int, int]:
     """One epoch of a fresh loader (a loader iterated twice in one epoch resumes: it would skip every batch)."""
     n = total = 0
-    for batch in BucketedLoader(shards, batch_size=batch_size, seed=seed):
+    for batch in BucketedLoader(shards, batch_size=batch_size, seed=seed, sample_posterior=sample):
         n += len(batch["keys"])
         total += sum(spans[k] for k in batch["keys"])
     return n, total
@@ -298,6 +302,7 @@ def main(argv: list[str] | None = None) -> None:
                  "wds latents": lambda: wds_read(latent_tars), "wds text": lambda: wds_read(text_tars),
                  "wds + collate": lambda: wds_batches(latent_tars, text_tars, args.batch_size, SCALING_FACTOR),
                  "loader": lambda: loader_read(shards, args.batch_size, args.seed, spans),
+                 "loader, posterior out": lambda: loader_read(shards, args.batch_size, args.seed, spans, False),
                  "output floor": lambda: output_floor(shards, args.batch_size, args.seed, key_tokens,
                                                       args.base_size, args.multi_scale)}
         times, results = measure(cases, max(1, args.repeats))
@@ -330,15 +335,15 @@ def main(argv: list[str] | None = None) -> None:
     rows["wds text+latents"] = (best["wds text"] + best["wds latents"], med["wds text"] + med["wds latents"],
                                 results["wds text"][0], results["wds text"][1] + results["wds latents"][1])
     rows = {k: rows[k] for k in ("raw file read", "raw tarfile r|", "wds latents", "wds text", "wds text+latents",
-                                 "wds + collate", "loader", "output floor")}
+                                 "wds + collate", "loader", "loader, posterior out", "output floor")}
     raw_rate = rows["raw file read"][3] / rows["raw file read"][0]
     wds_rate = rows["wds text+latents"][2] / rows["wds text+latents"][0]
-    print(f"{'case':<18}{'best s':>9}{'median s':>10}{'samples/s':>11}{'vs wds':>9}{'MB/s':>9}{'vs raw MB/s':>13}")
+    print(f"{'case':<22}{'best s':>9}{'median s':>10}{'samples/s':>11}{'vs wds':>9}{'MB/s':>9}{'vs raw MB/s':>13}")
     for name, (t, m, count, nbytes) in rows.items():
         rate = count / t if count and name != "raw tarfile r|" else None
         sps = f"{rate:>11.0f}" if rate else f"{'-':>11}"
         vs = f"{rate / wds_rate:>8.2f}x" if rate else f"{'-':>9}"
-        print(f"{name:<18}{t:>9.3f}{m:>10.3f}{sps}{vs}{nbytes / 1e6 / t:>9.0f}{nbytes / t / raw_rate:>12.1%} ")
+        print(f"{name:<22}{t:>9.3f}{m:>10.3f}{sps}{vs}{nbytes / 1e6 / t:>9.0f}{nbytes / t / raw_rate:>12.1%} ")
     lt, _, lcount, lbytes = rows["loader"]
     speed, share = lcount / lt / wds_rate, lbytes / lt / raw_rate
     print(f"\nloader: {speed:.2f}x stock webdataset samples/s (goal >= {SPEED_GOAL:g}x: "
@@ -348,6 +353,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"loader: {lcount / lt / (rows['wds + collate'][2] / rows['wds + collate'][0]):.2f}x stock webdataset doing "
           f"the same job (wds + collate); {lcount / lt / floor:.0%} of the output floor ({floor:.0f} samples/s: the "
           f"batches alone, built from memory, bound any loader on this core)")
+    pt, _, pcount, _ = rows["loader, posterior out"]
+    print(f"loader, posterior out (sample_posterior=False: posterior + seeds, sampled in the training step on the "
+          f"GPU; data.posterior=auto does this there): {pcount / pt / wds_rate:.2f}x stock webdataset")
     print("(raw tarfile r| counts members, not samples; the raw rows only bound the byte rate)")
     if profile:
         print("\nloader profile (one epoch, cProfile, by own time):\n" + profile)

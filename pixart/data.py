@@ -5,6 +5,8 @@
     loader.set_epoch(epoch)
     for batch in loader:            # {"latents" [B,4,h,w] fp32, "text" [B,120,d] fp16, "mask" [B,120], "img_hw" [B,2],
         ...                         #  "aspect_ratio" [B], "keys", (+ "cls" [B] for ImageNet)}
+    # sample_posterior=False: "posterior" [B,8,h,w] fp16 and "noise_seed" [B] instead of "latents", for
+    # sample_posterior(batch["posterior"].cuda(), batch["noise_seed"]) on the GPU
     state = loader.state_dict()     # resume mid-epoch: load_state_dict(state) replays exactly the remaining batches
 
 How a batch is planned. Only the parquet indexes are read to plan: the epoch's shard order is a permutation seeded
@@ -13,12 +15,17 @@ a shard; within a shard the keys are shuffled (seed, epoch, shard). Each stream 
 a batch whenever a buffer reaches `batch_size`, as PixArt's AspectRatioBatchSampler does; with drop_last the
 leftovers are dropped. Text and latents are joined by key (a key missing or in error on either side is skipped).
 
-How a batch is read. Each sample is one range read of its members (offset and length from the index) in the
-latent tar and, for text, the text tar; arrays come through np.load(allow_pickle=False). T5 features are padded
-with zeros to `max_tokens` and the mask rebuilt. Latents are sampled from the stored posterior,
-(mean + std * eps) * scaling_factor, with eps drawn from a generator seeded by (seed, epoch, key): the same sample
-gets the same noise whichever rank or worker reads it, and a resumed run sees exactly the batches an uninterrupted
-run would have seen.
+How a batch is read. The indexes give each sample's byte range and (those with `array_offset`) the offset of its
+.npy member and the fields its json holds (orig size, class). Such arrays are read with one os.preadv each: the
+member's tar header and .npy header into a scratch buffer, the data straight into the sample's slot of the batch
+array, then the headers are checked (name, checksum, shape, dtype, size); a check that fails, a remote file or an
+older index sends the sample down the range path (the range read, members located by their tar headers, arrays
+through `load_npy`, which never unpickles). The first sample of each batch takes the range path: it fixes the
+batch's shapes. T5 features are padded with zeros to `max_tokens` and the mask rebuilt; the [B, 120, d] text array
+comes from a pool that hands an array out again only once nothing else references it (`ArrayPool`), so held
+batches are never overwritten. Latents are sampled from the stored posterior, (mean + std * eps) *
+scaling_factor, with eps drawn from a generator seeded by (seed, epoch, key): the same sample gets the same noise
+whichever rank or worker reads it, and a resumed run sees exactly the batches an uninterrupted run would have seen.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import json
 import math
 import os
 import queue
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -41,9 +49,10 @@ from storage.commit import is_done
 from storage.layout import latents_dir
 from storage.parquet import read_rows
 from storage.urls import filesystem, open_url
-from storage.wds import load_npy, member_spans, npy_layout, sample_members
+from storage.wds import load_npy, member_spans, npy_layout, sample_members, ustar_member
 
 HEAD_BYTES = 4096  # read first to locate a sample's members: its tar headers and the .npy header
+NPY_HEAD = 128  # np.save's header for a 2-D float16 array (format 1.0: magic, version, length, padded dict)
 SCALING_FACTOR = 0.18215  # SD VAE latent scale, as PixArt-alpha trains
 
 
@@ -58,11 +67,16 @@ class FeatureShard:
 
 @dataclass(frozen=True)
 class Entry:
+    """One sample as its shards' indexes describe it: byte ranges, plus what lets it be read directly (the tar
+    offset of its .npy member and the fields its json would give), when the index has them."""
+
     shard: int
     key: str
     bucket: str
     latent: tuple[int, int]
     text: tuple[int, int] | None
+    text_array: tuple[int, int] | None = None  # (offset of its .t5.npy member, n_tokens)
+    latent_array: tuple[int, int, int, int | None] | None = None  # (offset of its .latent.npy, orig h, w, label)
 
 
 def feature_shards(root: str, dataset: str, base_size: int, multi_scale: bool = False,
@@ -92,13 +106,19 @@ def shard_entries(index: int, shard: FeatureShard) -> list[Entry]:
     """The samples of one shard that are ok on every side, in index order."""
     text = {}
     if shard.text is not None:
-        rows = read_rows(shard.text, ["key", "offset", "bytes", "status"])
-        text = {r["key"]: (r["offset"], r["bytes"]) for r in rows if r["status"] == "ok"}
+        for r in read_rows(shard.text):  # array_offset is absent from indexes written before it existed
+            if r["status"] == "ok":
+                direct = None if r.get("array_offset") is None else (r["array_offset"], r["n_tokens"])
+                text[r["key"]] = (r["offset"], r["bytes"]), direct
     out = []
-    for r in read_rows(shard.latents, ["key", "bucket", "offset", "bytes", "status"]):
+    for r in read_rows(shard.latents):
         if r["status"] != "ok" or (shard.text is not None and r["key"] not in text):
             continue
-        out.append(Entry(index, r["key"], r["bucket"], (r["offset"], r["bytes"]), text.get(r["key"])))
+        span, direct = text.get(r["key"], (None, None))
+        latent = None
+        if r.get("array_offset") is not None and r.get("orig_h") is not None:
+            latent = (r["array_offset"], r["orig_h"], r["orig_w"], r.get("label"))
+        out.append(Entry(index, r["key"], r["bucket"], (r["offset"], r["bytes"]), span, direct, latent))
     return out
 
 
@@ -108,12 +128,13 @@ class BucketedLoader:
 
     def __init__(self, shards: list[FeatureShard], batch_size: int, *, seed: int = 0, rank: int = 0,
                  world_size: int = 1, max_tokens: int = 120, scaling_factor: float = SCALING_FACTOR,
-                 drop_last: bool = True) -> None:
+                 drop_last: bool = True, sample_posterior: bool = True) -> None:
         if not shards:
             raise ValueError("no feature shards to load")
         self.shards, self.batch_size, self.seed = shards, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.max_tokens, self.scaling_factor, self.drop_last = max_tokens, scaling_factor, drop_last
+        self.sample_posterior = sample_posterior
         self.epoch = 0
         self.consumed: dict[int, int] = {}  # per dataloader worker: batches handed to training this epoch
         self.num_workers = 1
@@ -151,65 +172,79 @@ class BucketedLoader:
         return int.from_bytes(digest, "little") >> 1
 
     def collate(self, entries: list[Entry], files: _Files) -> dict[str, Any]:
-        """Read one planned batch straight into preallocated batch arrays: each sample's byte range is read into a
-        reused buffer, its members located by their headers and its arrays viewed in place, then copied once into
-        the batch (text padded with zeros as it lands)."""
+        """Read one planned batch straight into its batch arrays. Where the index gives a sample's array offset,
+        each array is one os.preadv into its slot of the batch, headers checked (`_Files.read_array_rows`);
+        otherwise the sample's byte range is read, its members located by their tar headers and copied in. Text is
+        padded with zeros as it lands. The first sample of a batch takes the range path: it fixes the shapes."""
         n = len(entries)
-        posterior = text = mask = None
-        img_hw = np.empty((n, 2), dtype=np.float32)
-        ratio = np.empty(n, dtype=np.float32)
-        cls = []
+        out = _Batch(n, self.max_tokens, files.arrays)
         for i, e in enumerate(entries):
             shard = self.shards[e.shard]
-            lat = sample_members(files.read(shard.latents.removesuffix(".parquet") + ".tar", e.latent), e.key)
-            arr = load_npy(lat["latent.npy"])
-            if posterior is None:
-                posterior = np.empty((n, *arr.shape), dtype=arr.dtype)
-            if arr.shape != posterior.shape[1:]:
-                raise ValueError(f"{e.key}: latent shape {arr.shape} differs from its batch's {posterior.shape[1:]}"
-                                 f" in bucket {e.bucket}")
-            posterior[i] = arr
-            meta = json.loads(bytes(lat["json"]))
-            img_hw[i], ratio[i] = meta["orig_hw"], float(meta["bucket"])
-            if "cls" in lat:
-                cls.append(int(bytes(lat["cls"])))
+            self._latent_into(out, i, e, shard.latents.removesuffix(".parquet") + ".tar", files)
             if e.text is not None:
-                url = shard.text.removesuffix(".parquet") + ".tar"
-                found = files.locate_npy(url, e.text, e.key, "t5.npy")
-                if found is None:  # not a plain ustar layout: read it whole
-                    feats = load_npy(sample_members(files.read(url, e.text), e.key)["t5.npy"])
-                    shape, dtype = feats.shape, feats.dtype
-                else:
-                    (shape, dtype, data_offset), feats = found, None
-                if text is None:
-                    text = np.empty((n, self.max_tokens, *shape[1:]), dtype=dtype)  # fp16 as stored
-                    mask = np.zeros((n, self.max_tokens), dtype=np.int64)
-                if shape[1:] != text.shape[2:] or dtype != text.dtype:
-                    raise ValueError(f"{e.key}: T5 features {dtype}{list(shape)} do not match the batch's "
-                                     f"{text.dtype}{list(text.shape[1:])}")
-                rows = min(shape[0], self.max_tokens)
-                if feats is None:  # straight from the file into the batch: no intermediate copy
-                    files.read_into(url, data_offset, text[i, :rows])
-                else:
-                    text[i, :rows] = feats[:rows]
-                text[i, rows:] = 0
-                mask[i, :rows] = 1
-        assert posterior is not None
-        # (mean + std * eps) * scaling_factor, eps from a generator seeded by (seed, epoch, key)
-        stored = torch.from_numpy(posterior).float()
-        mean, std = stored.chunk(2, dim=1)
-        eps = torch.empty_like(mean)
-        gen = torch.Generator()
-        for i, e in enumerate(entries):
-            eps[i].normal_(generator=gen.manual_seed(self._noise_seed(e.key)))
-        batch: dict[str, Any] = {"latents": mean.add_(std.mul_(eps)).mul_(self.scaling_factor),
-                                 "img_hw": torch.from_numpy(img_hw), "aspect_ratio": torch.from_numpy(ratio)}
-        if text is not None:
-            batch.update(text=torch.from_numpy(text), mask=torch.from_numpy(mask))
-        if cls:
-            batch["cls"] = torch.tensor(cls, dtype=torch.long)
+                self._text_into(out, i, e, shard.text.removesuffix(".parquet") + ".tar", files)
+        assert out.posterior is not None
+        seeds = torch.tensor([self._noise_seed(e.key) for e in entries], dtype=torch.int64)
+        posterior = torch.from_numpy(out.posterior)
+        batch: dict[str, Any] = {"img_hw": torch.from_numpy(out.img_hw), "aspect_ratio": torch.from_numpy(out.ratio)}
+        if self.sample_posterior:
+            batch["latents"] = sample_posterior(posterior, seeds, self.scaling_factor)
+        else:
+            batch.update(posterior=posterior, noise_seed=seeds)
+        if out.text is not None:
+            batch.update(text=torch.from_numpy(out.text), mask=torch.from_numpy(out.mask))
+        if out.cls:
+            if len(out.cls) != n:
+                raise ValueError(f"batch {[e.key for e in entries]}: only {len(out.cls)} of {n} samples have a class")
+            batch["cls"] = torch.tensor(out.cls, dtype=torch.long)
         batch["keys"] = [e.key for e in entries]
         return batch
+
+    def _latent_into(self, out: _Batch, i: int, e: Entry, url: str, files: _Files) -> None:
+        if out.posterior is not None and e.latent_array is not None:
+            at, h, w, label = e.latent_array
+            if files.read_array_rows(url, at, f"{e.key}.latent.npy", out.posterior[i], len(out.posterior[i]),
+                                     len(out.posterior[i])):
+                out.img_hw[i], out.ratio[i] = (h, w), float(e.bucket)
+                if label is not None:
+                    out.cls.append(int(label))
+                return
+        lat = sample_members(files.read(url, e.latent), e.key)
+        arr = load_npy(lat["latent.npy"])
+        if out.posterior is None:
+            out.posterior = files.arrays.empty((out.n, *arr.shape), arr.dtype)
+        if arr.shape != out.posterior.shape[1:]:
+            raise ValueError(f"{e.key}: latent shape {arr.shape} differs from its batch's {out.posterior.shape[1:]}"
+                             f" in bucket {e.bucket}")
+        out.posterior[i] = arr
+        meta = json.loads(bytes(lat["json"]))
+        out.img_hw[i], out.ratio[i] = meta["orig_hw"], float(meta["bucket"])
+        if "cls" in lat:
+            out.cls.append(int(bytes(lat["cls"])))
+
+    def _text_into(self, out: _Batch, i: int, e: Entry, url: str, files: _Files) -> None:
+        if out.text is not None and e.text_array is not None:
+            at, n_rows = e.text_array
+            rows = min(n_rows, self.max_tokens)
+            if files.read_array_rows(url, at, f"{e.key}.t5.npy", out.text[i], rows, n_rows):
+                out.pad(i, rows)
+                return
+        found = files.locate_npy(url, e.text, e.key, "t5.npy")
+        if found is None:  # not a plain ustar layout: read it whole
+            feats = load_npy(sample_members(files.read(url, e.text), e.key)["t5.npy"])
+            shape, dtype = feats.shape, feats.dtype
+        else:
+            (shape, dtype, data_offset), feats = found, None
+        text = out.text if out.text is not None else out.new_text(shape[1:], dtype)  # fp16 as stored
+        if shape[1:] != text.shape[2:] or dtype != text.dtype:
+            raise ValueError(f"{e.key}: T5 features {dtype}{list(shape)} do not match the batch's "
+                             f"{text.dtype}{list(text.shape[1:])}")
+        rows = min(shape[0], self.max_tokens)
+        if feats is None:  # straight from the file into the batch: no intermediate copy
+            files.read_into(url, data_offset, text[i, :rows])
+        else:
+            text[i, :rows] = feats[:rows]
+        out.pad(i, rows)
 
     def iter_stream(self, worker: int = 0, num_workers: int = 1) -> Iterator[dict[str, Any]]:
         """Batches of one stream, skipping those already consumed (resume)."""
@@ -247,6 +282,75 @@ class BucketedLoader:
         self.consumed = {int(k): int(v) for k, v in state["consumed"].items()}
 
 
+def sample_posterior(posterior: torch.Tensor, noise_seed: torch.Tensor,
+                     scaling_factor: float = SCALING_FACTOR) -> torch.Tensor:
+    """Latents [B, C, h, w] fp32 from stored posteriors [B, 2C, h, w] (mean then std):
+    (mean + std * eps) * scaling_factor, where sample i's eps comes from a generator on `posterior`'s device seeded
+    with noise_seed[i]. The loader calls it on the CPU; with `sample_posterior=False` it hands over the posterior and
+    the seeds instead, and training calls it on the GPU (same seeds; CUDA's generator draws other numbers than the
+    CPU's, so a run keeps to one kind of device)."""
+    mean, std = posterior.float().chunk(2, dim=1)
+    eps = torch.empty_like(mean)
+    gen = torch.Generator(device=posterior.device)
+    for i, seed in enumerate(noise_seed.tolist()):
+        eps[i].normal_(generator=gen.manual_seed(seed))
+    return mean.add_(std.mul_(eps)).mul_(scaling_factor)
+
+
+class _Batch:
+    """The arrays of one batch being read; text and posterior come from the pool (`ArrayPool`)."""
+
+    def __init__(self, n: int, max_tokens: int, pool: ArrayPool) -> None:
+        self.n, self.max_tokens, self.pool = n, max_tokens, pool
+        self.posterior: np.ndarray | None = None
+        self.text: np.ndarray | None = None
+        self.mask: np.ndarray | None = None
+        self.img_hw = np.empty((n, 2), dtype=np.float32)
+        self.ratio = np.empty(n, dtype=np.float32)
+        self.cls: list[int] = []
+
+    def new_text(self, row_shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        self.text = self.pool.empty((self.n, self.max_tokens, *row_shape), dtype)
+        self.mask = np.zeros((self.n, self.max_tokens), dtype=np.int64)
+        return self.text
+
+    def pad(self, i: int, rows: int) -> None:
+        """Sample i holds `rows` valid rows: zero the rest, set its mask."""
+        assert self.text is not None and self.mask is not None
+        self.text[i, rows:] = 0
+        self.mask[i, :rows] = 1
+
+
+class ArrayPool:
+    """Batch arrays handed out again once nothing outside the pool holds them, so a training loop does not pay
+    page faults and kernel zeroing for a fresh 30 MB text batch every step. An array is reused only when its
+    reference count shows the pool's own references alone: a batch the consumer still holds, a torch tensor made
+    from it by `torch.from_numpy` (its storage keeps the array alive, views included) or any numpy view of it keeps
+    it out. Contents of a reused array are stale: callers overwrite every element. At most `limit` arrays are
+    pooled (the oldest is forgotten first), so memory stays bounded whatever the mix of shapes."""
+
+    def __init__(self, limit: int = 8) -> None:
+        self.limit = limit
+        self.arrays: list[np.ndarray] = [np.empty(0)]
+        self.unheld = self._refs(0)  # calibrated: the count of an array only the pool holds
+        self.arrays.clear()
+
+    def _refs(self, i: int) -> int:
+        return sys.getrefcount(self.arrays[i])
+
+    def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        for i in range(len(self.arrays)):
+            if self.arrays[i].shape == shape and self.arrays[i].dtype == dtype and self._refs(i) == self.unheld:
+                arr = self.arrays.pop(i)
+                self.arrays.append(arr)
+                return arr
+        arr = np.empty(shape, dtype)
+        self.arrays.append(arr)
+        if len(self.arrays) > self.limit:
+            del self.arrays[0]
+        return arr
+
+
 class _Files:
     """Open tar files of one stream, and one reused read buffer (a sample's arrays are copied out of it before the
     next read). Local files are read with os.preadv (one call, no buffering layer, straight into the target);
@@ -255,6 +359,8 @@ class _Files:
     def __init__(self) -> None:
         self.open: dict[str, Any] = {}
         self.buffer = bytearray(1 << 20)
+        self.head = memoryview(bytearray(512 + NPY_HEAD))  # a member's tar header and its .npy header
+        self.arrays = ArrayPool()
 
     def read(self, tar_url: str, span: tuple[int, int]) -> memoryview:
         offset, length = span
@@ -264,12 +370,17 @@ class _Files:
         self._pread(tar_url, offset, view)
         return view
 
-    def _pread(self, tar_url: str, offset: int, view: memoryview) -> None:
+    def _file(self, tar_url: str) -> Any:
+        """An open tar: an OS file descriptor (int) for local files, an fsspec file otherwise."""
         f = self.open.get(tar_url)
         if f is None:
             fs, path = filesystem(tar_url)
             local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
             f = self.open[tar_url] = os.open(path, os.O_RDONLY) if local else open_url(tar_url, "rb")
+        return f
+
+    def _pread(self, tar_url: str, offset: int, view: memoryview) -> None:
+        f = self._file(tar_url)
         if isinstance(f, int):
             got = os.preadv(f, [view], offset)
         else:
@@ -294,6 +405,29 @@ class _Files:
             raise ValueError(f"{tar_url}: {key}.{ext} holds {size - data} data bytes, its header says "
                              f"{math.prod(shape) * dtype.itemsize}")
         return shape, dtype, span[0] + start + data
+
+    def read_array_rows(self, tar_url: str, at: int, name: str, out: np.ndarray, rows: int, n_rows: int) -> bool:
+        """Fill out[:rows] with the first rows of the stored [n_rows, ...] array `name` whose tar header starts at
+        byte `at` of a local tar, in one os.preadv: the tar header and a standard 128-byte .npy header land in a
+        scratch buffer, the rows straight in `out`. The headers are then checked: a plain ustar header with a valid
+        checksum, the member's name, and the .npy shape, dtype and size. False (out[:rows] then holds garbage) when
+        the file is remote or any check fails; the caller reads the sample's range instead, which either succeeds
+        or says what is wrong."""
+        f = self._file(tar_url)
+        if not isinstance(f, int):
+            return False
+        target = memoryview(out[:rows].reshape(-1)).cast("B")
+        if os.preadv(f, [self.head, target], at) != len(self.head) + len(target):
+            return False
+        try:
+            member = ustar_member(bytes(self.head[:512]))
+            if member is None or member[0] != name:
+                return False
+            shape, fortran, dtype, data = npy_layout(self.head[512:])
+        except ValueError:  # a bad checksum, a longer .npy header: the range read reports it, or copes
+            return False
+        return (data == NPY_HEAD and not fortran and dtype == out.dtype and shape == (n_rows, *out.shape[1:])
+                and member[1] == data + math.prod(shape) * dtype.itemsize)
 
     def read_into(self, tar_url: str, offset: int, out: np.ndarray) -> None:
         """Fill the C-contiguous array `out` with the bytes at `offset` (its first rows of a stored array)."""

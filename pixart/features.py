@@ -47,6 +47,8 @@ from storage.wds import ShardTarWriter
 Row = dict[str, Any]
 INDEX_SCHEMA = pa.schema([("key", pa.string()), ("bucket", pa.string()), ("n_tokens", pa.int32()),
                           ("offset", pa.int64()), ("bytes", pa.int64()),  # the sample's byte range in the tar
+                          ("array_offset", pa.int64()),  # where its .npy member's tar header starts (null: parse)
+                          ("orig_h", pa.int32()), ("orig_w", pa.int32()), ("label", pa.int64()),  # latents: json, cls
                           ("status", pa.string()), ("error", pa.string())])
 
 
@@ -84,11 +86,13 @@ class _Output:
     def error(self, key: str, reason: str) -> None:
         self.index.append({"key": key, "status": "error", "error": reason})
 
-    def write(self, key: str, members: dict[str, bytes], **fields: Any) -> None:
+    def write(self, key: str, members: dict[str, bytes], array: str, **fields: Any) -> None:
+        """One sample; `array` names its .npy member, whose header offset the index keeps for direct reads."""
         if self.writer is None:
             self.writer = ShardTarWriter(self.tar_url).__enter__()
         offset, length = self.writer.write({"__key__": key, **members})
-        self.index.append({"key": key, "offset": offset, "bytes": length, "status": "ok", "error": None, **fields})
+        self.index.append({"key": key, "offset": offset, "bytes": length,
+                           "array_offset": self.writer.members.get(array), "status": "ok", "error": None, **fields})
 
     def close(self, failed: BaseException | None = None) -> None:
         if self.writer is not None:
@@ -199,7 +203,8 @@ class TextShard(FeatureShard):
             self.result.stats["tokens"] += n
             meta = {"caption": self.captions[key], "n_tokens": n,
                     **({"encoded_text": text} if self.cfg.clean_caption else {})}
-            self.out.write(key, {"t5.npy": npy_bytes(f), "json": json.dumps(meta).encode()}, n_tokens=n)
+            self.out.write(key, {"t5.npy": npy_bytes(f), "json": json.dumps(meta).encode()}, "t5.npy",
+                           n_tokens=n)
 
 
 def extract_text_shard(caption_url: str, cfg: ExtractConfig, encoder: TextEncoder,
@@ -320,7 +325,8 @@ class LatentShard(FeatureShard):
             members = {"latent.npy": npy_bytes(np.concatenate([m, s])), "json": json.dumps(meta).encode()}
             if labels.get(key) is not None:
                 members["cls"] = str(labels[key]).encode()
-            self.out.write(key, members, bucket=meta["bucket"])
+            self.out.write(key, members, "latent.npy", bucket=meta["bucket"], orig_h=meta["orig_hw"][0],
+                           orig_w=meta["orig_hw"][1], label=labels.get(key))
 
     def finish(self) -> ShardResult:
         if self.done is None:

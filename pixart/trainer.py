@@ -30,7 +30,7 @@ import torch
 
 from pixart import checkpoint
 from pixart.conditions import Conditions
-from pixart.data import BucketedLoader, Prefetch, feature_shards
+from pixart.data import BucketedLoader, Prefetch, feature_shards, sample_posterior
 from pixart.diffusion import IDDPM
 from pixart.encoders import resolve_device
 from pixart.models import build_dit, build_pixart, dit_forward, init_like_pixart, pixart_forward
@@ -65,8 +65,9 @@ class Trainer:
             raise PipelineError(f"no committed feature shards for {data.dataset} at {data.base_size}"
                                 f"{'-ms' if data.multi_scale else ''} (caption set {data.caption_set}) under "
                                 f"{cfg.output_root}: run pixart extract first")
+        on_device = data.posterior == "device" or (data.posterior == "auto" and self.device.type == "cuda")
         self.loader = BucketedLoader(shards, data.batch_size, seed=data.seed, rank=rank, world_size=world_size,
-                                     max_tokens=data.max_tokens)
+                                     max_tokens=data.max_tokens, sample_posterior=not on_device)
         self.steps_per_epoch = min(
             sum(1 for _ in BucketedLoader(shards, data.batch_size, seed=data.seed, rank=r,
                                           world_size=world_size).plan()) for r in range(world_size))
@@ -147,7 +148,11 @@ class Trainer:
     def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
         cfg, dev = self.cfg, self.device
         start = time.perf_counter()
-        x0 = batch["latents"].to(dev, non_blocking=True)
+        if "latents" in batch:
+            x0 = batch["latents"].to(dev, non_blocking=True)
+        else:  # sampled here, on the training device (data.posterior)
+            x0 = sample_posterior(batch["posterior"].to(dev, non_blocking=True), batch["noise_seed"],
+                                  self.loader.scaling_factor)
         n = x0.shape[0]
         gen = step_generator(cfg.data.seed, self.step, self.rank)
         t = torch.randint(0, self.diffusion.num_timesteps, (n,), generator=gen)

@@ -43,6 +43,7 @@ class ShardTarWriter:
         self._commit = commit_shard(url)
         self._file = None
         self._tar: wds.TarWriter | None = None
+        self.members: dict[str, int] = {}  # the last sample's {ext: tar offset of the member's header}
 
     def __enter__(self) -> ShardTarWriter:
         tmp = self._commit.__enter__()
@@ -61,7 +62,9 @@ class ShardTarWriter:
         start = self._tar.tarstream.offset  # the archive position (the file itself is written in 10 KiB records)
         self._tar.write(sample)
         self.count += 1
-        return start, self._tar.tarstream.offset - start
+        end = self._tar.tarstream.offset
+        self.members = _member_offsets(sample, start, end)
+        return start, end - start
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         assert self._tar is not None
@@ -79,6 +82,20 @@ class ShardTarWriter:
         if error is not exc:
             raise error
         return False
+
+
+def _member_offsets(sample: dict[str, Any], start: int, end: int) -> dict[str, int]:
+    """{ext: offset of its header} for a sample just written as plain ustar members (one 512-byte header each, in
+    sorted order, as webdataset's TarWriter writes them); {} when the layout is anything else (a value the writer
+    encodes, or a long name that needed an extra header): readers then parse the range instead."""
+    members = sorted((k, v) for k, v in sample.items() if k != "__key__")
+    if not all(isinstance(v, (bytes, bytearray, memoryview)) for _, v in members):
+        return {}
+    out, pos = {}, start
+    for ext, value in members:
+        out[ext] = pos
+        pos += 512 + -(-memoryview(value).nbytes // 512) * 512
+    return out if pos == end else {}
 
 
 def read_sample(data: bytes) -> dict[str, bytes]:
@@ -115,23 +132,36 @@ def member_spans(head: memoryview, key: str | None = None, length: int | None = 
     pos = 0
     while pos + 512 <= min(len(head), length):
         header = bytes(head[pos:pos + 512])
-        if header[156] not in (0x30, 0) or header[124] & 0x80:  # not a plain file, or a base-256 size
-            return None
-        if header == bytes(512):
+        if header == _END_BLOCK:
             return out  # end-of-archive blocks
-        if _octal(header[148:156]) != sum(header) - sum(header[148:156]) + 256:
-            raise CorruptSampleError(f"bad tar header checksum at byte {pos} of the sample range")
-        name = header[:100].split(b"\0", 1)[0]
-        if header[257:262] == b"ustar" and header[345] != 0:
-            name = header[345:500].split(b"\0", 1)[0] + b"/" + name
-        size, start = _octal(header[124:136]), pos + 512
+        member = ustar_member(header, f"at byte {pos} of the sample range")
+        if member is None:
+            return None
+        name, size = member
+        start = pos + 512
         if start + size > length:
             raise CorruptSampleError(f"tar member {name!r} runs past the end of the sample range")
-        out[_ext(name.decode(), key)] = (start, size)
+        out[_ext(name, key)] = (start, size)
         pos = start + -(-size // 512) * 512
     if len(head) >= length and pos != length:  # a whole range ends exactly where its last member's padding does
         raise CorruptSampleError(f"the sample range ends inside a tar member or header (byte {pos} of {length})")
     return out
+
+
+_END_BLOCK = bytes(512)
+
+
+def ustar_member(header: bytes, where: str = "") -> tuple[str, int] | None:
+    """(name, size) of a plain ustar file header (512 bytes), checksum checked; None for any other kind (pax
+    records, GNU long names, links, base-256 sizes)."""
+    if header[156] not in (0x30, 0) or header[124] & 0x80:
+        return None
+    if _octal(header[148:156]) != sum(header) - sum(header[148:156]) + 256:
+        raise CorruptSampleError(f"bad tar header checksum {where}".rstrip())
+    name = header[:100].split(b"\0", 1)[0]
+    if header[345] != 0 and header[257:262] == b"ustar":
+        name = header[345:500].split(b"\0", 1)[0] + b"/" + name
+    return name.decode(), _octal(header[124:136])
 
 
 def _octal(field: bytes) -> int:

@@ -58,6 +58,19 @@ def test_latents_are_sampled_from_the_stored_posterior(features):
     assert abs(float(eps.mean())) < 0.5 and 0.5 < float(eps.std()) < 1.5  # standard normal noise
 
 
+def test_the_posterior_can_be_handed_over_for_sampling_on_the_device(features):
+    from pixart.data import sample_posterior
+
+    shards = feature_shards(features, "sam", 512, multi_scale=True, caption_set="tiny")
+    sampled = all_batches(BucketedLoader(shards, batch_size=2, seed=4, drop_last=False))
+    stored = all_batches(BucketedLoader(shards, batch_size=2, seed=4, drop_last=False, sample_posterior=False))
+    for x, y in zip(sampled, stored, strict=True):
+        assert "latents" not in y and y["posterior"].dtype == torch.float16 and y["noise_seed"].dtype == torch.int64
+        assert y["posterior"].shape[1] == 2 * x["latents"].shape[1]
+        assert torch.equal(sample_posterior(y["posterior"], y["noise_seed"]), x["latents"])
+        assert torch.equal(x["text"], y["text"]) and x["keys"] == y["keys"]
+
+
 def test_same_seed_and_epoch_give_the_same_batches_and_epochs_differ(features):
     shards = feature_shards(features, "sam", 512, multi_scale=True, caption_set="tiny")
     a = all_batches(BucketedLoader(shards, batch_size=1, seed=7))
@@ -106,15 +119,16 @@ def test_imagenet_batches_carry_class_labels(features):
     assert batch["cls"].tolist() == [labels[k] for k in batch["keys"]] and "text" not in batch
 
 
-def edit_text_index(monkeypatch, edit):
-    """Make the loader see shard sa_000000's text index rows as `edit(rows)` leaves them."""
+def edit_text_index(monkeypatch, edit, suffix="/text/tiny/sa_000000.parquet"):
+    """Make the loader see the rows of the index whose URL ends with `suffix` (default: shard sa_000000's text
+    index) as `edit(rows)` leaves them."""
     import pixart.data as data
 
     real = data.read_rows
 
     def edited(url, columns=None):
         rows = real(url, columns)
-        if url.endswith("/text/tiny/sa_000000.parquet"):
+        if url.endswith(suffix):
             edit(rows)
         return rows
 
@@ -128,19 +142,82 @@ def test_a_key_without_text_features_is_skipped(features, monkeypatch):
     assert len(keys) == 7 and len(set(keys)) == 7
 
 
-def test_text_read_straight_into_the_batch_equals_reading_the_range_whole(features, monkeypatch):
-    """The direct read (headers located, data read into the batch) and the fallback (range read whole, parsed,
-    copied) give identical batches; shards written by other tar writers take the fallback."""
+def test_the_three_read_paths_give_identical_batches(features, monkeypatch):
+    """Arrays read straight into the batch at the index's array_offset (one read, headers checked), located by their
+    headers in the sample's first bytes (indexes written before array_offset existed), and the sample's range read
+    whole and parsed (shards from other tar writers): the same batches."""
     import pixart.data as data
 
     shards = feature_shards(features, "sam", 512, multi_scale=True, caption_set="tiny")
     direct = all_batches(BucketedLoader(shards, batch_size=2, seed=5, drop_last=False))
+    assert all(e.text_array and e.latent_array for i, s in enumerate(shards) for e in data.shard_entries(i, s))
+    calls = []
+    real = data._Files.read_array_rows
+    monkeypatch.setattr(data._Files, "read_array_rows", lambda self, *a: calls.append(a[2]) or real(self, *a))
+    assert all_batches(BucketedLoader(shards, batch_size=2, seed=5, drop_last=False))[0]["keys"] == direct[0]["keys"]
+    assert {c.split(".", 1)[1] for c in calls} == {"t5.npy", "latent.npy"}  # the direct path was taken
+
+    def old_index(rows):  # as written before the columns existed
+        for r in rows:
+            for k in ("array_offset", "orig_h", "orig_w", "label"):
+                r.pop(k, None)
+
+    edit_text_index(monkeypatch, old_index, suffix=".parquet")
+    located = all_batches(BucketedLoader(shards, batch_size=2, seed=5, drop_last=False))
     monkeypatch.setattr(data._Files, "locate_npy", lambda self, *a: None)
     whole = all_batches(BucketedLoader(shards, batch_size=2, seed=5, drop_last=False))
-    assert [b["keys"] for b in direct] == [b["keys"] for b in whole]
-    for x, y in zip(direct, whole, strict=True):
-        assert all(torch.equal(x[k], y[k]) for k in ("latents", "text", "mask", "img_hw", "aspect_ratio"))
-        assert x["text"].dtype == torch.float16
+    for other in (located, whole):
+        assert [b["keys"] for b in direct] == [b["keys"] for b in other]
+        for x, y in zip(direct, other, strict=True):
+            assert all(torch.equal(x[k], y[k]) for k in ("latents", "text", "mask", "img_hw", "aspect_ratio"))
+            assert x["text"].dtype == torch.float16
+
+
+def test_an_array_offset_that_points_elsewhere_falls_back_to_the_range(features, monkeypatch):
+    """A direct read whose headers do not check out (another key's member, bytes that are no header) is redone
+    from the sample's byte range: the batch is still right."""
+    shards = feature_shards(features, "sam", 256, caption_set="tiny")
+    good = all_batches(BucketedLoader(shards, batch_size=4, seed=1))
+
+    def scramble(rows):
+        rows[0]["array_offset"], rows[1]["array_offset"] = rows[1]["array_offset"], rows[0]["array_offset"]
+        rows[2]["array_offset"] += 7
+        rows[3]["array_offset"] = 0
+
+    edit_text_index(monkeypatch, scramble)
+    edit_text_index(monkeypatch, scramble, suffix="/latents/256/sa_000000.parquet")
+    bad = all_batches(BucketedLoader(shards, batch_size=4, seed=1))
+    assert [b["keys"] for b in good] == [b["keys"] for b in bad]
+    for x, y in zip(good, bad, strict=True):
+        assert all(torch.equal(x[k], y[k]) for k in ("latents", "text", "mask", "img_hw"))
+
+
+def test_text_arrays_are_reused_only_once_nothing_holds_them():
+    from pixart.data import ArrayPool
+
+    pool = ArrayPool(limit=3)
+    ptr = lambda arr: arr.__array_interface__["data"][0]  # noqa: E731
+    tensor_view = torch.from_numpy(pool.empty((2, 3), np.float16))[1:]  # a view keeps the array alive (its storage)
+    first = tensor_view.data_ptr() - 6
+    assert ptr(pool.empty((2, 3), np.float16)) != first  # held: a new one
+    del tensor_view
+    numpy_view = pool.empty((2, 3), np.float16)[0]
+    assert ptr(numpy_view) == first  # released: reused
+    assert ptr(pool.empty((2, 3), np.float16)) != first
+    del numpy_view
+    assert first in {ptr(pool.empty((2, 3), np.float16)) for _ in range(2)}
+    assert pool.empty((4, 3), np.float16).shape == (4, 3) and pool.empty((2, 3), np.float32).dtype == np.float32
+    assert len(pool.arrays) == 3  # bounded: the oldest is forgotten
+
+
+def test_a_held_batch_is_never_overwritten(features):
+    """Batches kept by the consumer (a training loop that keeps a few) keep their values while later ones load."""
+    shards = feature_shards(features, "sam", 256, caption_set="tiny")
+    held = list(BucketedLoader(shards, batch_size=2, seed=3))
+    again = all_batches(BucketedLoader(shards, batch_size=2, seed=3))
+    assert len({b["text"].data_ptr() for b in held}) == len(held)
+    for x, y in zip(held, again, strict=True):
+        assert torch.equal(x["text"], y["text"]) and torch.equal(x["mask"], y["mask"])
 
 
 def test_an_index_pointing_at_the_wrong_bytes_is_a_clear_error(features, monkeypatch):

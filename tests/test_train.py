@@ -204,6 +204,19 @@ def test_caption_dropout_swaps_a_tenth_of_captions_for_the_null_caption(features
     assert torch.equal(out_text[0], text[0]) and torch.equal(out_mask[2], mask[2])
 
 
+def test_sampling_the_posterior_in_the_step_gives_the_same_run(features):
+    """data.posterior=device (the loader hands over the posterior and seeds, the step samples): on the CPU the same
+    losses as sampling in the loader."""
+    runs = []
+    for name, where in (("post-loader", "loader"), ("post-device", "device")):
+        cfg = config(features, "tiny-stage1", name, "schedule.max_steps=3", f"data.posterior={where}")
+        prepare_run(cfg)
+        trainer = Trainer(cfg)
+        assert trainer.loader.sample_posterior == (where == "loader")
+        runs.append(losses(trainer))
+    assert runs[0] == runs[1] and len(runs[0]) == 3
+
+
 def test_stage1_runs_are_deterministic(features):
     """Label dropout is the step's seeded one: diffusers' own (global RNG, per block) is switched off."""
     runs = []
