@@ -9,11 +9,12 @@
     # sample_posterior(batch["posterior"].cuda(), batch["noise_seed"]) on the GPU
     state = loader.state_dict()     # resume mid-epoch: load_state_dict(state) replays exactly the remaining batches
 
-How a batch is planned. Only the parquet indexes are read to plan: the epoch's shard order is a permutation seeded
-by (seed, epoch); shard i goes to stream i mod (world_size x dataloader workers), so ranks and workers never share
-a shard; within a shard the keys are shuffled (seed, epoch, shard). Each stream fills one buffer per bucket and emits
-a batch whenever a buffer reaches `batch_size`, as PixArt's AspectRatioBatchSampler does; with drop_last the
-leftovers are dropped. Text and latents are joined by key (a key missing or in error on either side is skipped).
+How a batch is planned. Only the parquet indexes are read to plan: shard i goes to stream i mod (world_size x
+dataloader workers), so ranks and workers never share a shard; a stream's shards come in an order permuted by
+(seed, epoch), and within a shard the keys are shuffled (seed, epoch, shard). Each stream fills one buffer per
+bucket and emits a batch whenever a buffer reaches `batch_size`, as PixArt's AspectRatioBatchSampler does; with
+drop_last the leftovers are dropped, so a stream yields the same number of batches every epoch. Text and latents
+are joined by key (a key missing or in error on either side is skipped).
 
 How a batch is read. The indexes give each sample's byte range and (those with `array_offset`) the offset of its
 .npy member and the fields its json holds (orig size, class). Such arrays are read with one os.preadv each: the
@@ -102,6 +103,24 @@ def _rng(*parts: Any) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
+def batches_per_rank(shards: list[FeatureShard], batch_size: int, world_size: int, threads: int = 16) -> list[int]:
+    """Full batches (drop_last) that each rank's loader yields per epoch, the same in every epoch: per rank, the sum
+    over buckets of (samples of that bucket in its shards) // batch_size, since each bucket's buffer carries across
+    shards. Every index is read once, `threads` at a time (object stores answer in parallel)."""
+    from collections import Counter
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, min(threads, len(shards)))) as pool:
+        counts = list(pool.map(lambda item: Counter(e.bucket for e in shard_entries(*item)), enumerate(shards)))
+    out = []
+    for rank in range(world_size):
+        total: Counter = Counter()
+        for i in range(rank, len(shards), world_size):
+            total.update(counts[i])
+        out.append(sum(n // batch_size for n in total.values()))
+    return out
+
+
 def shard_entries(index: int, shard: FeatureShard) -> list[Entry]:
     """The samples of one shard that are ok on every side, in index order."""
     text = {}
@@ -146,9 +165,13 @@ class BucketedLoader:
             self.epoch, self.consumed = epoch, {}
 
     def stream_shards(self, worker: int = 0, num_workers: int = 1) -> list[int]:
+        """This stream's shards in this epoch's order. Which shards a stream gets is fixed (shard i goes to stream
+        i mod streams), only their order changes by epoch: so every epoch gives each rank the same number of
+        batches (`batches_per_rank`), and equal step counts across ranks hold in every epoch."""
         order = _rng(self.seed, self.epoch).permutation(len(self.shards)).tolist()
         streams = self.world_size * num_workers
-        return order[self.rank * num_workers + worker::streams]
+        stream = self.rank * num_workers + worker
+        return [i for i in order if i % streams == stream]
 
     def plan(self, worker: int = 0, num_workers: int = 1) -> Iterator[list[Entry]]:
         """The batches of one stream this epoch, in order, from the indexes alone."""

@@ -30,7 +30,7 @@ import torch
 
 from pixart import checkpoint
 from pixart.conditions import Conditions
-from pixart.data import BucketedLoader, Prefetch, feature_shards, sample_posterior
+from pixart.data import BucketedLoader, Prefetch, batches_per_rank, feature_shards, sample_posterior
 from pixart.diffusion import IDDPM
 from pixart.encoders import resolve_device
 from pixart.models import build_dit, build_pixart, dit_forward, init_like_pixart, pixart_forward
@@ -68,9 +68,7 @@ class Trainer:
         on_device = data.posterior == "device" or (data.posterior == "auto" and self.device.type == "cuda")
         self.loader = BucketedLoader(shards, data.batch_size, seed=data.seed, rank=rank, world_size=world_size,
                                      max_tokens=data.max_tokens, sample_posterior=not on_device)
-        self.steps_per_epoch = min(
-            sum(1 for _ in BucketedLoader(shards, data.batch_size, seed=data.seed, rank=r,
-                                          world_size=world_size).plan()) for r in range(world_size))
+        self.steps_per_epoch = min(batches_per_rank(shards, data.batch_size, world_size))
         if self.steps_per_epoch == 0:
             raise PipelineError(f"a rank gets no full batch of {data.batch_size} per epoch ({len(shards)} shards "
                                 f"over {world_size} workers): lower data.batch_size or add shards")
@@ -142,6 +140,10 @@ class Trainer:
                 yield batch
                 if self.loader.consumed[0] >= self.steps_per_epoch:
                     break
+            else:  # ran dry before steps_per_epoch: retrying the same epoch would spin, and the ranks would part
+                raise PipelineError(f"rank {self.rank}: epoch {epoch} gave {self.loader.consumed.get(0, 0)} batches, "
+                                    f"fewer than the {self.steps_per_epoch} steps per epoch counted at the start; "
+                                    "did the feature shards change under the run?")
 
     # -- one step -----------------------------------------------------------------------------------------------------
 

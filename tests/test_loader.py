@@ -96,6 +96,22 @@ def test_ranks_and_dataloader_workers_split_without_duplicates_or_losses(feature
     assert sorted(k for b in dl for k in b["keys"]) == everything
 
 
+def test_each_rank_gets_the_same_number_of_batches_in_every_epoch(features):
+    """Training runs steps_per_epoch = min over ranks of batches_per_rank; a rank that got fewer batches in some
+    epoch would stall the others (its loader runs dry while they wait in the all-reduce)."""
+    from pixart.data import batches_per_rank
+
+    shards = feature_shards(features, "sam", 512, multi_scale=True, caption_set="tiny")
+    shards = shards + shards[:1]  # three shards over two ranks: uneven on purpose
+    for world, batch_size in ((2, 1), (2, 2), (3, 1)):
+        expected = batches_per_rank(shards, batch_size, world)
+        for epoch in range(4):
+            for rank in range(world):
+                loader = BucketedLoader(shards, batch_size=batch_size, rank=rank, world_size=world, seed=epoch)
+                loader.set_epoch(epoch)
+                assert sum(1 for _ in loader.plan()) == expected[rank], (world, batch_size, epoch, rank)
+
+
 def test_resume_mid_epoch_replays_exactly_the_remaining_batches(features):
     shards = feature_shards(features, "sam", 512, multi_scale=True, caption_set="tiny")
     full = all_batches(BucketedLoader(shards, batch_size=1, seed=3))

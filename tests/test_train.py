@@ -10,7 +10,7 @@ from pixart.prepare import prepare_run
 from pixart.train_config import TrainConfig
 from pixart.trainer import NonFiniteLossError, Trainer
 from storage.configio import load_config
-from storage.errors import ConfigError
+from storage.errors import ConfigError, PipelineError
 
 
 def config(root, preset, run, *overrides, t5=None, vae=None):
@@ -215,6 +215,15 @@ def test_sampling_the_posterior_in_the_step_gives_the_same_run(features):
         assert trainer.loader.sample_posterior == (where == "loader")
         runs.append(losses(trainer))
     assert runs[0] == runs[1] and len(runs[0]) == 3
+
+
+def test_an_epoch_that_runs_dry_is_an_error_not_a_hang(features):
+    cfg = config(features, "tiny-stage1", "dry", "schedule.max_steps=50")
+    prepare_run(cfg)
+    trainer = Trainer(cfg)
+    trainer.steps_per_epoch += 1  # as if the shards lost samples after the count
+    with pytest.raises(PipelineError, match="fewer than the"):
+        list(trainer.fit())
 
 
 def test_stage1_runs_are_deterministic(features):
