@@ -47,6 +47,7 @@ import torch
 from pixart.config import ExtractConfig
 from pixart.features import latent_urls, text_urls
 from storage.commit import is_done
+from storage.errors import SourceError
 from storage.layout import latents_dir
 from storage.parquet import read_rows
 from storage.urls import filesystem, open_url
@@ -201,11 +202,17 @@ class BucketedLoader:
         padded with zeros as it lands. The first sample of a batch takes the range path: it fixes the shapes."""
         n = len(entries)
         out = _Batch(n, self.max_tokens, files.arrays)
-        for i, e in enumerate(entries):
-            shard = self.shards[e.shard]
-            self._latent_into(out, i, e, shard.latents.removesuffix(".parquet") + ".tar", files)
-            if e.text is not None:
-                self._text_into(out, i, e, shard.text.removesuffix(".parquet") + ".tar", files)
+        tars = [self._tars(e) for e in entries]
+        ranges = []
+        for e, (latent_tar, text_tar) in zip(entries, tars, strict=True):
+            ranges.append((latent_tar, e.latent))
+            if text_tar is not None:
+                ranges.append((text_tar, e.text))
+        files.fetch(ranges)  # remote tars: the whole batch's ranges at once
+        for i, (e, (latent_tar, text_tar)) in enumerate(zip(entries, tars, strict=True)):
+            self._latent_into(out, i, e, latent_tar, files)
+            if text_tar is not None:
+                self._text_into(out, i, e, text_tar, files)
         assert out.posterior is not None
         seeds = torch.tensor([self._noise_seed(e.key) for e in entries], dtype=torch.int64)
         posterior = torch.from_numpy(out.posterior)
@@ -222,6 +229,11 @@ class BucketedLoader:
             batch["cls"] = torch.tensor(out.cls, dtype=torch.long)
         batch["keys"] = [e.key for e in entries]
         return batch
+
+    def _tars(self, e: Entry) -> tuple[str, str | None]:
+        shard = self.shards[e.shard]
+        text = None if e.text is None or shard.text is None else shard.text.removesuffix(".parquet") + ".tar"
+        return shard.latents.removesuffix(".parquet") + ".tar", text
 
     def _latent_into(self, out: _Batch, i: int, e: Entry, url: str, files: _Files) -> None:
         if out.posterior is not None and e.latent_array is not None:
@@ -376,16 +388,50 @@ class ArrayPool:
 
 class _Files:
     """Open tar files of one stream, and one reused read buffer (a sample's arrays are copied out of it before the
-    next read). Local files are read with os.preadv (one call, no buffering layer, straight into the target);
-    remote ones through fsspec."""
+    next read). Local files are read with os.preadv (one call, no buffering layer, straight into the target).
+    Remote ones (s3://, gs://...) get each batch's sample ranges fetched at once beforehand (`fetch`): exact range
+    requests, concurrent where the filesystem is async, instead of one buffered file read per sample."""
 
     def __init__(self) -> None:
         self.open: dict[str, Any] = {}
+        self.local: dict[str, bool] = {}
+        self.fetched: dict[tuple[str, tuple[int, int]], bytes] = {}
         self.buffer = bytearray(1 << 20)
         self.head = memoryview(bytearray(512 + NPY_HEAD))  # a member's tar header and its .npy header
         self.arrays = ArrayPool()
 
+    def is_local(self, tar_url: str) -> bool:
+        found = self.local.get(tar_url)
+        if found is None:
+            protocol = filesystem(tar_url)[0].protocol
+            found = self.local[tar_url] = "file" in (protocol if isinstance(protocol, tuple) else (protocol,))
+        return found
+
+    def fetch(self, ranges: list[tuple[str, tuple[int, int]]]) -> None:
+        """Fetch the given (tar URL, (offset, length)) ranges of remote tars with one fsspec `cat_ranges` call per
+        filesystem (s3fs and other async filesystems send the requests concurrently); `read` then serves them from
+        memory, once each. Local ranges are skipped: they are read with os.preadv when needed."""
+        groups: dict[int, tuple[Any, list[tuple[str, str, tuple[int, int]]]]] = {}
+        for url, span in ranges:
+            if not self.is_local(url) and (url, span) not in self.fetched:
+                fs, path = filesystem(url)
+                groups.setdefault(id(fs), (fs, []))[1].append((url, path, span))
+        for fs, items in groups.values():
+            got = fs.cat_ranges([p for _, p, _ in items], [sp[0] for _, _, sp in items],
+                                [sp[0] + sp[1] for _, _, sp in items], on_error="return")
+            for (url, _, (offset, length)), data in zip(items, got, strict=True):
+                if isinstance(data, BaseException):
+                    raise SourceError(f"{url}: reading bytes {offset}-{offset + length} failed: "
+                                      f"{type(data).__name__}: {data}") from data
+                if len(data) != length:
+                    raise ValueError(f"{url}: short read at byte {offset} ({len(data)} of {length} bytes): "
+                                     "truncated shard?")
+                self.fetched[(url, (offset, length))] = data
+
     def read(self, tar_url: str, span: tuple[int, int]) -> memoryview:
+        data = self.fetched.pop((tar_url, span), None)
+        if data is not None:
+            return memoryview(data)
         offset, length = span
         if length > len(self.buffer):
             self.buffer = bytearray(length)
@@ -397,9 +443,8 @@ class _Files:
         """An open tar: an OS file descriptor (int) for local files, an fsspec file otherwise."""
         f = self.open.get(tar_url)
         if f is None:
-            fs, path = filesystem(tar_url)
-            local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-            f = self.open[tar_url] = os.open(path, os.O_RDONLY) if local else open_url(tar_url, "rb")
+            path = filesystem(tar_url)[1]
+            f = self.open[tar_url] = os.open(path, os.O_RDONLY) if self.is_local(tar_url) else open_url(tar_url, "rb")
         return f
 
     def _pread(self, tar_url: str, offset: int, view: memoryview) -> None:
@@ -415,7 +460,10 @@ class _Files:
     def locate_npy(self, tar_url: str, span: tuple[int, int], key: str, ext: str
                    ) -> tuple[tuple[int, ...], np.dtype, int] | None:
         """(shape, dtype, file offset of the data) of one sample's C-order .npy member, from the first bytes of its
-        range; None where the headers do not fit there or are not plain ustar (then read the range whole)."""
+        range; None where the headers do not fit there or are not plain ustar, or the tar is remote (then read the
+        range whole: it was fetched with the batch)."""
+        if not self.is_local(tar_url):
+            return None
         head = self.read(tar_url, (span[0], min(span[1], HEAD_BYTES)))
         spans = member_spans(head, key, span[1])
         if spans is None or ext not in spans or spans[ext][0] + min(spans[ext][1], 1024) > len(head):
@@ -436,9 +484,9 @@ class _Files:
         checksum, the member's name, and the .npy shape, dtype and size. False (out[:rows] then holds garbage) when
         the file is remote or any check fails; the caller reads the sample's range instead, which either succeeds
         or says what is wrong."""
-        f = self._file(tar_url)
-        if not isinstance(f, int):
+        if not self.is_local(tar_url):
             return False
+        f = self._file(tar_url)
         target = memoryview(out[:rows].reshape(-1)).cast("B")
         if os.preadv(f, [self.head, target], at) != len(self.head) + len(target):
             return False
