@@ -73,6 +73,8 @@ class ModelConfig(StrictModel):
                                               "pe_interpolation(resolution).")
     multi_scale: bool = Field(False, description="Add the resolution / aspect-ratio micro-condition embedders "
                               "(PixArtMS, stage 3 at 1024).")
+    compile: bool = Field(False, description="torch.compile the training forward (inductor; the first steps "
+                          "compile). Checkpoints and EMA keep the plain module, so nothing else changes.")
 
     @field_validator("preset")
     @classmethod

@@ -79,6 +79,8 @@ class Trainer:
         self.model = self._init_model().to(self.device).train()
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval() if cfg.optim.ema_decay else None
         self.forward_model = wrap(self.model) if wrap else self.model
+        if cfg.model.compile:
+            self.forward_model = torch.compile(self.forward_model)
         self.lr = cfg.optim.lr * (math.sqrt(data.batch_size * world_size / 256) if cfg.optim.lr_scaling == "sqrt"
                                   else 1.0)
         self.optimizer = torch.optim.AdamW(self.forward_model.parameters(), lr=self.lr, betas=cfg.optim.betas,

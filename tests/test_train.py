@@ -217,6 +217,21 @@ def test_sampling_the_posterior_in_the_step_gives_the_same_run(features):
     assert runs[0] == runs[1] and len(runs[0]) == 3
 
 
+def test_a_compiled_model_trains_like_the_eager_one(features, tiny_t5_encoder):
+    """model.compile=true (torch.compile, inductor): the same losses within float tolerance, and checkpoints keep
+    the plain module's parameter names."""
+    runs = []
+    for name, flag in (("eager", "false"), ("compiled", "true")):
+        cfg = config(features, "tiny-stage2", name, "schedule.max_steps=2", f"model.compile={flag}",
+                     t5=tiny_t5_encoder)
+        prepare_run(cfg)
+        trainer = Trainer(cfg)
+        runs.append(losses(trainer))
+    assert torch.allclose(torch.tensor(runs[0]), torch.tensor(runs[1]), rtol=1e-4, atol=1e-5), runs
+    assert type(trainer.forward_model).__name__ == "OptimizedModule"
+    assert not any(k.startswith("_orig_mod") for k in trainer.model.state_dict())
+
+
 def test_an_epoch_that_runs_dry_is_an_error_not_a_hang(features):
     cfg = config(features, "tiny-stage1", "dry", "schedule.max_steps=50")
     prepare_run(cfg)
