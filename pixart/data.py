@@ -484,7 +484,7 @@ class _Files:
         checksum, the member's name, and the .npy shape, dtype and size. False (out[:rows] then holds garbage) when
         the file is remote or any check fails; the caller reads the sample's range instead, which either succeeds
         or says what is wrong."""
-        if not self.is_local(tar_url):
+        if not self.is_local(tar_url) or at < 0 or not 0 <= rows <= min(n_rows, len(out)):
             return False
         f = self._file(tar_url)
         target = memoryview(out[:rows].reshape(-1)).cast("B")

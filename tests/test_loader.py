@@ -195,14 +195,27 @@ def test_an_array_offset_that_points_elsewhere_falls_back_to_the_range(features,
     shards = feature_shards(features, "sam", 256, caption_set="tiny")
     good = all_batches(BucketedLoader(shards, batch_size=4, seed=1))
 
-    def scramble(rows):
+    def scramble_text(rows):
+        assert len(rows) == 4
         rows[0]["array_offset"], rows[1]["array_offset"] = rows[1]["array_offset"], rows[0]["array_offset"]
         rows[2]["array_offset"] += 7
-        rows[3]["array_offset"] = 0
+        rows[3]["array_offset"], rows[3]["n_tokens"] = 0, -3
 
-    edit_text_index(monkeypatch, scramble)
-    edit_text_index(monkeypatch, scramble, suffix="/latents/256/sa_000000.parquet")
+    def scramble_latents(rows):
+        rows[0]["array_offset"], rows[1]["array_offset"] = rows[1]["array_offset"], rows[0]["array_offset"]
+        rows[2]["array_offset"] = -512
+        rows[3]["array_offset"] = 1 << 40  # past the end: a short read
+
+    import pixart.data as data
+
+    edit_text_index(monkeypatch, scramble_text)
+    edit_text_index(monkeypatch, scramble_latents, suffix="/latents/256/sa_000000.parquet")
+    refused = []
+    real = data._Files.read_array_rows
+    monkeypatch.setattr(data._Files, "read_array_rows",
+                        lambda self, *a: real(self, *a) or refused.append(a[2]) or False)
     bad = all_batches(BucketedLoader(shards, batch_size=4, seed=1))
+    assert len(refused) >= 4  # direct reads refused, then redone from the range
     assert [b["keys"] for b in good] == [b["keys"] for b in bad]
     for x, y in zip(good, bad, strict=True):
         assert all(torch.equal(x[k], y[k]) for k in ("latents", "text", "mask", "img_hw"))
