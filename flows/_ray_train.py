@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pixart.prepare import check_features, prepare_conditions
 from pixart.train_config import TrainConfig
 from storage.urls import filesystem, protocol_of
 
@@ -62,13 +63,29 @@ def _loop(config: dict[str, Any]) -> None:
                  report=report)
 
 
-def run_ray(cfg: TrainConfig, *, fail_once_at: tuple[int, str] | None = None) -> dict[str, Any]:
-    """Run the stage on Ray Train; returns the final metrics. `fail_once_at=(step, marker_path)` makes rank 0 raise
-    once after that step (tests of the automatic resume)."""
+def encode_conditions(cfg: TrainConfig, text_width: int | None) -> None:
+    """`prepare_conditions` as a Ray task: on a GPU worker when the run uses GPUs, so the driver never loads T5."""
+    import ray
+
+    task = ray.remote(num_gpus=1 if cfg.ray.use_gpu else 0, max_retries=0)(prepare_conditions)
+    try:
+        ray.get(task.remote(cfg, text_width))
+    except ray.exceptions.RayTaskError as e:
+        cause = e.as_instanceof_cause()
+        raise (cause.cause if isinstance(getattr(cause, "cause", None), Exception) else cause) from None
+
+
+def run_ray(cfg: TrainConfig, *, text_width: int | None = None,
+            fail_once_at: tuple[int, str] | None = None) -> dict[str, Any]:
+    """Run the stage on Ray Train; returns the final metrics. The run's conditions (null caption, sample prompts)
+    are encoded first in a Ray task unless already stored (`text_width`: the features', checked against the T5;
+    read from the features when not given).
+    `fail_once_at=(step, marker_path)` makes rank 0 raise once after that step (tests of the automatic resume)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     ensure_ray(cfg)
+    encode_conditions(cfg, check_features(cfg)["text_width"] if text_width is None else text_width)
     fs, path = filesystem(cfg.output_root)
     storage = str(Path(path, "runs", cfg.run, "ray").resolve()) if protocol_of(fs) in ("file", "local") else None
     trainer = TorchTrainer(

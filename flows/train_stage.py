@@ -26,14 +26,15 @@ def load_train_config(config: str, overrides: list[str] | None = None, init: str
 def run_training(cfg: TrainConfig, log: Callable[[str], None] = print,
                  progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train `cfg` to schedule.max_steps (resuming a run of the same name); returns the cost summary."""
-    found = prepare_run(cfg)  # refuses contradicting presets before any worker (or GPU) starts
+    # refuses contradicting presets before any worker (or GPU) starts; on Ray the conditions are encoded in a task
+    found = prepare_run(cfg, encode=cfg.executor != "ray")
     log(f"stage {cfg.stage} run {cfg.run}: {found['shards']} feature shards of {cfg.data.dataset}, "
         f"{cfg.model.preset} at {cfg.resolution}{' multi-scale' if cfg.data.multi_scale else ''}, "
         f"{cfg.schedule.max_steps} steps, executor {cfg.executor}; metrics: {metrics_url(cfg.output_root, cfg.run)}")
     if cfg.executor == "ray":
         from flows._ray_train import run_ray
 
-        run_ray(cfg)
+        run_ray(cfg, text_width=found["text_width"])
         with open_url(join(run_dir(cfg.output_root, cfg.run), "summary.json"), "rb") as f:
             return {**json.loads(f.read()), "run": cfg.run}
     from pixart.run import train_worker

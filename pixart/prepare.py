@@ -46,12 +46,23 @@ def check_features(cfg: TrainConfig) -> dict[str, Any]:
     return {"shards": len(shards), **found}
 
 
-def prepare_run(cfg: TrainConfig) -> dict[str, Any]:
+def prepare_run(cfg: TrainConfig, encode: bool = True) -> dict[str, Any]:
+    """Check the features against the preset and save the resolved config; with `encode`, also encode the run's
+    conditions here. The Ray executor passes encode=False and runs `prepare_conditions` in a GPU task instead, so the
+    driver never loads T5-XXL (19 GB in fp32 on a CPU-only head node)."""
     found = check_features(cfg)
-    if cfg.stage > 1:
-        cond = Conditions.prepare(cfg)
-        if cond.width != found["text_width"]:
-            raise ConfigError(f"t5_model {cfg.t5_model!r} is {cond.width} wide but the features are "
-                              f"{found['text_width']} wide: set t5_model to the encoder that made the features")
+    if encode:
+        prepare_conditions(cfg, found["text_width"])
     write_atomic(join(run_dir(cfg.output_root, cfg.run), "config.yaml"), dump_yaml(cfg).encode())
     return found
+
+
+def prepare_conditions(cfg: TrainConfig, text_width: int | None) -> None:
+    """Encode (or find stored) the null caption and sample prompts with the run's T5, whose width must be the
+    features' `text_width`. Stage 1 has none."""
+    if cfg.stage == 1:
+        return
+    cond = Conditions.prepare(cfg)
+    if cond.width != text_width:
+        raise ConfigError(f"t5_model {cfg.t5_model!r} is {cond.width} wide but the features are "
+                          f"{text_width} wide: set t5_model to the encoder that made the features")

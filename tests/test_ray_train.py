@@ -20,15 +20,22 @@ def losses(root, run):
 def test_two_workers_resume_after_a_failure_with_identical_losses(features, tiny_t5_encoder, tiny_vae, tmp_path):
     import ray
 
-    from flows._ray_train import run_ray
+    from flows._ray_train import encode_conditions, run_ray
+    from pixart.conditions import conditions_url
+    from storage.errors import ConfigError
+    from storage.urls import exists
 
     overrides = ("executor=ray", "ray.num_workers=2", "ray.max_failures=1", "data.batch_size=1",
                  "schedule.max_steps=4", "schedule.checkpoint_every=2", "ray.object_store_memory=200000000")
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False)
     try:
         plain = config(features, "tiny-stage2", "ray-plain", *overrides, t5=tiny_t5_encoder, vae=tiny_vae)
-        prepare_run(plain)
-        run_ray(plain)
+        found = prepare_run(plain, encode=False)  # as the flow does for executor=ray: no T5 on the driver
+        assert not exists(conditions_url(plain))
+        run_ray(plain, text_width=found["text_width"])  # encoded in a Ray task first
+        assert exists(conditions_url(plain))
+        with pytest.raises(ConfigError, match="wide but the features are 4096 wide"):
+            encode_conditions(config(features, "tiny-stage2", "ray-width", *overrides, t5=tiny_t5_encoder), 4096)
         failing = config(features, "tiny-stage2", "ray-failing", *overrides, t5=tiny_t5_encoder, vae=tiny_vae)
         prepare_run(failing)
         marker = tmp_path / "failed-once"
