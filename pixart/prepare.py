@@ -3,7 +3,8 @@
 1. the features exist and agree with the stage preset (latent size = resolution / 8, T5 width = the model's
    caption channels, class labels for stage 1), else a clear error;
 2. the null caption and the sample prompts are encoded with the run's T5 (pixart/conditions.py), whose width must
-   be the features' width (the same T5 made them);
+   be the features' width (the same T5 made them); with executor=ray this step runs in a Ray task instead
+   (flows/_ray_train.py), so the driver never loads T5;
 3. the resolved config is saved beside the run (runs/<run>/config.yaml).
 """
 
