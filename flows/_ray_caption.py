@@ -22,6 +22,7 @@ from captioning.config import CaptionConfig
 from captioning.images import ImagePrep, iter_prepared
 from captioning.shard import CaptionShard, Outcome
 from captioning.text import T5TokenCounter
+from flows._ray import ray_session
 from storage.errors import ShardBusyError, one_line
 
 
@@ -40,9 +41,11 @@ def _outcome(batch: dict[str, Any], i: int) -> Outcome:
 
 def caption_on_ray(pending: list[str], cfg: CaptionConfig, on_shard: Callable[[dict], None]) -> dict[str, str]:
     """Caption the pending manifests on Ray; returns {shard: reason} for shards that did not complete."""
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=cfg.ray.address, include_dashboard=False, log_to_driver=False)
+    with ray_session(cfg.ray.address):
+        return _caption(pending, cfg, on_shard)
+
+
+def _caption(pending: list[str], cfg: CaptionConfig, on_shard: Callable[[dict], None]) -> dict[str, str]:
     ray.data.DataContext.get_current().enable_progress_bars = False
     shards: dict[str, CaptionShard] = {}
     failed: dict[str, str] = {}
@@ -85,5 +88,3 @@ def caption_on_ray(pending: list[str], cfg: CaptionConfig, on_shard: Callable[[d
     finally:
         for shard in shards.values():
             shard.close()
-        if started:
-            ray.shutdown()

@@ -20,6 +20,7 @@ import numpy as np
 import ray
 from ray.data import ActorPoolStrategy
 
+from flows._ray import ray_session
 from pixart.config import ExtractConfig
 from pixart.encoders import LatentEncoder, TextEncoder
 from pixart.features import LatentShard, TextShard, bucket_groups, npy_bytes
@@ -92,9 +93,12 @@ def _finish(shards: dict[str, Any], name: str, remaining: dict[str, int], on_don
 def extract_on_ray(text_urls: list[str], manifest_urls: list[str], cfg: ExtractConfig,
                    on_done: Callable[[str, dict], None]) -> dict[str, str]:
     """Extract on Ray; calls on_done(kind-shard name, result) per committed shard; returns {name: reason} failed."""
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=cfg.ray.address, include_dashboard=False, log_to_driver=False)
+    with ray_session(cfg.ray.address):
+        return _extract(text_urls, manifest_urls, cfg, on_done)
+
+
+def _extract(text_urls: list[str], manifest_urls: list[str], cfg: ExtractConfig,
+             on_done: Callable[[str, dict], None]) -> dict[str, str]:
     ray.data.DataContext.get_current().enable_progress_bars = False
     failed: dict[str, str] = {}
     open_shards: list[tuple[str, dict[str, Any]]] = []
@@ -151,5 +155,3 @@ def extract_on_ray(text_urls: list[str], manifest_urls: list[str], cfg: ExtractC
         for _, shards in open_shards:
             for shard in shards.values():
                 shard.abort(RuntimeError("extraction did not finish"))
-        if started:
-            ray.shutdown()

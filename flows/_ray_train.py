@@ -3,8 +3,8 @@ option). Each worker streams its own share of the feature shards (the loader spl
 run directory under output_root (rank 0), and `FailureConfig(max_failures)` restarts the worker group after a
 failure: every worker then resumes from the run's latest checkpoint. A re-run of the same run name resumes too.
 
-Ray: connects to `ray.address`, else RAY_ADDRESS, else starts a local Ray with a capped object store and no
-dashboard (the loader reads shards itself, so Ray's object store carries almost nothing).
+Ray (`flows/_ray.py`): connects to `ray.address`, else RAY_ADDRESS, else starts a local Ray with a capped object
+store and no dashboard (the loader reads shards itself, so Ray's object store carries almost nothing).
 """
 
 from __future__ import annotations
@@ -13,22 +13,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from flows._ray import ray_session
 from pixart.prepare import check_features, prepare_conditions
 from pixart.train_config import TrainConfig
 from storage.urls import filesystem, protocol_of
-
-
-def ensure_ray(cfg: TrainConfig) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        ray.init(address="local", include_dashboard=cfg.ray.include_dashboard,
-                 object_store_memory=cfg.ray.object_store_memory, num_cpus=max(2, os.cpu_count() or 2))
 
 
 def _loop(config: dict[str, Any]) -> None:
@@ -84,17 +72,19 @@ def run_ray(cfg: TrainConfig, *, text_width: int | None = None,
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    ensure_ray(cfg)
-    encode_conditions(cfg, check_features(cfg)["text_width"] if text_width is None else text_width)
-    fs, path = filesystem(cfg.output_root)
-    storage = str(Path(path, "runs", cfg.run, "ray").resolve()) if protocol_of(fs) in ("file", "local") else None
-    trainer = TorchTrainer(
-        _loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "fail_once_at": fail_once_at},
-        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-                                     resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
-        run_config=RunConfig(name=cfg.run, storage_path=storage,
-                             failure_config=FailureConfig(max_failures=cfg.ray.max_failures)),
-    )
-    result = trainer.fit()
-    return dict(result.metrics or {})
+    with ray_session(cfg.ray.address, object_store_memory=cfg.ray.object_store_memory,
+                     include_dashboard=cfg.ray.include_dashboard, num_cpus=max(2, os.cpu_count() or 2),
+                     log_to_driver=True):
+        encode_conditions(cfg, check_features(cfg)["text_width"] if text_width is None else text_width)
+        fs, path = filesystem(cfg.output_root)
+        storage = str(Path(path, "runs", cfg.run, "ray").resolve()) if protocol_of(fs) in ("file", "local") else None
+        trainer = TorchTrainer(
+            _loop,
+            train_loop_config={"cfg": cfg.model_dump(mode="json"), "fail_once_at": fail_once_at},
+            scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+                                         resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
+            run_config=RunConfig(name=cfg.run, storage_path=storage,
+                                 failure_config=FailureConfig(max_failures=cfg.ray.max_failures)),
+        )
+        result = trainer.fit()
+        return dict(result.metrics or {})
