@@ -57,8 +57,9 @@ import torch
 from captioning.records import CAPTION_SCHEMA
 from pixart.buckets import bucket_table
 from pixart.config import ExtractConfig
-from pixart.data import SCALING_FACTOR, ArrayPool, BucketedLoader, feature_shards, sample_posterior, shard_entries
+from pixart.data import SCALING_FACTOR, BucketedLoader, feature_shards, sample_posterior, shard_entries
 from pixart.features import LatentShard, bucket_of, extract_text_shard, latent_urls, text_urls
+from pixart.tar_reads import ArrayPool
 from storage.commit import write_done
 from storage.layout import caption_url, manifest_url
 from storage.manifest import write_manifest

@@ -58,9 +58,10 @@ def encode_conditions(cfg: TrainConfig, text_width: int | None) -> None:
     task = ray.remote(num_gpus=1 if cfg.ray.use_gpu else 0, max_retries=0)(prepare_conditions)
     try:
         ray.get(task.remote(cfg, text_width))
-    except ray.exceptions.RayTaskError as e:
-        cause = e.as_instanceof_cause()
-        raise (cause.cause if isinstance(getattr(cause, "cause", None), Exception) else cause) from None
+    except ray.exceptions.RayTaskError as e:  # the task's own error (a ConfigError on a width mismatch)
+        if isinstance(e.cause, Exception):
+            raise e.cause from None
+        raise
 
 
 def run_ray(cfg: TrainConfig, *, text_width: int | None = None,

@@ -30,10 +30,11 @@ import torch
 
 from pixart import checkpoint
 from pixart.conditions import Conditions
-from pixart.data import BucketedLoader, Prefetch, batches_per_rank, feature_shards, sample_posterior
+from pixart.data import BucketedLoader, batches_per_rank, feature_shards, sample_posterior
 from pixart.diffusion import IDDPM
 from pixart.encoders import resolve_device
 from pixart.models import build_dit, build_pixart, dit_forward, init_like_pixart, pixart_forward
+from pixart.prefetch import Prefetch
 from pixart.train_config import TrainConfig
 from pixart.weights import load_init, load_weights
 from storage.configio import config_hash, dump_yaml

@@ -103,3 +103,47 @@ def features(captioned, tiny_t5_encoder, tiny_vae):
     for m in committed_manifests(captioned, "imagenet"):
         extract_latent_shard(m, imagenet, vae)
     return captioned
+
+
+# -- S3 (moto on 127.0.0.1): one server per test module that asks for it ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(tmp_path_factory):
+    """A moto S3 server on 127.0.0.1 (free port) with the AWS environment pointed at it; everything restored after."""
+    from moto.server import ThreadedMotoServer
+
+    from tests.s3server import ACCESS_KEY, AWS_VARS_TO_CLEAR, SECRET_KEY, clear_s3fs_cache
+
+    empty = tmp_path_factory.mktemp("aws-config")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    with pytest.MonkeyPatch.context() as mp:
+        for var in AWS_VARS_TO_CLEAR:
+            mp.delenv(var, raising=False)
+        mp.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        mp.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        mp.setenv("AWS_ENDPOINT_URL", endpoint)
+        # no real ~/.aws files, no instance-metadata lookups (network beyond 127.0.0.1)
+        mp.setenv("AWS_CONFIG_FILE", str(empty / "config"))
+        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty / "credentials"))
+        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        clear_s3fs_cache()
+        try:
+            yield endpoint
+        finally:
+            clear_s3fs_cache()
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def s3_client(s3_endpoint):
+    """A plain boto3 client; it finds the server through AWS_ENDPOINT_URL like s3fs does."""
+    import boto3
+
+    client = boto3.client("s3")
+    assert client.meta.endpoint_url == s3_endpoint  # botocore honours AWS_ENDPOINT_URL
+    return client

@@ -163,13 +163,14 @@ def test_the_three_read_paths_give_identical_batches(features, monkeypatch):
     headers in the sample's first bytes (indexes written before array_offset existed), and the sample's range read
     whole and parsed (shards from other tar writers): the same batches."""
     import pixart.data as data
+    import pixart.tar_reads as tar_reads
 
     shards = feature_shards(features, "sam", 512, multi_scale=True, caption_set="tiny")
     direct = all_batches(BucketedLoader(shards, batch_size=2, seed=5, drop_last=False))
     assert all(e.text_array and e.latent_array for i, s in enumerate(shards) for e in data.shard_entries(i, s))
     calls = []
-    real = data._Files.read_array_rows
-    monkeypatch.setattr(data._Files, "read_array_rows", lambda self, *a: calls.append(a[2]) or real(self, *a))
+    real = tar_reads.TarReader.read_array_rows
+    monkeypatch.setattr(tar_reads.TarReader, "read_array_rows", lambda self, *a: calls.append(a[2]) or real(self, *a))
     assert all_batches(BucketedLoader(shards, batch_size=2, seed=5, drop_last=False))[0]["keys"] == direct[0]["keys"]
     assert {c.split(".", 1)[1] for c in calls} == {"t5.npy", "latent.npy"}  # the direct path was taken
 
@@ -180,7 +181,7 @@ def test_the_three_read_paths_give_identical_batches(features, monkeypatch):
 
     edit_text_index(monkeypatch, old_index, suffix=".parquet")
     located = all_batches(BucketedLoader(shards, batch_size=2, seed=5, drop_last=False))
-    monkeypatch.setattr(data._Files, "locate_npy", lambda self, *a: None)
+    monkeypatch.setattr(tar_reads.TarReader, "locate_npy", lambda self, *a: None)
     whole = all_batches(BucketedLoader(shards, batch_size=2, seed=5, drop_last=False))
     for other in (located, whole):
         assert [b["keys"] for b in direct] == [b["keys"] for b in other]
@@ -206,13 +207,13 @@ def test_an_array_offset_that_points_elsewhere_falls_back_to_the_range(features,
         rows[2]["array_offset"] = -512
         rows[3]["array_offset"] = 1 << 40  # past the end: a short read
 
-    import pixart.data as data
+    import pixart.tar_reads as tar_reads
 
     edit_text_index(monkeypatch, scramble_text)
     edit_text_index(monkeypatch, scramble_latents, suffix="/latents/256/sa_000000.parquet")
     refused = []
-    real = data._Files.read_array_rows
-    monkeypatch.setattr(data._Files, "read_array_rows",
+    real = tar_reads.TarReader.read_array_rows
+    monkeypatch.setattr(tar_reads.TarReader, "read_array_rows",
                         lambda self, *a: real(self, *a) or refused.append(a[2]) or False)
     bad = all_batches(BucketedLoader(shards, batch_size=4, seed=1))
     assert len(refused) >= 4  # direct reads refused, then redone from the range
@@ -222,7 +223,7 @@ def test_an_array_offset_that_points_elsewhere_falls_back_to_the_range(features,
 
 
 def test_text_arrays_are_reused_only_once_nothing_holds_them():
-    from pixart.data import ArrayPool
+    from pixart.tar_reads import ArrayPool
 
     pool = ArrayPool(limit=3)
     ptr = lambda arr: arr.__array_interface__["data"][0]  # noqa: E731
@@ -260,7 +261,7 @@ def test_an_index_pointing_at_the_wrong_bytes_is_a_clear_error(features, monkeyp
 
 
 def test_prefetch_keeps_order_and_hands_errors_to_the_consumer():
-    from pixart.data import Prefetch
+    from pixart.prefetch import Prefetch
 
     def source():
         for i in range(5):

@@ -2,7 +2,7 @@
 
 s3fs (via aiobotocore/botocore) is pointed at the server with the standard `AWS_ENDPOINT_URL` variable and fake
 credentials from the environment, exactly as a real deployment would be configured; nothing here talks to AWS.
-Every fixture this module needs is defined here.
+The server and client fixtures are in tests/s3server.py (shared with tests/test_loader_s3.py).
 """
 
 from __future__ import annotations
@@ -15,10 +15,8 @@ import tarfile
 import urllib.request
 from pathlib import Path
 
-import boto3
 import pytest
 import s3fs
-from moto.server import ThreadedMotoServer
 from PIL import Image
 
 from storage.commit import DONE_SUFFIX, TMP_MARK, commit_shard, is_done
@@ -28,24 +26,9 @@ from storage.ingest import ingest_shard, list_shards
 from storage.manifest import STATUS_OK, manifest_url, read_dataset, read_manifest
 from storage.samples import build_samples
 from storage.urls import exists, filesystem
+from tests.s3server import ACCESS_KEY, BUCKET, clear_s3fs_cache
 
-BUCKET = "pixart-test"
 RAW = f"s3://{BUCKET}/raw/sa1b"
-ACCESS_KEY = "testing"
-SECRET_KEY = "testing"
-
-# Environment variables that could route requests elsewhere or pick up real credentials: removed for the module.
-_AWS_VARS_TO_CLEAR = (
-    "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_REGION",
-    "AWS_ENDPOINT_URL_S3", "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE",
-    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_MAX_ATTEMPTS",
-    "AWS_RETRY_MODE",
-)
-
-
-def _clear_s3fs_cache() -> None:
-    """Forget cached S3FileSystem instances (they hold a client bound to one endpoint and one set of credentials)."""
-    s3fs.S3FileSystem.clear_instance_cache()
 
 
 def _set_moto_auth(endpoint: str, initial_no_auth_action_count: str) -> str:
@@ -66,33 +49,6 @@ def _set_moto_auth(endpoint: str, initial_no_auth_action_count: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def s3_endpoint(tmp_path_factory):
-    """A moto S3 server on 127.0.0.1 (free port) with the AWS environment pointed at it; everything restored after."""
-    empty = tmp_path_factory.mktemp("aws-config")
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    with pytest.MonkeyPatch.context() as mp:
-        for var in _AWS_VARS_TO_CLEAR:
-            mp.delenv(var, raising=False)
-        mp.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-        mp.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        mp.setenv("AWS_ENDPOINT_URL", endpoint)
-        # no real ~/.aws files, no instance-metadata lookups (network beyond 127.0.0.1)
-        mp.setenv("AWS_CONFIG_FILE", str(empty / "config"))
-        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty / "credentials"))
-        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        _clear_s3fs_cache()
-        try:
-            yield endpoint
-        finally:
-            _clear_s3fs_cache()
-            server.stop()
-
-
-@pytest.fixture(scope="module")
 def sa1b_local(tmp_path_factory) -> dict:
     """Two small SA-1B tars (3 images each) on local disk, and the expected (width, height) per key."""
     paths = build_samples(tmp_path_factory.mktemp("raw"), short_side=128, per_shard=3, num_shards=2)
@@ -108,20 +64,12 @@ def sa1b_local(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def s3_client(s3_endpoint):
-    """A plain boto3 client; it finds the server through AWS_ENDPOINT_URL like s3fs does."""
-    client = boto3.client("s3")
-    assert client.meta.endpoint_url == s3_endpoint  # botocore honours AWS_ENDPOINT_URL
-    return client
-
-
-@pytest.fixture(scope="module")
 def sa1b_bucket(s3_client, sa1b_local) -> dict:
     """The SA-1B tars uploaded to s3://pixart-test/raw/sa1b/."""
     s3_client.create_bucket(Bucket=BUCKET)
     for tar_path in sorted(sa1b_local["dir"].glob("sa_*.tar")):
         s3_client.upload_file(str(tar_path), BUCKET, f"raw/sa1b/{tar_path.name}")
-    _clear_s3fs_cache()  # s3fs must not see a listing cached before the upload
+    clear_s3fs_cache()  # s3fs must not see a listing cached before the upload
     return sa1b_local
 
 
@@ -292,13 +240,13 @@ def rejected_credentials(s3_endpoint, sa1b_bucket, monkeypatch):
     bad_key, bad_secret = "AKIAPIXARTUNKNOWN000", "sEcReT/doNotLeak+0123456789abcdefghijklmn"
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", bad_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", bad_secret)
-    _clear_s3fs_cache()  # a cached filesystem would still carry the good credentials
+    clear_s3fs_cache()  # a cached filesystem would still carry the good credentials
     previous = _set_moto_auth(s3_endpoint, "0")
     try:
         yield bad_key, bad_secret
     finally:
         _set_moto_auth(s3_endpoint, previous)
-        _clear_s3fs_cache()  # never leave a filesystem holding the bad credentials behind
+        clear_s3fs_cache()  # never leave a filesystem holding the bad credentials behind
 
 
 def test_rejected_credentials_are_one_line_source_error(rejected_credentials):
@@ -340,12 +288,12 @@ def test_unreachable_endpoint_is_one_line_source_error(s3_endpoint, monkeypatch)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     monkeypatch.setenv("AWS_RETRY_MODE", "standard")
-    _clear_s3fs_cache()
+    clear_s3fs_cache()
     try:
         with pytest.raises(SourceError) as exc:
             list_shards(IngestConfig(dataset="sam", source=RAW, output_root=f"s3://{BUCKET}/out-unreachable"))
     finally:
-        _clear_s3fs_cache()
+        clear_s3fs_cache()
     message = str(exc.value)
     assert message.startswith(f"{RAW}: ") and "\n" not in message
     assert secret not in message
@@ -366,7 +314,7 @@ def test_journeydb_index_and_ingest_on_s3(sa1b_bucket, s3_client, tmp_path):
     for f in sorted(Path(local["journeydb"]).glob("*.tgz")):
         s3_client.upload_file(str(f), BUCKET, f"raw/jdb/imgs/{f.name}")
     s3_client.upload_file(local["journeydb_annotations"], BUCKET, "raw/jdb/anno.jsonl.tgz")
-    _clear_s3fs_cache()
+    clear_s3fs_cache()
     cfg = IngestConfig(dataset="journeydb", source=f"s3://{BUCKET}/raw/jdb/imgs",
                        annotations=f"s3://{BUCKET}/raw/jdb/anno.jsonl.tgz", output_root=f"s3://{BUCKET}/jdb-out")
     from storage.ingest import prepare
@@ -390,50 +338,6 @@ def test_a_missing_output_bucket_is_refused_unless_asked_to_create_it(s3_endpoin
     with pytest.raises(PipelineError, match="bucket 'no-such-bucket-typo' does not exist"):
         run_stage(IngestStage(), "sam", args, False, LocalRuntime())
     assert "no-such-bucket-typo" not in [b["Name"] for b in s3_client.list_buckets()["Buckets"]]
-    _clear_s3fs_cache()
+    clear_s3fs_cache()
     assert run_stage(IngestStage(), "sam", [*args, "create_bucket=true"], False, LocalRuntime()).ok
     assert "no-such-bucket-typo" in [b["Name"] for b in s3_client.list_buckets()["Buckets"]]
-
-
-def test_the_loader_reads_feature_shards_from_s3(features, s3_endpoint, s3_client, sa1b_bucket, monkeypatch):
-    """Feature shards on S3 give the same batches as on disk; each batch's sample ranges are fetched with one
-    concurrent cat_ranges call (exact ranges, no buffered reads per sample)."""
-    import torch
-
-    from pixart.data import BucketedLoader, feature_shards
-
-    root = Path(features)
-    for path in sorted(root.glob("features/sam/**/*")):
-        if path.is_file():
-            s3_client.upload_file(str(path), BUCKET, f"loader/{path.relative_to(root).as_posix()}")
-    _clear_s3fs_cache()
-    local = feature_shards(str(root), "sam", 512, multi_scale=True, caption_set="tiny")
-    remote = feature_shards(f"s3://{BUCKET}/loader", "sam", 512, multi_scale=True, caption_set="tiny")
-    assert [s.name for s in remote] == [s.name for s in local] and remote[0].latents.startswith("s3://")
-
-    import pixart.data as data
-
-    fetches, gets = [], []
-    real_fetch, real_get = data._Files.fetch, s3fs.S3FileSystem._cat_file
-    monkeypatch.setattr(data._Files, "fetch",
-                        lambda self, ranges: fetches.append(len(ranges)) or real_fetch(self, ranges))
-
-    async def counted(self, path, *args, **kwargs):
-        gets.append(path)
-        return await real_get(self, path, *args, **kwargs)
-
-    monkeypatch.setattr(s3fs.S3FileSystem, "_cat_file", counted)  # what cat_ranges awaits, once per range
-    monkeypatch.setattr(data, "open_url", lambda *a, **k: pytest.fail("a buffered per-sample read"))
-    want = list(BucketedLoader(local, batch_size=2, seed=2, drop_last=False))
-    got = list(BucketedLoader(remote, batch_size=2, seed=2, drop_last=False))
-    assert [b["keys"] for b in got] == [b["keys"] for b in want]
-    for x, y in zip(want, got, strict=True):
-        assert all(torch.equal(x[k], y[k]) for k in ("latents", "text", "mask", "img_hw", "aspect_ratio"))
-    samples = sum(len(b["keys"]) for b in got)
-    assert fetches[-len(got):] == [2 * len(b["keys"]) for b in got]  # per batch: latent + text range of each
-    assert len(gets) == 2 * samples  # exact range requests, nothing else read
-
-    s3_client.delete_object(Bucket=BUCKET, Key=f"loader/features/sam/text/tiny/{remote[0].name}.tar")
-    _clear_s3fs_cache()
-    with pytest.raises(SourceError, match=f"{remote[0].name}.tar: reading bytes"):
-        list(BucketedLoader(remote, batch_size=8, seed=2, drop_last=False))
