@@ -29,7 +29,10 @@ untimed warm-up round:
                        latents sampled from the posterior (fp32, scaled), text padded to [B, 120, 4096] fp16 + mask
     loader, posterior out   the same with sample_posterior=False: the stored fp16 posterior and the per-sample
                        noise seeds instead of latents, for sampling in the training step on the GPU (what
-                       data.posterior=auto does on a GPU); the noise is not drawn on this core
+                       data.posterior=auto did on a GPU); the noise is not drawn on this core
+    loader, GPU finishes    sample_posterior=False and pad_text=False: also the valid T5 rows back to back with
+                       n_tokens instead of padded text + mask (no padding to zero; pixart.data.pad_text pads on the
+                       device): what data.finish=auto does in GPU training
 
 Stock webdataset only decodes; the loader also joins text and latents by key, samples the posterior, pads the text
 to 120 tokens and collates batches, so it does strictly more work per sample. Bytes/s count the bytes each case
@@ -57,8 +60,9 @@ import torch
 from captioning.records import CAPTION_SCHEMA
 from pixart.buckets import bucket_table
 from pixart.config import ExtractConfig
-from pixart.data import SCALING_FACTOR, BucketedLoader, feature_shards, sample_posterior, shard_entries
+from pixart.data import BucketedLoader, feature_shards, shard_entries
 from pixart.features import LatentShard, bucket_of, extract_text_shard, latent_urls, text_urls
+from pixart.finish import SCALING_FACTOR, sample_posterior
 from pixart.tar_reads import ArrayPool
 from storage.commit import write_done
 from storage.layout import caption_url, manifest_url
@@ -247,10 +251,10 @@ def output_floor(shards: list, batch_size: int, seed: int, tokens: dict[str, int
 
 
 def loader_read(shards: list, batch_size: int, seed: int, spans: dict[str, int],
-                sample: bool = True) -> tuple[int, int]:
+                sample: bool = True, pad: bool = True) -> tuple[int, int]:
     """One epoch of a fresh loader (a loader iterated twice in one epoch resumes: it would skip every batch)."""
     n = total = 0
-    for batch in BucketedLoader(shards, batch_size=batch_size, seed=seed, sample_posterior=sample):
+    for batch in BucketedLoader(shards, batch_size=batch_size, seed=seed, sample_posterior=sample, pad_text=pad):
         n += len(batch["keys"])
         total += sum(spans[k] for k in batch["keys"])
     return n, total
@@ -304,6 +308,7 @@ def main(argv: list[str] | None = None) -> None:
                  "wds + collate": lambda: wds_batches(latent_tars, text_tars, args.batch_size, SCALING_FACTOR),
                  "loader": lambda: loader_read(shards, args.batch_size, args.seed, spans),
                  "loader, posterior out": lambda: loader_read(shards, args.batch_size, args.seed, spans, False),
+                 "loader, GPU finishes": lambda: loader_read(shards, args.batch_size, args.seed, spans, False, False),
                  "output floor": lambda: output_floor(shards, args.batch_size, args.seed, key_tokens,
                                                       args.base_size, args.multi_scale)}
         times, results = measure(cases, max(1, args.repeats))
@@ -336,7 +341,8 @@ def main(argv: list[str] | None = None) -> None:
     rows["wds text+latents"] = (best["wds text"] + best["wds latents"], med["wds text"] + med["wds latents"],
                                 results["wds text"][0], results["wds text"][1] + results["wds latents"][1])
     rows = {k: rows[k] for k in ("raw file read", "raw tarfile r|", "wds latents", "wds text", "wds text+latents",
-                                 "wds + collate", "loader", "loader, posterior out", "output floor")}
+                                 "wds + collate", "loader", "loader, posterior out", "loader, GPU finishes",
+                                 "output floor")}
     raw_rate = rows["raw file read"][3] / rows["raw file read"][0]
     wds_rate = rows["wds text+latents"][2] / rows["wds text+latents"][0]
     print(f"{'case':<22}{'best s':>9}{'median s':>10}{'samples/s':>11}{'vs wds':>9}{'MB/s':>9}{'vs raw MB/s':>13}")
@@ -357,6 +363,10 @@ def main(argv: list[str] | None = None) -> None:
     pt, _, pcount, _ = rows["loader, posterior out"]
     print(f"loader, posterior out (sample_posterior=False: posterior + seeds, sampled in the training step on the "
           f"GPU; data.posterior=auto does this there): {pcount / pt / wds_rate:.2f}x stock webdataset")
+    gt, _, gcount, gbytes = rows["loader, GPU finishes"]
+    print(f"loader, GPU finishes (sample_posterior=False, pad_text=False: posterior + seeds and the valid T5 rows + "
+          f"n_tokens, sampled and padded in the training step; data.finish=auto does this on a GPU): "
+          f"{gcount / gt / wds_rate:.2f}x stock webdataset, {gbytes / gt / raw_rate:.1%} of the raw byte rate")
     print("(raw tarfile r| counts members, not samples; the raw rows only bound the byte rate)")
     if profile:
         print("\nloader profile (one epoch, cProfile, by own time):\n" + profile)

@@ -16,7 +16,8 @@ Nothing is asserted: a script, not a test.
 On a GPU it also prints the model FLOP utilisation by the issue's estimate (6 x parameters x image tokens x
 samples/s over the card's dense bf16 peak: 989 TFLOP/s for an H100 or H200, else --peak-tflops) and the GPU-hours
 each paper stage at that resolution would take at the project's rate (samples from the paper's Table 4 schedule).
-There the latents are sampled from the posterior in the step (data.posterior=auto), in both cases.
+There the batches are finished in the step (data.finish=auto: latents sampled from the posterior, T5 padded), in
+both cases.
 
     .venv/bin/python benchmarks/bench_train.py [--preset pixart-small] [--batch-size 8] [--steps 6] [--repeats 3]
     # on a GPU (no downloads: real shapes, random weights)
@@ -41,7 +42,7 @@ import torch  # noqa: E402
 from bench_loader import build_features  # noqa: E402
 
 from pixart.conditions import Conditions  # noqa: E402
-from pixart.data import sample_posterior  # noqa: E402
+from pixart.finish import pad_text, sample_posterior  # noqa: E402
 from pixart.models import pixart_forward  # noqa: E402
 from pixart.train_config import TrainConfig  # noqa: E402
 from pixart.trainer import Trainer  # noqa: E402
@@ -67,7 +68,11 @@ def bare_steps(trainer: Trainer, batch: dict, steps: int) -> int:
     dev = trainer.device
     x0 = (batch["latents"].to(dev) if "latents" in batch
           else sample_posterior(batch["posterior"].to(dev), batch["noise_seed"]))
-    text, mask = batch["text"].to(dev).float(), batch["mask"].to(dev)
+    if "text" in batch:
+        text, mask = batch["text"].to(dev).float(), batch["mask"].to(dev)
+    else:
+        text, mask = pad_text(batch["text_rows"].to(dev), batch["n_tokens"], trainer.loader.max_tokens)
+        text = text.float()
     n = x0.shape[0]
     for _ in range(steps):
         t = torch.randint(0, 1000, (n,))  # drawn on the host, as the project does: it knows when no t is 0
@@ -107,8 +112,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--base-size", type=int, choices=(256, 512, 1024), default=256, help="resolution (square)")
     ap.add_argument("--compile", action="store_true", help="model.compile=true (torch.compile), both cases")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, for MFU")
-    ap.add_argument("--posterior", choices=("auto", "loader", "device"), default="auto",
-                    help="data.posterior: where latents are sampled (auto: in the step on a GPU, the loader on CPU)")
+    ap.add_argument("--finish", choices=("auto", "loader", "device"), default="auto",
+                    help="data.finish: where batches are finished, latents sampled and T5 padded (auto: in the "
+                         "step on a GPU, the loader on CPU)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -117,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = TrainConfig.model_validate({
             "stage": 2, "run": "bench", "output_root": tmp, "model": {"preset": args.preset, "compile": args.compile},
             "data": {"dataset": "sam", "caption_set": "bench", "base_size": args.base_size,
-                     "batch_size": args.batch_size, "posterior": args.posterior},
+                     "batch_size": args.batch_size, "finish": args.finish},
             "optim": {"ema_decay": None, "warmup_steps": 10}, "schedule": {"max_steps": 10**6},
             "device": args.device})
         write_conditions(cfg, 4096)

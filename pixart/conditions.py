@@ -98,9 +98,9 @@ class Conditions:
         """Rows where `drop` is true become the null caption (features and mask)."""
         if not drop.any():
             return text, mask
-        text, mask = text.clone(), mask.clone()
-        text[drop] = self.null_text.to(text.dtype)
-        mask[drop] = self.null_mask.to(mask.dtype)
+        text, mask, drop = text.clone(), mask.clone(), drop.to(text.device)
+        text[drop] = self.null_text.to(text.device, text.dtype)
+        mask[drop] = self.null_mask.to(mask.device, mask.dtype)
         return text, mask
 
 

@@ -3,8 +3,8 @@ batch arrays come from (`ArrayPool`).
 
 Local tars are read with os.preadv: an array whose offset the index gives lands straight in its slot of the batch,
 its headers read in the same call and checked (`read_array_rows`); otherwise a sample's byte range is read into a
-reused buffer (`read`), or its headers located first so T5 rows can still be read straight in (`locate_npy`,
-`read_into`). Remote tars (s3://, gs://...) get each batch's ranges fetched at once beforehand (`fetch`).
+reused buffer (`read`), or its headers located first so T5 rows can still be read straight in (`locate_array`:
+a `LocatedArray`). Remote tars (s3://, gs://...) get each batch's ranges fetched at once beforehand (`fetch`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 
 from storage.errors import SourceError
 from storage.urls import filesystem, open_url
-from storage.wds import member_spans, npy_layout, ustar_member
+from storage.wds import load_npy, member_spans, npy_layout, sample_members, ustar_member
 
 HEAD_BYTES = 4096  # read first to locate a sample's members: its tar headers and the .npy header
 NPY_HEAD = 128  # np.save's header for a 2-D float16 array (format 1.0: magic, version, length, padded dict)
@@ -145,6 +145,11 @@ class TarReader:
                              f"{math.prod(shape) * dtype.itemsize}")
         return shape, dtype, span[0] + start + data
 
+    def locate_array(self, tar_url: str, span: tuple[int, int], key: str, ext: str) -> LocatedArray:
+        """One sample's .npy member `ext`, found by its headers in the sample's byte range (`locate_npy`) or, where
+        those are not plain ustar, read and parsed whole."""
+        return LocatedArray(self, tar_url, span, key, ext)
+
     def read_array_rows(self, tar_url: str, at: int, name: str, out: np.ndarray, rows: int, n_rows: int) -> bool:
         """Fill out[:rows] with the first rows of the stored [n_rows, ...] array `name` whose tar header starts at
         byte `at` of a local tar, in one os.preadv: the tar header and a standard 128-byte .npy header land in a
@@ -178,6 +183,33 @@ class TarReader:
     def __exit__(self, *exc: object) -> None:
         for f in self.open.values():
             os.close(f) if isinstance(f, int) else f.close()
+
+
+class LocatedArray:
+    """A sample's array in a tar (`TarReader.locate_array`): shape, dtype, and `read_into` for its first rows."""
+
+    def __init__(self, files: TarReader, tar_url: str, span: tuple[int, int], key: str, ext: str) -> None:
+        self.files, self.url, self.key, self.ext = files, tar_url, key, ext
+        found = files.locate_npy(tar_url, span, key, ext)
+        self.array: np.ndarray | None = None
+        if found is None:  # copied out of the reader's reused buffer, which the next read overwrites
+            self.array = np.array(load_npy(sample_members(files.read(tar_url, span), key)[ext]))
+            self.shape, self.dtype, self.offset = self.array.shape, self.array.dtype, -1
+        else:
+            self.shape, self.dtype, self.offset = found
+
+    def check(self, row_shape: tuple[int, ...], dtype: np.dtype) -> None:
+        """Raise ValueError unless its rows have this shape and dtype."""
+        if self.shape[1:] != tuple(row_shape) or self.dtype != dtype:
+            raise ValueError(f"{self.key}.{self.ext}: {self.dtype}{list(self.shape)} does not match the batch's "
+                             f"{dtype}{list(row_shape)} rows")
+
+    def read_into(self, dest: np.ndarray) -> None:
+        """Its first len(dest) rows into `dest`: straight from the file where located (no intermediate copy)."""
+        if self.array is None:
+            self.files.read_into(self.url, self.offset, dest)
+        else:
+            dest[...] = self.array[:len(dest)]
 
 
 def _read_into(f: Any, view: memoryview) -> int:

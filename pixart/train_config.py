@@ -33,10 +33,12 @@ class DataConfig(StrictModel):
     max_tokens: int = Field(120, gt=0, description="T5 tokens per caption after padding.")
     prefetch: int | None = Field(None, ge=0, description="Batches read ahead in a background thread; None: 2 on "
                                  "GPU, 0 on CPU (where the step's own threads need the cores).")
-    posterior: Literal["auto", "loader", "device"] = Field(
-        "auto", description="Where latents are sampled from the stored posterior: loader (on its CPU thread), "
-        "device (in the step, on the training device: at 1024 px it is most of the loader's CPU time); auto: device "
-        "on GPU, loader on CPU. Same seeds either way; CUDA draws other numbers than the CPU.")
+    finish: Literal["auto", "loader", "device"] = Field(
+        "auto", description="Where each batch is finished (latents sampled from the stored posterior, T5 padded to "
+        "max_tokens with its mask): loader (on its CPU thread), device (in the step, on the training device: the "
+        "loader hands over the fp16 posterior, noise seeds and only the valid T5 rows, so there is no noise to draw "
+        "and no padding to zero or send); auto: device on GPU, loader on CPU. Same batches either way, except that "
+        "CUDA draws other noise than the CPU for the same seeds.")
 
 
 class OptimConfig(StrictModel):

@@ -5,8 +5,9 @@
     trainer.resume()                          # from the run's latest checkpoint, if there is one
     for metrics in trainer.fit(): ...         # steps up to schedule.max_steps; checkpoints, samples, metrics
 
-One step: latents from the loader (posterior already sampled), t ~ U{0..999}, noise, q_sample, the model, the IDDPM
-hybrid loss (pixart/diffusion.py), backward, clip at 0.01, AdamW, warm-up schedule, EMA. Stage 1 drops 10 % of the
+One step: latents and padded T5 from the loader (with data.finish=device the posterior is sampled and the T5 rows
+padded here, on the training device), t ~ U{0..999}, noise, q_sample, the model, the IDDPM hybrid loss
+(pixart/diffusion.py), backward, clip at 0.01, AdamW, warm-up schedule, EMA. Stage 1 drops 10 % of the
 labels to the null class 1000; stages 2-3 drop 10 % of the captions to the null caption (T5("") and its mask,
 what diffusers' PixArtAlphaPipeline uses as the negative prompt, so guidance at sampling matches training).
 
@@ -30,9 +31,10 @@ import torch
 
 from pixart import checkpoint
 from pixart.conditions import Conditions
-from pixart.data import BucketedLoader, batches_per_rank, feature_shards, sample_posterior
+from pixart.data import BucketedLoader, batches_per_rank, feature_shards
 from pixart.diffusion import IDDPM
 from pixart.encoders import resolve_device
+from pixart.finish import pad_text, sample_posterior
 from pixart.models import build_dit, build_pixart, dit_forward, init_like_pixart, pixart_forward
 from pixart.prefetch import Prefetch
 from pixart.train_config import TrainConfig
@@ -66,9 +68,10 @@ class Trainer:
             raise PipelineError(f"no committed feature shards for {data.dataset} at {data.base_size}"
                                 f"{'-ms' if data.multi_scale else ''} (caption set {data.caption_set}) under "
                                 f"{cfg.output_root}: run pixart extract first")
-        on_device = data.posterior == "device" or (data.posterior == "auto" and self.device.type == "cuda")
+        on_device = data.finish == "device" or (data.finish == "auto" and self.device.type == "cuda")
         self.loader = BucketedLoader(shards, data.batch_size, seed=data.seed, rank=rank, world_size=world_size,
-                                     max_tokens=data.max_tokens, sample_posterior=not on_device)
+                                     max_tokens=data.max_tokens, sample_posterior=not on_device,
+                                     pad_text=not on_device)
         self.steps_per_epoch = min(batches_per_rank(shards, data.batch_size, world_size))
         if self.steps_per_epoch == 0:
             raise PipelineError(f"a rank gets no full batch of {data.batch_size} per epoch ({len(shards)} shards "
@@ -155,7 +158,7 @@ class Trainer:
         start = time.perf_counter()
         if "latents" in batch:
             x0 = batch["latents"].to(dev, non_blocking=True)
-        else:  # sampled here, on the training device (data.posterior)
+        else:  # sampled here, on the training device (data.finish)
             x0 = sample_posterior(batch["posterior"].to(dev, non_blocking=True), batch["noise_seed"],
                                   self.loader.scaling_factor)
         n = x0.shape[0]
@@ -171,7 +174,12 @@ class Trainer:
                 labels = torch.where(drop, NULL_CLASS, batch["cls"]).to(dev)
                 out = dit_forward(self.forward_model, x_t, t, labels)
             else:
-                text, mask = self.conditions.drop(batch["text"], batch["mask"], drop)
+                if "text" in batch:
+                    text, mask = batch["text"], batch["mask"]
+                else:  # padded here, on the training device (data.finish)
+                    text, mask = pad_text(batch["text_rows"].to(dev, non_blocking=True), batch["n_tokens"],
+                                          self.loader.max_tokens)
+                text, mask = self.conditions.drop(text, mask, drop)
                 micro = {}
                 if cfg.model.multi_scale:
                     micro = {"img_hw": batch["img_hw"].to(dev), "aspect_ratio": batch["aspect_ratio"][:, None].to(dev)}

@@ -17,6 +17,16 @@ def all_batches(loader):
     return [b for b in loader]
 
 
+def padded(batch):
+    """The batch with "text" and "mask" whichever way the loader delivered the text (pad_text True or False)."""
+    from pixart.finish import pad_text
+
+    if "text_rows" not in batch:
+        return batch
+    text, mask = pad_text(batch["text_rows"], batch["n_tokens"])
+    return {**batch, "text": text, "mask": mask}
+
+
 def test_every_batch_is_one_bucket_with_padded_text_and_a_mask(features):
     shards = feature_shards(features, "sam", 512, multi_scale=True, caption_set="tiny")
     assert [s.name for s in shards] == ["sa_000000", "sa_000001"]
@@ -59,7 +69,7 @@ def test_latents_are_sampled_from_the_stored_posterior(features):
 
 
 def test_the_posterior_can_be_handed_over_for_sampling_on_the_device(features):
-    from pixart.data import sample_posterior
+    from pixart.finish import sample_posterior
 
     shards = feature_shards(features, "sam", 512, multi_scale=True, caption_set="tiny")
     sampled = all_batches(BucketedLoader(shards, batch_size=2, seed=4, drop_last=False))
@@ -69,6 +79,29 @@ def test_the_posterior_can_be_handed_over_for_sampling_on_the_device(features):
         assert y["posterior"].shape[1] == 2 * x["latents"].shape[1]
         assert torch.equal(sample_posterior(y["posterior"], y["noise_seed"]), x["latents"])
         assert torch.equal(x["text"], y["text"]) and x["keys"] == y["keys"]
+
+
+def test_text_rows_padded_on_the_device_equal_the_loaders_padding(features):
+    """pad_text=False: the valid rows back to back plus n_tokens; pad_text() gives the loader's padded text and mask
+    exactly, for square and multi-scale batches, and a held batch keeps its rows while later ones load."""
+    from pixart.finish import pad_text
+
+    for size, ms in ((256, False), (512, True)):
+        shards = feature_shards(features, "sam", size, multi_scale=ms, caption_set="tiny")
+        ref = all_batches(BucketedLoader(shards, batch_size=3, seed=2, drop_last=False))
+        rows = all_batches(BucketedLoader(shards, batch_size=3, seed=2, drop_last=False, pad_text=False))
+        again = all_batches(BucketedLoader(shards, batch_size=3, seed=2, drop_last=False, pad_text=False))
+        assert [b["keys"] for b in ref] == [b["keys"] for b in rows]
+        for x, y, z in zip(ref, rows, again, strict=True):
+            assert "text" not in y and "mask" not in y
+            assert y["text_rows"].dtype == torch.float16 and y["n_tokens"].dtype == torch.int64
+            assert y["n_tokens"].tolist() == x["mask"].sum(1).tolist()
+            assert y["text_rows"].shape == (int(x["mask"].sum()), 32)
+            text, mask = pad_text(y["text_rows"], y["n_tokens"])
+            assert torch.equal(text, x["text"]) and torch.equal(mask, x["mask"])
+            assert torch.equal(y["latents"], x["latents"]) and torch.equal(y["text_rows"], z["text_rows"])
+    with pytest.raises(ValueError, match="4 text rows for n_tokens summing to 5"):
+        pad_text(torch.zeros(4, 2), torch.tensor([2, 3]))
 
 
 def test_same_seed_and_epoch_give_the_same_batches_and_epochs_differ(features):
@@ -158,7 +191,8 @@ def test_a_key_without_text_features_is_skipped(features, monkeypatch):
     assert len(keys) == 7 and len(set(keys)) == 7
 
 
-def test_the_three_read_paths_give_identical_batches(features, monkeypatch):
+@pytest.mark.parametrize("pad", [True, False], ids=["padded", "rows"])
+def test_the_three_read_paths_give_identical_batches(features, monkeypatch, pad):
     """Arrays read straight into the batch at the index's array_offset (one read, headers checked), located by their
     headers in the sample's first bytes (indexes written before array_offset existed), and the sample's range read
     whole and parsed (shards from other tar writers): the same batches."""
@@ -166,12 +200,14 @@ def test_the_three_read_paths_give_identical_batches(features, monkeypatch):
     import pixart.tar_reads as tar_reads
 
     shards = feature_shards(features, "sam", 512, multi_scale=True, caption_set="tiny")
-    direct = all_batches(BucketedLoader(shards, batch_size=2, seed=5, drop_last=False))
+    load = lambda: [padded(b) for b in BucketedLoader(shards, batch_size=2, seed=5, drop_last=False,  # noqa: E731
+                                                      pad_text=pad)]
+    direct = load()
     assert all(e.text_array and e.latent_array for i, s in enumerate(shards) for e in data.shard_entries(i, s))
     calls = []
     real = tar_reads.TarReader.read_array_rows
     monkeypatch.setattr(tar_reads.TarReader, "read_array_rows", lambda self, *a: calls.append(a[2]) or real(self, *a))
-    assert all_batches(BucketedLoader(shards, batch_size=2, seed=5, drop_last=False))[0]["keys"] == direct[0]["keys"]
+    assert load()[0]["keys"] == direct[0]["keys"]
     assert {c.split(".", 1)[1] for c in calls} == {"t5.npy", "latent.npy"}  # the direct path was taken
 
     def old_index(rows):  # as written before the columns existed
@@ -180,19 +216,21 @@ def test_the_three_read_paths_give_identical_batches(features, monkeypatch):
                 r.pop(k, None)
 
     edit_text_index(monkeypatch, old_index, suffix=".parquet")
-    located = all_batches(BucketedLoader(shards, batch_size=2, seed=5, drop_last=False))
+    located = load()
     monkeypatch.setattr(tar_reads.TarReader, "locate_npy", lambda self, *a: None)
-    whole = all_batches(BucketedLoader(shards, batch_size=2, seed=5, drop_last=False))
+    whole = load()
     for other in (located, whole):
         assert [b["keys"] for b in direct] == [b["keys"] for b in other]
         for x, y in zip(direct, other, strict=True):
-            assert all(torch.equal(x[k], y[k]) for k in ("latents", "text", "mask", "img_hw", "aspect_ratio"))
+            fields = ("latents", "text", "mask", "img_hw", "aspect_ratio")
+            assert [k for k in fields if not torch.equal(x[k], y[k])] == []
             assert x["text"].dtype == torch.float16
 
 
-def test_an_array_offset_that_points_elsewhere_falls_back_to_the_range(features, monkeypatch):
-    """A direct read whose headers do not check out (another key's member, bytes that are no header) is redone
-    from the sample's byte range: the batch is still right."""
+@pytest.mark.parametrize("pad", [True, False], ids=["padded", "rows"])
+def test_an_array_offset_that_points_elsewhere_falls_back_to_the_range(features, monkeypatch, pad):
+    """A direct read whose headers do not check out (another key's member, bytes that are no header, a wrong token
+    count) is redone from the sample's byte range: the batch is still right."""
     shards = feature_shards(features, "sam", 256, caption_set="tiny")
     good = all_batches(BucketedLoader(shards, batch_size=4, seed=1))
 
@@ -201,6 +239,10 @@ def test_an_array_offset_that_points_elsewhere_falls_back_to_the_range(features,
         rows[0]["array_offset"], rows[1]["array_offset"] = rows[1]["array_offset"], rows[0]["array_offset"]
         rows[2]["array_offset"] += 7
         rows[3]["array_offset"], rows[3]["n_tokens"] = 0, -3
+
+    def miscount_text(rows):  # right offsets, wrong counts: the packed layout is redone from the headers
+        for r in rows:
+            r["n_tokens"] += 1
 
     def scramble_latents(rows):
         rows[0]["array_offset"], rows[1]["array_offset"] = rows[1]["array_offset"], rows[0]["array_offset"]
@@ -211,15 +253,18 @@ def test_an_array_offset_that_points_elsewhere_falls_back_to_the_range(features,
 
     edit_text_index(monkeypatch, scramble_text)
     edit_text_index(monkeypatch, scramble_latents, suffix="/latents/256/sa_000000.parquet")
+    edit_text_index(monkeypatch, miscount_text, suffix="/text/tiny/sa_000001.parquet")
     refused = []
     real = tar_reads.TarReader.read_array_rows
     monkeypatch.setattr(tar_reads.TarReader, "read_array_rows",
                         lambda self, *a: real(self, *a) or refused.append(a[2]) or False)
-    bad = all_batches(BucketedLoader(shards, batch_size=4, seed=1))
-    assert len(refused) >= 4  # direct reads refused, then redone from the range
+    bad = [padded(b) for b in BucketedLoader(shards, batch_size=4, seed=1, pad_text=pad)]
+    assert len(refused) >= 6  # direct reads refused, then redone from the range
+    miscounted = {f"{r['key']}.t5.npy" for r in read_rows(shards[1].text)}
+    assert miscounted & set(refused)  # a count off by one: refused, laid out again
     assert [b["keys"] for b in good] == [b["keys"] for b in bad]
     for x, y in zip(good, bad, strict=True):
-        assert all(torch.equal(x[k], y[k]) for k in ("latents", "text", "mask", "img_hw"))
+        assert [k for k in ("latents", "text", "mask", "img_hw") if not torch.equal(x[k], y[k])] == []
 
 
 def test_text_arrays_are_reused_only_once_nothing_holds_them():

@@ -47,6 +47,12 @@ def test_the_loader_reads_feature_shards_from_s3(features, s3_endpoint, s3_clien
     samples = sum(len(b["keys"]) for b in got)
     assert fetches[-len(got):] == [2 * len(b["keys"]) for b in got]  # per batch: latent + text range of each
     assert len(gets) == 2 * samples  # exact range requests, nothing else read
+    from pixart.finish import pad_text
+
+    rows = list(BucketedLoader(remote, batch_size=2, seed=2, drop_last=False, pad_text=False))  # rows for the GPU
+    for x, y in zip(want, rows, strict=True):
+        text, mask = pad_text(y["text_rows"], y["n_tokens"])
+        assert torch.equal(text, x["text"]) and torch.equal(mask, x["mask"])
 
     s3_client.delete_object(Bucket=BUCKET, Key=f"loader/features/sam/text/tiny/{remote[0].name}.tar")
     clear_s3fs_cache()

@@ -204,15 +204,18 @@ def test_caption_dropout_swaps_a_tenth_of_captions_for_the_null_caption(features
     assert torch.equal(out_text[0], text[0]) and torch.equal(out_mask[2], mask[2])
 
 
-def test_sampling_the_posterior_in_the_step_gives_the_same_run(features):
-    """data.posterior=device (the loader hands over the posterior and seeds, the step samples): on the CPU the same
-    losses as sampling in the loader."""
+@pytest.mark.parametrize("preset", ["tiny-stage1", "tiny-stage2"])
+def test_finishing_batches_in_the_step_gives_the_same_run(features, tiny_t5_encoder, preset):
+    """data.finish=device (the loader hands over the posterior, noise seeds and the valid T5 rows; the step samples
+    and pads): on the CPU the same losses as finishing in the loader, with dropout to the null caption (0.5 here)."""
     runs = []
-    for name, where in (("post-loader", "loader"), ("post-device", "device")):
-        cfg = config(features, "tiny-stage1", name, "schedule.max_steps=3", f"data.posterior={where}")
+    for where in ("loader", "device"):
+        cfg = config(features, preset, f"finish-{where}-{preset}", "schedule.max_steps=3", f"data.finish={where}",
+                     "caption_dropout=0.5",
+                     t5=tiny_t5_encoder)
         prepare_run(cfg)
         trainer = Trainer(cfg)
-        assert trainer.loader.sample_posterior == (where == "loader")
+        assert trainer.loader.sample_posterior == trainer.loader.pad_text == (where == "loader")
         runs.append(losses(trainer))
     assert runs[0] == runs[1] and len(runs[0]) == 3
 
