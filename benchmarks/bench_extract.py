@@ -2,9 +2,10 @@
 `tools/extract_features.py`: the same models, data and machine, measured in the same run.
 
 Setup (untimed): SA-1B-format shards (`sa_NNNNNN.tar`, real photos from scikit-image cropped to varied aspect
-ratios, short side --short-side px) are ingested with `storage.ingest`; a caption set "bench" is written directly
-(CAPTION_SCHEMA rows with LLaVA-like captions of 20-60 words, done markers, caption_set.yaml): no captioner runs.
-The JPEGs are also extracted to a folder, the layout the official script reads.
+ratios, short side --short-side px: 1500 by default, the size SA-1B ships) are ingested with `storage.ingest`; a
+caption set "bench" is written directly (CAPTION_SCHEMA rows with LLaVA-like captions of 20-60 words, done markers,
+caption_set.yaml): no captioner runs. The JPEGs are also extracted to a folder, the layout the official script
+reads.
 
 Models (random weights, never downloaded; saved with save_pretrained and loaded back through the project's own
 `from_pretrained(dir)` path):
@@ -29,12 +30,13 @@ Cases, interleaved (order rotated each round), best of --repeats after an untime
                       script uses np.savez_compressed; --official-compress does that too, slower still)
     text project      extract_text_shard per caption shard: --text-batch-size captions per T5 pass, padded to the
                       longest of the batch, valid tokens only, fp16, one tar + parquet index + done marker per shard
-    latents official  per image: PIL open + RGB, resize the short side to --base-size (bicubic), centre crop,
+    latents official  per image: PIL open + RGB, resize the short side to --base-size (torchvision's default
+                      bilinear, as the official transform: its "# Image.BICUBIC" is a comment), centre crop,
                       [-1, 1] fp32, VAE at batch 1, np.save of concat(mean, std) fp32 [8, h/8, w/8], one .npy each
     latents project bN  extract_latent_shard per manifest shard: range reads from the SA-1B tar, reduced-scale JPEG
                       decode on --decode-threads threads, N images per VAE pass, fp16 mean+std, tar + index. On CPU
-                      two rows by default: N=16 (the project's default) and N=1 (batching a conv net on a CPU costs
-                      memory bandwidth and gains nothing); the first is the headline
+                      two rows by default: N=16 (the project's default) and N=4 (on a CPU a conv net's activations
+                      at larger batches overflow the caches: batching gains nothing there); the first is the headline
     both ...          text + latents of the same side
 
 The official baseline runs the same T5 object as the project (the official T5Embedder is bf16 on GPU, fp32 on CPU,
@@ -91,14 +93,16 @@ def official_text(items: list[tuple[str, str]], tokenizer, model, device: torch.
 
 
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
-    """torchvision T.Resize(size) (short side, long side truncated) + T.CenterCrop(size), done with PIL bicubic."""
+    """torchvision T.Resize(size) + T.CenterCrop(size) on a PIL image, done with PIL directly: the short side to
+    `size` (long side truncated), torchvision's default interpolation (bilinear, which PIL antialiases; the official
+    script's "# Image.BICUBIC" is only a comment), then the centre crop."""
     w, h = img.size
     if w <= h:
         nw, nh = size, int(size * h / w)
     else:
         nw, nh = int(size * w / h), size
     if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.BICUBIC)
+        img = img.resize((nw, nh), Image.BILINEAR)
     top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
     return img.crop((left, top, left + size, top + size))
 
@@ -196,12 +200,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--what", choices=("text", "latents", "both"), default="both")
     ap.add_argument("--images", type=int, default=64, help="samples (images and captions) in all (default 64)")
     ap.add_argument("--shards", type=int, default=2, help="SA-1B shards to spread them over (default 2)")
-    ap.add_argument("--short-side", type=int, default=512, help="source image short side in px (default 512)")
+    ap.add_argument("--short-side", type=int, default=1500,
+                    help="source image short side in px (default 1500: SA-1B's released JPEGs)")
     ap.add_argument("--base-size", type=int, choices=(256, 512, 1024), default=256,
                     help="square latent size, both layouts (default 256; the official script uses 512)")
     ap.add_argument("--text-batch-size", type=int, default=64, help="project: captions per T5 pass (default 64)")
     ap.add_argument("--image-batch-size", type=int, nargs="+",
-                    help="project: images per VAE pass; several values give one row each (default: 16 and 1 on "
+                    help="project: images per VAE pass; several values give one row each (default: 16 and 4 on "
                          "CPU, where batching the VAE does not pay; 16 on CUDA). The first is the headline one")
     ap.add_argument("--decode-threads", type=int, default=2, help="project: JPEG decode threads (default 2)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -215,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     t5_shape = args.t5 or {"tiny": "tiny", "small": "small", "real": "xxl"}[args.shape]
     vae_shape = args.vae or {"tiny": "tiny", "small": "small", "real": "sd"}[args.shape]
     do_text, do_latents = args.what in ("text", "both"), args.what in ("latents", "both")
-    batch_sizes = args.image_batch_size or ([16] if args.device == "cuda" else [16, 1])
+    batch_sizes = args.image_batch_size or ([16] if args.device == "cuda" else [16, 4])
     quiet()
 
     from pixart.config import ExtractConfig
