@@ -61,7 +61,7 @@ class _VaeActor:
 
 
 def _groups(item: dict[str, Any], cfg: ExtractConfig):
-    for g in bucket_groups(json.loads(item["rows"]), cfg, threads=1):
+    for g in bucket_groups(json.loads(item["rows"]), cfg, cfg.vae_batch_size(cfg.ray.num_gpus_per_replica > 0)):
         if "error" in g:
             yield {"shard": item["shard"], "keys": json.dumps([g["key"]]), "metas": "[]", "error": g["error"],
                    "pixels": b""}

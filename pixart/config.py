@@ -43,13 +43,18 @@ class ExtractConfig(StageConfig):
     clean_caption: bool = Field(False, description="Clean captions as PixArt's pipeline does (URLs, HTML, "
                                 "punctuation runs; diffusers' _clean_caption) before encoding.")
     text_batch_size: int = Field(64, gt=0, description="Captions per T5 forward pass.")
-    image_batch_size: int = Field(16, gt=0, description="Images per VAE forward pass (one bucket per batch).")
+    image_batch_size: int | None = Field(
+        None, gt=0, description="Images per VAE forward pass (one bucket per batch); None: 16 on a GPU, 4 on a CPU, "
+        "where a conv net's activations at larger batches overflow the caches and run slower (bench_extract.py).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="auto: bf16 GPU, fp32 CPU.")
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
     decode_threads: int = Field(2, gt=0, description="Local executor: threads decoding and cropping JPEGs.")
     executor: Literal["local", "ray"] = Field("local", description="local: this process; ray: Ray Data actor pools.")
     ray: RayExtractConfig = Field(default_factory=RayExtractConfig)
+
+    def vae_batch_size(self, on_gpu: bool) -> int:
+        return self.image_batch_size or (16 if on_gpu else 4)
 
     @model_validator(mode="after")
     def _check(self) -> ExtractConfig:

@@ -257,10 +257,10 @@ def _prepared(item: tuple[Row, bytes | None, str | None], cfg: ExtractConfig):
     return row, (pixels, meta), None
 
 
-def bucket_groups(rows: list[Row], cfg: ExtractConfig, threads: int = 1) -> Iterator[dict[str, Any]]:
+def bucket_groups(rows: list[Row], cfg: ExtractConfig, batch_size: int, threads: int = 1) -> Iterator[dict[str, Any]]:
     """Read, decode and crop `rows` (CPU work, on `threads` threads, in order, a bounded window ahead) and group
-    them by bucket: {"keys", "pixels" [B,H,W,3] uint8, "metas"} per full or final group, {"key", "error"} per
-    failure. Runs in the local loop and in Ray Data CPU tasks alike."""
+    them by bucket: {"keys", "pixels" [B,H,W,3] uint8, "metas"} per full (`batch_size`) or final group, {"key",
+    "error"} per failure. Runs in the local loop and in Ray Data CPU tasks alike."""
     pending: dict[str, list[tuple[Row, np.ndarray, dict]]] = {}
 
     def group(items):
@@ -285,7 +285,7 @@ def bucket_groups(rows: list[Row], cfg: ExtractConfig, threads: int = 1) -> Iter
             pixels, meta = ready
             batch = pending.setdefault(meta["bucket"], [])
             batch.append((row, pixels, meta))
-            if len(batch) == cfg.image_batch_size:
+            if len(batch) == batch_size:
                 yield group(pending.pop(meta["bucket"]))
     for items in pending.values():
         yield group(items)
@@ -340,7 +340,8 @@ def extract_latent_shard(manifest_url: str, cfg: ExtractConfig, encoder: LatentE
     shard = LatentShard(manifest_url, cfg)
 
     def work() -> None:
-        for group in bucket_groups(shard.todo, cfg, cfg.decode_threads):
+        for group in bucket_groups(shard.todo, cfg, cfg.vae_batch_size(encoder.device.type == "cuda"),
+                                   cfg.decode_threads):
             if "error" in group:
                 shard.error(group["key"], group["error"])
                 continue

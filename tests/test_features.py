@@ -77,6 +77,19 @@ def test_failed_captions_become_error_rows(captioned, tiny_t5_encoder):
     assert errors[0]["key"] == rows[1]["key"] and errors[0]["error"] == "no caption: image not decodable: broken"
 
 
+def test_the_vae_batch_defaults_to_4_on_a_cpu_and_16_on_a_gpu(captioned, tiny_vae, tmp_path):
+    """image_batch_size unset: 4 images per VAE pass on a CPU (larger ones run slower there), 16 on a GPU; a set
+    value wins. The 256 px shard's 4 squares go through the CPU's VAE as one pass of 4."""
+    cfg = ExtractConfig(dataset="sam", what="latents", output_root=str(tmp_path), vae_model=tiny_vae)  # own root
+    assert (cfg.vae_batch_size(False), cfg.vae_batch_size(True)) == (4, 16)
+    assert cfg.model_copy(update={"image_batch_size": 3}).vae_batch_size(True) == 3
+    encoder, passes = LatentEncoder(tiny_vae, device="cpu"), []
+    real = encoder.encode
+    encoder.encode = lambda images: passes.append(len(images)) or real(images)
+    extract_latent_shard(committed_manifests(captioned, "sam")[0], cfg, encoder)
+    assert passes == [4]
+
+
 @pytest.mark.parametrize("base_size, multi_scale", [(256, False), (512, True)])
 def test_latents_are_cropped_to_the_bucket_and_store_mean_and_std(captioned, tiny_vae, base_size, multi_scale):
     cfg = ExtractConfig(dataset="sam", what="latents", output_root=captioned, vae_model=tiny_vae,
@@ -125,7 +138,7 @@ def test_the_drop_policy_turns_extreme_ratios_into_error_rows(captioned, tiny_va
 
 
 def test_non_finite_latents_are_error_rows(captioned, tiny_vae):
-    cfg = ExtractConfig(dataset="sam", what="latents", output_root=captioned, vae_model=tiny_vae, force=True)
+    cfg = ExtractConfig(dataset="sam", what="latents", output_root=str(tmp_path), vae_model=tiny_vae)  # own root
     encoder = LatentEncoder(tiny_vae)
     real = encoder.encode
 
