@@ -35,8 +35,8 @@ Cases, interleaved (order rotated each round), best of --repeats after an untime
                       [-1, 1] fp32, VAE at batch 1, np.save of concat(mean, std) fp32 [8, h/8, w/8], one .npy each
     latents project bN  extract_latent_shard per manifest shard: range reads from the SA-1B tar, reduced-scale JPEG
                       decode on --decode-threads threads, N images per VAE pass, fp16 mean+std, tar + index. On CPU
-                      two rows by default: N=16 (the project's default) and N=4 (on a CPU a conv net's activations
-                      at larger batches overflow the caches: batching gains nothing there); the first is the headline
+                      two rows by default: N=4 (the project's default on a CPU, where a conv net's activations at
+                      larger batches overflow the caches) and N=16 (its GPU default); the first is the headline
     both ...          text + latents of the same side
 
 The official baseline runs the same T5 object as the project (the official T5Embedder is bf16 on GPU, fp32 on CPU,
@@ -206,8 +206,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="square latent size, both layouts (default 256; the official script uses 512)")
     ap.add_argument("--text-batch-size", type=int, default=64, help="project: captions per T5 pass (default 64)")
     ap.add_argument("--image-batch-size", type=int, nargs="+",
-                    help="project: images per VAE pass; several values give one row each (default: 16 and 4 on "
-                         "CPU, where batching the VAE does not pay; 16 on CUDA). The first is the headline one")
+                    help="project: images per VAE pass; several values give one row each (default: 4 and 16 on "
+                         "CPU, the project's CPU and GPU defaults; 16 on CUDA). The first is the headline one")
     ap.add_argument("--decode-threads", type=int, default=2, help="project: JPEG decode threads (default 2)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     t5_shape = args.t5 or {"tiny": "tiny", "small": "small", "real": "xxl"}[args.shape]
     vae_shape = args.vae or {"tiny": "tiny", "small": "small", "real": "sd"}[args.shape]
     do_text, do_latents = args.what in ("text", "both"), args.what in ("latents", "both")
-    batch_sizes = args.image_batch_size or ([16] if args.device == "cuda" else [16, 4])
+    batch_sizes = args.image_batch_size or ([16] if args.device == "cuda" else [4, 16])
     quiet()
 
     from pixart.config import ExtractConfig
