@@ -138,7 +138,7 @@ def test_the_drop_policy_turns_extreme_ratios_into_error_rows(captioned, tiny_va
 
 
 def test_non_finite_latents_are_error_rows(captioned, tiny_vae):
-    cfg = ExtractConfig(dataset="sam", what="latents", output_root=str(tmp_path), vae_model=tiny_vae)  # own root
+    cfg = ExtractConfig(dataset="sam", what="latents", output_root=captioned, vae_model=tiny_vae, force=True)
     encoder = LatentEncoder(tiny_vae)
     real = encoder.encode
 
