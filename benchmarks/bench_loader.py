@@ -48,26 +48,29 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tarfile
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo's packages, installed or not (a GPU box)
 
-from captioning.records import CAPTION_SCHEMA
-from pixart.buckets import bucket_table
-from pixart.config import ExtractConfig
-from pixart.data import BucketedLoader, feature_shards, shard_entries
-from pixart.features import LatentShard, bucket_of, extract_text_shard, latent_urls, text_urls
-from pixart.finish import SCALING_FACTOR, sample_posterior
-from pixart.tar_reads import ArrayPool
-from storage.commit import write_done
-from storage.layout import caption_url, manifest_url
-from storage.manifest import write_manifest
-from storage.parquet import read_rows, write_table
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from captioning.records import CAPTION_SCHEMA  # noqa: E402
+from pixart.buckets import bucket_table  # noqa: E402
+from pixart.config import ExtractConfig  # noqa: E402
+from pixart.data import BucketedLoader, feature_shards, shard_entries  # noqa: E402
+from pixart.features import LatentShard, bucket_of, extract_text_shard, latent_urls, text_urls  # noqa: E402
+from pixart.finish import SCALING_FACTOR, sample_posterior  # noqa: E402
+from pixart.tar_reads import ArrayPool  # noqa: E402
+from storage.commit import write_done  # noqa: E402
+from storage.layout import caption_url, manifest_url  # noqa: E402
+from storage.manifest import write_manifest  # noqa: E402
+from storage.parquet import read_rows, write_table  # noqa: E402
 
 D_MODEL = 4096  # T5-XXL
 MAX_TOKENS = 120

@@ -14,14 +14,14 @@ def pad_text(rows: torch.Tensor, n_tokens: torch.Tensor, max_tokens: int = 120) 
     """(text [B, max_tokens, d] zero-padded, mask [B, max_tokens] int64) on `rows`' device from the valid rows of
     B samples back to back ([sum of n_tokens, d]) and the per-sample counts (a CPU tensor: the scatter's indices are
     built on the host, so nothing waits on the device). Equal to the loader's own padding (pad_text=True)."""
-    counts = n_tokens.tolist()
-    index = torch.cat([torch.arange(n) + i * max_tokens for i, n in enumerate(counts)])
+    n = n_tokens.cpu()
+    mask = torch.arange(max_tokens) < n[:, None]
+    index = torch.arange(mask.numel())[mask.flatten()]  # the slots the rows land in, sample-major
     if index.numel() != rows.shape[0]:
         raise ValueError(f"{rows.shape[0]} text rows for n_tokens summing to {index.numel()}")
-    text = rows.new_zeros((len(counts), max_tokens, *rows.shape[1:]))
-    text.view(len(counts) * max_tokens, *rows.shape[1:]).index_copy_(0, index.to(rows.device), rows)
-    mask = (torch.arange(max_tokens) < n_tokens[:, None]).to(torch.int64)
-    return text, mask.to(rows.device)
+    text = rows.new_zeros((len(n), max_tokens, *rows.shape[1:]))
+    text.view(len(n) * max_tokens, *rows.shape[1:]).index_copy_(0, index.to(rows.device), rows)
+    return text, mask.to(device=rows.device, dtype=torch.int64)
 
 
 def sample_posterior(posterior: torch.Tensor, noise_seed: torch.Tensor,
