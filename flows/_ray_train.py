@@ -1,7 +1,8 @@
-"""Ray Train glue: the same `pixart.run.train_worker` on N workers under `TorchTrainer` (DDP by default, FSDP as an
-option). Each worker streams its own share of the feature shards (the loader splits by rank), checkpoints go to the
-run directory under output_root (rank 0), and `FailureConfig(max_failures)` restarts the worker group after a
-failure: every worker then resumes from the run's latest checkpoint. A re-run of the same run name resumes too.
+"""Ray Train glue: the same `pixart.run.train_worker` on N workers under `TorchTrainer` (DDP by default, FSDP2 as an
+option: `ray.strategy=fsdp`, `pixart/sharding.py`). Each worker streams its own share of the feature shards (the
+loader splits by rank), checkpoints go to the run directory under output_root (rank 0), and
+`FailureConfig(max_failures)` restarts the worker group after a failure: every worker then resumes from the run's
+latest checkpoint. A re-run of the same run name resumes too.
 
 Ray (`flows/_ray.py`): connects to `ray.address`, else RAY_ADDRESS, else starts a local Ray with a capped object
 store and no dashboard (the loader reads shards itself, so Ray's object store carries almost nothing).
@@ -45,7 +46,11 @@ def _loop(config: dict[str, Any]) -> None:
             raise RuntimeError(f"injected failure at step {fail_at[0]}")
 
     def wrap(model: torch.nn.Module) -> torch.nn.Module:
-        return ray.train.torch.prepare_model(model, parallel_strategy=cfg.ray.strategy if world > 1 else None)
+        if world > 1 and cfg.ray.strategy == "fsdp":
+            from pixart.sharding import shard
+
+            return shard(model)  # FSDP2 in place; the Trainer gathers the shards for checkpoints and samples
+        return ray.train.torch.prepare_model(model, parallel_strategy="ddp" if world > 1 else None)
 
     train_worker(cfg, rank, world, device=ray.train.torch.get_device(), wrap=wrap, all_reduce_mean=mean,
                  report=report)

@@ -43,9 +43,9 @@ def train_worker(cfg: TrainConfig, rank: int = 0, world_size: int = 1, *, device
                     progress(metrics)
             if report is not None:
                 report(metrics)
-        if rank == 0 and sched.sample_every and step % sched.sample_every == 0 and step < sched.max_steps:
-            save_samples(trainer, step)
-    if rank != 0:
-        return last
+        if sched.sample_every and step % sched.sample_every == 0 and step < sched.max_steps:
+            save_samples(trainer, step)  # on every rank: FSDP gathers the weights; rank 0 writes
     save_samples(trainer, trainer.step)
+    if log is None:
+        return last
     return {**log.finish(cfg.stage), "run": cfg.run}

@@ -170,12 +170,13 @@ def _sample_vae(trainer: Any) -> AutoencoderKL:
 
 def save_samples(trainer: Any, step: int | None = None) -> str | None:
     """Rank 0 writes the grid of the run's fixed prompts (stage 1: classes) with the EMA weights when there are
-    some; returns its URL. Seeded by data.seed, so grids of different steps share their noise and compare."""
+    some; returns its URL. Every rank calls it (FSDP gathers the weights first). Seeded by data.seed, so grids of
+    different steps share their noise and compare."""
+    model = trainer.sampling_model()  # every rank calls it: under FSDP the shards are gathered
     if trainer.rank != 0:
         return None
     cfg, sched = trainer.cfg, trainer.cfg.schedule
     step = trainer.step if step is None else step
-    model = trainer.ema if trainer.ema is not None else trainer.model
     was_training = model.training
     model.eval()
     try:

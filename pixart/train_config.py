@@ -76,9 +76,10 @@ class RayTrainConfig(StrictModel):
     address: str | None = Field(None, description="Cluster address; None: RAY_ADDRESS if set, else a local Ray.")
     num_workers: int = Field(1, gt=0, description="Training workers (one per GPU).")
     use_gpu: bool = Field(False, description="One GPU per worker.")
-    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="Data parallelism. fsdp (sharded weights and "
-                                              "optimizer state) is refused for now: checkpoints are written from "
-                                              "rank 0's full state, which FSDP does not hold.")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="Data parallelism: ddp (a full replica per worker) "
+                                              "or fsdp (FSDP2: weights, gradients and AdamW state sharded across the "
+                                              "workers; checkpoints are gathered into the same layout). A run "
+                                              "resumes only under the strategy that wrote it.")
     max_failures: int = Field(3, ge=0, description="Worker-group restarts (each resumes from the last checkpoint).")
     object_store_memory: int = Field(300_000_000, gt=0, description="Local Ray only: object store bytes (the "
                                      "loader reads shards itself, so Ray needs little).")
@@ -127,9 +128,6 @@ class TrainConfig(StageConfig):
             raise ValueError("stage 1 trains on class labels: leave data.caption_set empty")
         if self.stage > 1 and not self.data.caption_set:
             raise ValueError(f"stage {self.stage} needs data.caption_set (the T5 features of a caption set)")
-        if self.ray.strategy == "fsdp":
-            raise ValueError("ray.strategy=fsdp is not supported yet: checkpoints need a gathered full state dict "
-                             "(PixArt-XL/2 with AdamW fits one 80 GB GPU under DDP; use ray.strategy=ddp)")
         if self.model.multi_scale != self.data.multi_scale:
             raise ValueError(f"model.multi_scale={self.model.multi_scale} but data.multi_scale="
                              f"{self.data.multi_scale}: multi-scale latents need the micro-condition embedders")

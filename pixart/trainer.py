@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from pixart import checkpoint
+from pixart import checkpoint, sharding
 from pixart.conditions import Conditions
 from pixart.data import BucketedLoader, batches_per_rank, feature_shards
 from pixart.diffusion import IDDPM
@@ -82,7 +82,11 @@ class Trainer:
                                 "(runs/<run>/conditions.safetensors); prepare_run(cfg) writes them before training")
         self.model = self._init_model().to(self.device).train()
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval() if cfg.optim.ema_decay else None
+        self.model_cls = type(self.model)  # before sharding, which swaps in a subclass
         self.forward_model = wrap(self.model) if wrap else self.model
+        self.sharded = sharding.is_sharded(self.forward_model)  # FSDP: self.model is sharded in place
+        if self.sharded and self.ema is not None:
+            sharding.shard(self.ema)  # the same layout, so the EMA update runs shard by shard
         if cfg.model.compile:
             self.forward_model = torch.compile(self.forward_model)
         self.lr = cfg.optim.lr * (math.sqrt(data.batch_size * world_size / 256) if cfg.optim.lr_scaling == "sqrt"
@@ -232,6 +236,8 @@ class Trainer:
         clip = getattr(self.forward_model, "clip_grad_norm_", None)  # FSDP shards the norm
         norm = clip(self.cfg.optim.grad_clip) if clip else torch.nn.utils.clip_grad_norm_(params,
                                                                                            self.cfg.optim.grad_clip)
+        if hasattr(norm, "full_tensor"):  # FSDP: a DTensor
+            norm = norm.full_tensor()
         if self.cfg.stage == 1:
             for group in copies:
                 if group[0].grad is not None:
@@ -246,18 +252,45 @@ class Trainer:
                 "steps_per_epoch": self.steps_per_epoch, "world_size": self.world_size, "stage": self.cfg.stage,
                 "lr": self.lr, "lr_scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict(),
                 "gpu_hours": self.gpu_hours, "samples_seen": self.samples_seen,
-                "config_hash": config_hash(self.cfg)}
+                "config_hash": config_hash(self.cfg), "strategy": self.strategy}
+
+    @property
+    def strategy(self) -> str:
+        return "fsdp" if self.sharded else "ddp"
+
+    def sampling_model(self) -> torch.nn.Module | None:
+        """The weights to sample with (the EMA when there is one), unsharded, on rank 0; None on other ranks. Under
+        FSDP the shards are gathered first: every rank must call it."""
+        source = self.ema if self.ema is not None else self.model
+        if not self.sharded:
+            return source if self.rank == 0 else None
+        state = sharding.full_state(source)
+        if self.rank != 0:
+            return None
+        return sharding.plain_copy(self.model_cls, self.model.config, state).to(self.device)
 
     def save_checkpoint(self) -> str | None:
-        """Rank 0 publishes the checkpoint of the current step (DDP replicas are identical)."""
+        """Rank 0 publishes the checkpoint of the current step (DDP replicas are identical; FSDP shards are gathered
+        first, on every rank)."""
+        if self.sharded:
+            models = {"transformer": sharding.full_state(self.model)}
+            if self.ema is not None:
+                models["ema"] = sharding.full_state(self.ema)
+            optimizer = sharding.full_optimizer_state(self.model, self.optimizer)
         if self.rank != 0:
             return None
 
         def write(d: Path) -> dict[str, Any]:
-            self.model.save_pretrained(d / "transformer", safe_serialization=True)
-            if self.ema is not None:
-                self.ema.save_pretrained(d / "ema", safe_serialization=True)
-            checkpoint.save_optimizer(self.optimizer, d)
+            if self.sharded:
+                for name, state in models.items():
+                    sharding.plain_copy(self.model_cls, self.model.config, state).save_pretrained(
+                        d / name, safe_serialization=True)
+                torch.save(optimizer, d / "optimizer.pt")
+            else:
+                self.model.save_pretrained(d / "transformer", safe_serialization=True)
+                if self.ema is not None:
+                    self.ema.save_pretrained(d / "ema", safe_serialization=True)
+                checkpoint.save_optimizer(self.optimizer, d)
             (d / "config.yaml").write_text(dump_yaml(self.cfg))
             return self.state()
 
@@ -270,17 +303,32 @@ class Trainer:
         if url is None:
             return False
         state = checkpoint.trainer_state(url)
+        if state.get("strategy", "ddp") != self.strategy:
+            raise PipelineError(f"{url} was written under {state.get('strategy', 'ddp')}, this run uses "
+                                f"{self.strategy}: their optimizer states differ in layout; resume with the same "
+                                "ray.strategy, or start a new run from this checkpoint's weights (init=...)")
         if state["world_size"] != self.world_size or state["steps_per_epoch"] != self.steps_per_epoch:
             raise PipelineError(f"{url} was written by {state['world_size']} workers with {state['steps_per_epoch']} "
                                 f"steps per epoch; this run has {self.world_size} and {self.steps_per_epoch}. "
                                 "Resume with the same ray.num_workers and data.batch_size, or start a new run.")
         local, cleanup = checkpoint.local_copy(url)
         try:
-            load_weights(self.model, Path(local) / "transformer", strict=True)
-            if self.ema is not None:
-                ema_dir = Path(local) / "ema"
-                load_weights(self.ema, ema_dir if ema_dir.exists() else Path(local) / "transformer", strict=True)
-            checkpoint.load_optimizer(self.optimizer, Path(local), self.device)
+            ema_dir = Path(local) / "ema"
+            for model, directory in ((self.model, Path(local) / "transformer"),
+                                     (self.ema, ema_dir if ema_dir.exists() else Path(local) / "transformer")):
+                if model is None:
+                    continue
+                if self.sharded:  # every rank reads the full weights; each keeps its shard
+                    plain = self.model_cls.from_config(self.model.config)
+                    load_weights(plain, directory, strict=True)
+                    sharding.load_full_state(model, plain.state_dict())
+                else:
+                    load_weights(model, directory, strict=True)
+            if self.sharded:
+                optimizer = torch.load(Path(local) / "optimizer.pt", map_location="cpu", weights_only=True)
+                sharding.load_full_optimizer_state(self.model, self.optimizer, optimizer)
+            else:
+                checkpoint.load_optimizer(self.optimizer, Path(local), self.device)
         finally:
             cleanup()
         self.scheduler.load_state_dict(state["lr_scheduler"])

@@ -1,5 +1,6 @@
 """Ray Train: two CPU workers (DDP over gloo) train a tiny stage 2; a worker failure mid-run is restarted by
-FailureConfig and resumes from the last checkpoint, giving the same per-step losses as an uninterrupted run."""
+FailureConfig and resumes from the last checkpoint, giving the same per-step losses as an uninterrupted run. The same
+under FSDP (ray.strategy=fsdp), whose gathered checkpoints are plain diffusers models."""
 
 import json
 
@@ -40,6 +41,11 @@ def test_two_workers_resume_after_a_failure_with_identical_losses(features, tiny
         prepare_run(failing)
         marker = tmp_path / "failed-once"
         run_ray(failing, fail_once_at=(3, str(marker)))
+        sharded = config(features, "tiny-stage2", "ray-fsdp", *overrides, "ray.strategy=fsdp",
+                         t5=tiny_t5_encoder, vae=tiny_vae)
+        prepare_run(sharded)
+        fsdp_marker = tmp_path / "fsdp-failed-once"
+        run_ray(sharded, fail_once_at=(3, str(fsdp_marker)))
     finally:
         ray.shutdown()
     assert marker.exists()  # the failure did happen, after step 3 was logged and before its checkpoint
@@ -48,3 +54,35 @@ def test_two_workers_resume_after_a_failure_with_identical_losses(features, tiny
     assert losses(features, "ray-failing") == expected  # resumed from step 2: same steps, same losses
     summary = json.load(open(f"{run_dir(features, 'ray-failing')}/summary.json"))
     assert summary["steps"] == 4
+
+    # FSDP: sharded weights, gathered checkpoints, resumed after the same failure; the losses of DDP up to the
+    # order of the gradient sums (reduce-scatter instead of all-reduce)
+    assert fsdp_marker.exists()
+    got = losses(features, "ray-fsdp")
+    assert [s for s, _ in got] == [1, 2, 3, 4]
+    assert [loss for _, loss in got] == pytest.approx([loss for _, loss in expected], rel=1e-5)
+    assert_checkpoint_is_plain(features, "ray-fsdp", sharded)
+
+
+def assert_checkpoint_is_plain(root, run, cfg):
+    """A checkpoint written under FSDP holds full diffusers models (they load without any sharding) and a full
+    optimizer state; a DDP or local run refuses to resume from it, naming the strategy."""
+    import torch
+    from diffusers import PixArtTransformer2DModel
+
+    from pixart.checkpoint import latest
+    from pixart.trainer import Trainer
+    from storage.errors import PipelineError
+
+    ckpt = latest(root, run)
+    model = PixArtTransformer2DModel.from_pretrained(f"{ckpt}/transformer")
+    reference = PixArtTransformer2DModel.from_pretrained(f"{run_dir(root, 'ray-plain')}/checkpoints/"
+                                                         f"{ckpt.rsplit('/', 1)[-1]}/transformer")
+    for (name, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items(), strict=True):
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-6), name
+    state = torch.load(f"{ckpt}/optimizer.pt", weights_only=True)
+    assert set(state["state"]) == {n for n, p in model.named_parameters()}  # by name, each full size
+    assert all(s["exp_avg"].shape == dict(model.named_parameters())[n].shape for n, s in state["state"].items())
+    local = cfg.model_copy(update={"executor": "local"})
+    with pytest.raises(PipelineError, match="written under fsdp, this run uses ddp"):
+        Trainer(local).resume()
