@@ -195,8 +195,8 @@ class BucketedLoader:
     def collate(self, entries: list[Entry], files: TarReader) -> dict[str, Any]:
         """Read one planned batch straight into its batch arrays. Where the index gives a sample's array offset,
         each array is one os.preadv into its slot of the batch, headers checked (`TarReader.read_array_rows`);
-        otherwise the sample's byte range is read, its members located by their tar headers and copied in. Text is
-        padded with zeros as it lands. The first sample of a batch takes the range path: it fixes the shapes."""
+        otherwise the sample's byte range is read, its members located by their tar headers and copied in
+        (`_read_text` for the T5 rows). The first sample of a batch takes the range path: it fixes the shapes."""
         n = len(entries)
         out = _Batch(n, self.max_tokens, files.arrays)
         tars = [self._tars(e) for e in entries]
@@ -206,13 +206,11 @@ class BucketedLoader:
             if text_tar is not None:
                 ranges.append((text_tar, e.text))
         files.fetch(ranges)  # remote tars: the whole batch's ranges at once
-        for i, (e, (latent_tar, text_tar)) in enumerate(zip(entries, tars, strict=True)):
+        for i, (e, (latent_tar, _)) in enumerate(zip(entries, tars, strict=True)):
             self._latent_into(out, i, e, latent_tar, files)
-            if text_tar is not None and self.pad_text:
-                self._text_into(out, i, e, text_tar, files)
         text_tars = [text for _, text in tars]
-        if not self.pad_text and all(text_tars):
-            self._text_rows(out, entries, text_tars, files)
+        if all(text_tars):
+            self._read_text(out, entries, text_tars, files)
         assert out.posterior is not None
         seeds = torch.tensor([self._noise_seed(e.key) for e in entries], dtype=torch.int64)
         posterior = torch.from_numpy(out.posterior)
@@ -259,25 +257,12 @@ class BucketedLoader:
         if "cls" in lat:
             out.cls.append(int(bytes(lat["cls"])))
 
-    def _text_into(self, out: _Batch, i: int, e: Entry, url: str, files: TarReader) -> None:
-        if out.text is not None and e.text_array is not None:
-            at, n_rows = e.text_array
-            rows = min(n_rows, self.max_tokens)
-            if files.read_array_rows(url, at, f"{e.key}.t5.npy", out.text[i], rows, n_rows):
-                out.pad(i, rows)
-                return
-        found = files.locate_array(url, e.text, e.key, "t5.npy")
-        text = out.text if out.text is not None else out.new_text(found.shape[1:], found.dtype)  # fp16 as stored
-        found.check(text.shape[2:], text.dtype)
-        rows = min(found.shape[0], self.max_tokens)
-        found.read_into(text[i, :rows])
-        out.pad(i, rows)
-
-    def _text_rows(self, out: _Batch, entries: list[Entry], urls: list[str], files: TarReader) -> None:
-        """The batch's valid T5 rows back to back in one array (pad_text=False). Each sample's row count comes from
-        the index where it has the array's offset (the first sample is located by its headers: it fixes the width);
-        rows are then read straight into place, as `_text_into` does. If a direct read is refused and the sample's
-        own headers give another row count than its index, the batch is laid out again from the headers alone."""
+    def _read_text(self, out: _Batch, entries: list[Entry], urls: list[str], files: TarReader) -> None:
+        """The batch's T5 rows straight from the files: into their slots of the padded [B, max_tokens, d] text
+        (pad_text), or back to back into one array. Row counts come from the index where it has the array's offset;
+        the first sample (it fixes the width) and samples without one are located by their headers. A direct read
+        whose headers do not check out is redone from the sample's range; if that gives another row count than its
+        index, the batch is laid out again from the headers alone."""
         for trust_index in (True, False):
             plan: list[tuple[int, Entry, str, LocatedArray | None]] = []
             for i, (e, url) in enumerate(zip(entries, urls, strict=True)):
@@ -292,11 +277,15 @@ class BucketedLoader:
                     plan.append((min(found.shape[0], self.max_tokens), e, url, found))
             head = plan[0][3]
             assert head is not None
-            rows = out.new_rows(sum(n for n, *_ in plan), head.shape[1:], head.dtype, self.max_tokens)
-            start = 0
-            for n, e, url, found in plan:
-                dest = rows[start:start + n]
-                start += n
+            counts = [n for n, *_ in plan]
+            if self.pad_text:
+                text = out.new_text(head.shape[1:], head.dtype)  # fp16 as stored
+                dests = [text[i, :n] for i, n in enumerate(counts)]
+            else:
+                rows = out.new_rows(sum(counts), head.shape[1:], head.dtype, self.max_tokens)
+                starts = np.cumsum([0, *counts]).tolist()
+                dests = [rows[a:b] for a, b in zip(starts, starts[1:], strict=False)]
+            for dest, (n, e, url, found) in zip(dests, plan, strict=True):
                 if found is None and e.text_array is not None:
                     at, stored = e.text_array
                     if files.read_array_rows(url, at, f"{e.key}.t5.npy", dest, n, stored):
@@ -308,7 +297,7 @@ class BucketedLoader:
                 assert found is not None
                 found.read_into(dest)
             else:
-                out.n_tokens = [n for n, *_ in plan]
+                out.finish_text(counts)
                 return
 
     def iter_stream(self, worker: int = 0, num_workers: int = 1) -> Iterator[dict[str, Any]]:
@@ -372,11 +361,13 @@ class _Batch:
         self.rows = self.pool.empty((self.n * max_tokens, *row_shape), dtype)[:total]
         return self.rows
 
-    def pad(self, i: int, rows: int) -> None:
-        """Sample i holds `rows` valid rows: zero the rest, set its mask."""
-        assert self.text is not None and self.mask is not None
-        self.text[i, rows:] = 0
-        self.mask[i, :rows] = 1
+    def finish_text(self, counts: list[int]) -> None:
+        """Sample i holds counts[i] valid rows: padded, zero the rest and set the mask; packed, record the counts."""
+        self.n_tokens = counts
+        if self.text is not None and self.mask is not None:
+            for i, rows in enumerate(counts):
+                self.text[i, rows:] = 0
+                self.mask[i, :rows] = 1
 
 
 class _StreamDataset(torch.utils.data.IterableDataset):
