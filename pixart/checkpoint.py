@@ -94,10 +94,10 @@ def local_copy(url: str) -> tuple[str, Callable[[], None]]:
     return local, lambda: shutil.rmtree(local, ignore_errors=True)
 
 
-def save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
-    torch.save(optimizer.state_dict(), path / "optimizer.pt")
+def save_optimizer(state: dict[str, Any], path: Path) -> None:
+    """An optimizer state dict (by index under DDP, by parameter name under FSDP) as `optimizer.pt`."""
+    torch.save(state, path / "optimizer.pt")
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, path: Path, device: torch.device) -> None:
-    state = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)  # never unpickle
-    optimizer.load_state_dict(state)
+def read_optimizer(path: Path, device: torch.device | str) -> dict[str, Any]:
+    return torch.load(path / "optimizer.pt", map_location=device, weights_only=True)  # never unpickle

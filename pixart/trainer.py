@@ -285,12 +285,12 @@ class Trainer:
                 for name, state in models.items():
                     sharding.plain_copy(self.model_cls, self.model.config, state).save_pretrained(
                         d / name, safe_serialization=True)
-                torch.save(optimizer, d / "optimizer.pt")
+                checkpoint.save_optimizer(optimizer, d)
             else:
                 self.model.save_pretrained(d / "transformer", safe_serialization=True)
                 if self.ema is not None:
                     self.ema.save_pretrained(d / "ema", safe_serialization=True)
-                checkpoint.save_optimizer(self.optimizer, d)
+                checkpoint.save_optimizer(self.optimizer.state_dict(), d)
             (d / "config.yaml").write_text(dump_yaml(self.cfg))
             return self.state()
 
@@ -325,10 +325,10 @@ class Trainer:
                 else:
                     load_weights(model, directory, strict=True)
             if self.sharded:
-                optimizer = torch.load(Path(local) / "optimizer.pt", map_location="cpu", weights_only=True)
+                optimizer = checkpoint.read_optimizer(Path(local), "cpu")
                 sharding.load_full_optimizer_state(self.model, self.optimizer, optimizer)
             else:
-                checkpoint.load_optimizer(self.optimizer, Path(local), self.device)
+                self.optimizer.load_state_dict(checkpoint.read_optimizer(Path(local), self.device))
         finally:
             cleanup()
         self.scheduler.load_state_dict(state["lr_scheduler"])
