@@ -8,10 +8,11 @@ applied last; values are parsed as YAML (`force=true` is a bool, `limit=3` an in
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -87,11 +88,45 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _submodel(cls: type, name: str) -> type | None:
+    """The config section class that field `name` of `cls` holds, if it is one (Optional and unions included)."""
+    field = getattr(cls, "model_fields", {}).get(name)
+    if field is None:
+        return None
+    todo = [field.annotation]
+    while todo:
+        tp = todo.pop()
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            return tp
+        todo.extend(get_args(tp))
+    return None
+
+
+def _unknown_key(cls: type, loc: tuple) -> str:
+    """'unknown key; did you mean ...?' with the keys the section at `loc` does accept."""
+    section: type | None = cls
+    for part in loc[:-1]:
+        if isinstance(part, str) and section is not None:
+            section = _submodel(section, part)
+    known = sorted(getattr(section, "model_fields", {}))
+    if not known:
+        return "unknown key"
+    close = difflib.get_close_matches(str(loc[-1]), known, n=3, cutoff=0.6)
+    if close:
+        return "unknown key; did you mean " + " or ".join(repr(c) for c in close) + "?"
+    return f"unknown key; this section takes: {', '.join(known)}"
+
+
 def _format_validation_error(cls: type, err: ValidationError) -> str:
     lines = [f"invalid {cls.__name__}:"]
     for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(root)"
-        lines.append(f"  {where}: {e['msg']}")
+        loc = tuple(e["loc"])
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden" and loc:
+            msg = _unknown_key(cls, loc)
+        elif e["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")  # our own validators' messages, as written
+        lines.append(f"  {'.'.join(str(p) for p in loc)}: {msg}" if loc else f"  {msg}")
     return "\n".join(lines)
 
 

@@ -58,3 +58,21 @@ def test_yaml_file_and_resolved_round_trip(tmp_path):
     again = IngestConfig.model_validate(yaml.safe_load(dump_yaml(cfg)))
     assert again == cfg and again.force is True
     assert config_hash(again) == config_hash(cfg) != config_hash(cfg.model_copy(update={"workers": 9}))
+
+
+def test_misspelled_keys_get_a_did_you_mean_at_every_level():
+    with pytest.raises(ConfigError, match=r"  sourc: unknown key; did you mean 'source'"):
+        load_config(IngestConfig, "sam", ["sourc=/x"], kind="ingest")
+    with pytest.raises(ConfigError, match=r"decode.max_pixel: unknown key; did you mean 'max_pixels'\?"):
+        load_config(IngestConfig, "sam", ["source=/x", "decode.max_pixel=3"], kind="ingest")
+    with pytest.raises(ConfigError, match=r"decode.zzz: unknown key; this section takes: max_decoded_bytes, "):
+        load_config(IngestConfig, "sam", ["source=/x", "decode.zzz=3"], kind="ingest")
+
+
+def test_own_validator_messages_read_as_written():
+    from pixart.train_config import TrainConfig
+
+    with pytest.raises(ConfigError) as info:
+        load_config(TrainConfig, "stage1", ["stage=2"], kind="train")
+    assert str(info.value).splitlines()[1] == "  stage 2 trains PixArt; model.preset 'dit-xl-2' is a DiT"
+    assert "(root)" not in str(info.value) and "Value error" not in str(info.value)
