@@ -14,16 +14,28 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from storage.errors import PipelineError
 from storage.urls import filesystem, protocol_of
 
 Row = dict[str, Any]
 
 
 def read_table(url: str, columns: list[str] | None = None) -> pa.Table:
+    """The table at `url`. A file that is not valid parquet (truncated, overwritten, a missing column) is a
+    permanent PipelineError naming it: pyarrow reports corrupt pages as an errno-less OSError, which would otherwise
+    read as a transient I/O error and be retried. Real I/O errors (with an errno, or from the object store's fetch)
+    stay OSErrors, so that transient ones are retried."""
     fs, path = filesystem(url)
-    if protocol_of(fs) in ("file", "local"):
-        return pq.read_table(path, columns=columns)
-    return pq.read_table(pa.BufferReader(fs.cat_file(path)), columns=columns)
+    try:
+        if protocol_of(fs) in ("file", "local"):
+            return pq.read_table(path, columns=columns)
+        blob = fs.cat_file(path)
+        return pq.read_table(pa.BufferReader(blob), columns=columns)
+    except (pa.ArrowException, OSError) as e:  # pa.ArrowIOError *is* OSError
+        if isinstance(e, OSError) and (e.errno is not None or isinstance(e, FileNotFoundError)):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise PipelineError(f"{url}: not a readable parquet table ({first})") from None
 
 
 def read_rows(url: str, columns: list[str] | None = None) -> list[Row]:

@@ -245,3 +245,19 @@ def test_decoded_size_limit_comes_from_the_config(tmp_path):
                        decode={"max_decoded_bytes": 90 * 60 * 3 - 1})
     rows = ingest_rows(cfg)
     assert_only_error(rows, "sa_1", "over the limit of 16199")
+
+
+def test_corrupt_committed_manifest_is_one_error_line_naming_it(samples, tiny_llava, tiny_t5, tmp_path):
+    out = tmp_path / "out"
+    ingest = _pixart("ingest", "sam", f"source={samples['sam']}", f"output_root={out}")
+    assert ingest.returncode == 0, ingest.stderr
+    manifest = out / "manifests" / "sam" / "sa_000000.parquet"
+    blob = bytearray(manifest.read_bytes())
+    blob[8:200] = b"\x00" * 192  # the first column chunk's pages: the footer still parses, the data does not
+    manifest.write_bytes(bytes(blob))
+    proc = _pixart("caption", "sam", f"output_root={out}", f"model={tiny_llava}", f"t5_tokenizer={tiny_t5}",
+                   "caption_set=x", "generation.max_new_tokens=4", "batch_size=4")
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr and "ArrowInvalid" not in proc.stderr, proc.stderr[-3000:]
+    assert f"{manifest}: not a readable parquet table" in proc.stderr, proc.stderr[-3000:]
+    assert len(proc.stderr.splitlines()) < 30
