@@ -11,12 +11,14 @@ store and no dashboard (the loader reads shards itself, so Ray's object store ca
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from flows._ray import ray_session
 from pixart.prepare import check_features, prepare_conditions
 from pixart.train_config import TrainConfig
+from storage.errors import PipelineError
 from storage.urls import filesystem, protocol_of
 
 
@@ -53,7 +55,7 @@ def _loop(config: dict[str, Any]) -> None:
         return ray.train.torch.prepare_model(model, parallel_strategy="ddp" if world > 1 else None)
 
     train_worker(cfg, rank, world, device=ray.train.torch.get_device(), wrap=wrap, all_reduce_mean=mean,
-                 report=report)
+                 report=report, say=print)
 
 
 def encode_conditions(cfg: TrainConfig, text_width: int | None) -> None:
@@ -70,11 +72,14 @@ def encode_conditions(cfg: TrainConfig, text_width: int | None) -> None:
 
 
 def run_ray(cfg: TrainConfig, *, text_width: int | None = None,
-            fail_once_at: tuple[int, str] | None = None) -> dict[str, Any]:
+            fail_once_at: tuple[int, str] | None = None,
+            before_start: Callable[[], None] | None = None) -> dict[str, Any]:
     """Run the stage on Ray Train; returns the final metrics. The run's conditions (null caption, sample prompts)
     are encoded first in a Ray task unless already stored (`text_width`: the features', checked against the T5;
-    read from the features when not given).
-    `fail_once_at=(step, marker_path)` makes rank 0 raise once after that step (tests of the automatic resume)."""
+    read from the features when not given); `before_start()` runs after that, before the workers start (the
+    driver writes the run's config.yaml there).
+    `fail_once_at=(step, marker_path)` makes rank 0 raise once after that step (tests of the automatic resume).
+    A worker's own PipelineError that ends the run is raised as itself (one line for the CLI)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -82,6 +87,8 @@ def run_ray(cfg: TrainConfig, *, text_width: int | None = None,
                      include_dashboard=cfg.ray.include_dashboard, num_cpus=max(2, os.cpu_count() or 2),
                      log_to_driver=True):
         encode_conditions(cfg, check_features(cfg)["text_width"] if text_width is None else text_width)
+        if before_start is not None:
+            before_start()
         fs, path = filesystem(cfg.output_root)
         storage = str(Path(path, "runs", cfg.run, "ray").resolve()) if protocol_of(fs) in ("file", "local") else None
         trainer = TorchTrainer(
@@ -92,5 +99,12 @@ def run_ray(cfg: TrainConfig, *, text_width: int | None = None,
             run_config=RunConfig(name=cfg.run, storage_path=storage,
                                  failure_config=FailureConfig(max_failures=cfg.ray.max_failures)),
         )
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except Exception as e:
+            cause = e.__cause__
+            cause = getattr(cause, "cause", cause)  # RayTaskError wraps the worker's exception
+            if isinstance(cause, PipelineError):
+                raise cause from None
+            raise
         return dict(result.metrics or {})

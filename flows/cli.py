@@ -144,6 +144,8 @@ def train(
             f"{m['samples_per_s']:.1f} samples/s"))
     except PipelineError as e:
         _fail(str(e))
+    except OSError as e:  # a full disk or a lost mount outside a checkpoint save (metrics, samples)
+        _fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
     typer.echo(f"{summary['run']}: {summary['steps']} steps, final loss {summary['final_loss']}, "
                f"{summary['gpu_hours']:.3f} GPU-hours (paper stage {summary['stage']}: "
                f"{summary['paper_v100_days']} V100-days)")

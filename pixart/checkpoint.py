@@ -9,7 +9,10 @@
     runs/<run>/checkpoints/step-000001000.done   written last: only then does the checkpoint exist
 
 A crash while saving leaves a temporary directory and no marker, so `latest()` never picks a half-written
-checkpoint. On object stores the directory is written locally first and uploaded before the marker.
+checkpoint; `sweep_temporaries` removes such leftovers when the next run of the name starts (under the run's lease,
+so none of them can be another live run's). On object stores the directory is written locally first and uploaded
+before the marker. A save that fails (a full disk) and a file that cannot be read back (a corrupt marker, a
+pickled optimizer state) are `CheckpointError`s that name the file.
 """
 
 from __future__ import annotations
@@ -23,16 +26,25 @@ from typing import Any
 
 import torch
 
-from storage.commit import DONE_SUFFIX, is_done, publish_dir_once, read_done, write_done
+from storage.commit import DONE_SUFFIX, TMP_MARK, is_done, publish_dir_once, read_done, write_done
+from storage.errors import PipelineError, is_transient, one_line
 from storage.layout import checkpoint_url, run_dir
 from storage.urls import filesystem, join, protocol_of
 
 TRAINER_STATE = "trainer.json"
 
 
+class CheckpointError(PipelineError):
+    """A checkpoint that could not be written or read back; the message names the file."""
+
+
+def checkpoints_url(root: str, run: str) -> str:
+    return join(run_dir(root, run), "checkpoints")
+
+
 def list_checkpoints(root: str, run: str) -> list[tuple[int, str]]:
     """Committed checkpoints of a run as (step, url), oldest first."""
-    fs, path = filesystem(join(run_dir(root, run), "checkpoints"))
+    fs, path = filesystem(checkpoints_url(root, run))
     if not fs.exists(path):
         return []
     out = []
@@ -51,36 +63,81 @@ def latest(root: str, run: str) -> str | None:
 
 def save(root: str, run: str, step: int, write: Callable[[Path], dict[str, Any]], keep: int) -> str:
     """Publish checkpoint `step`: `write(local_dir)` fills a directory and returns the trainer state, stored as
-    trainer.json and in the marker. Then all but the newest `keep` checkpoints are deleted (marker first)."""
+    trainer.json and in the marker. Then all but the newest `keep` checkpoints are deleted (marker first). An
+    OSError on the way (a full disk) is a CheckpointError naming the checkpoint; the previous checkpoint stays the
+    latest."""
     url = checkpoint_url(root, run, step)
     if is_done(url):
         return url  # a second copy of this run got here first: the step's checkpoint is the same
-    with publish_dir_once(url) as (fs, tmp):
-        if protocol_of(fs) in ("file", "local"):
-            state = write(Path(tmp))
-            (Path(tmp) / TRAINER_STATE).write_text(json.dumps(state, indent=1, sort_keys=True))
-        else:
-            with tempfile.TemporaryDirectory(prefix="pixart-ckpt-") as local:
-                state = write(Path(local))
-                (Path(local) / TRAINER_STATE).write_text(json.dumps(state, indent=1, sort_keys=True))
-                fs.put(local.rstrip("/") + "/", tmp, recursive=True)
-    write_done(url, state)
+    try:
+        with publish_dir_once(url) as (fs, tmp):
+            if protocol_of(fs) in ("file", "local"):
+                state = write(Path(tmp))
+                (Path(tmp) / TRAINER_STATE).write_text(json.dumps(state, indent=1, sort_keys=True))
+            else:
+                with tempfile.TemporaryDirectory(prefix="pixart-ckpt-") as local:
+                    state = write(Path(local))
+                    (Path(local) / TRAINER_STATE).write_text(json.dumps(state, indent=1, sort_keys=True))
+                    fs.put(local.rstrip("/") + "/", tmp, recursive=True)
+        write_done(url, state)
+    except OSError as e:
+        previous = latest(root, run)
+        err = CheckpointError(f"checkpoint {url} could not be written ({_reason(e)}); the last committed checkpoint "
+                              f"is {previous or 'none'}, and a re-run resumes from it")
+        err.transient = is_transient(e)
+        raise err from e
     for _, old in list_checkpoints(root, run)[:-keep]:
         delete(old)
     return url
 
 
+def _reason(e: OSError) -> str:
+    where = f": {e.filename}" if e.filename else ""
+    return f"{e.strerror or one_line(e)}{where}"
+
+
 def delete(url: str) -> None:
+    """Marker first, so the checkpoint stops existing before its files go; a checkpoint already gone is fine."""
     fs, path = filesystem(url)
-    fs.rm(path + DONE_SUFFIX)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
+    try:
+        fs.rm(path + DONE_SUFFIX)
+    except FileNotFoundError:
+        pass
+    try:
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    except FileNotFoundError:
+        pass
+
+
+def sweep_temporaries(root: str, run: str) -> list[str]:
+    """Delete every checkpoint temporary of the run (`step-N.tmp-*`, `step-N.done.tmp-*`), whatever its age: only
+    a save killed half-way leaves one. Call it only while holding the run's lease (no other live run can be writing
+    one). Returns what was deleted."""
+    fs, path = filesystem(checkpoints_url(root, run))
+    if not fs.exists(path):
+        return []
+    gone = []
+    for p in fs.ls(path, detail=False):
+        name = p.rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith("step-") and TMP_MARK in name:
+            try:
+                fs.rm(p, recursive=True)
+            except FileNotFoundError:
+                continue
+            gone.append(name)
+    return sorted(gone)
 
 
 def trainer_state(url: str) -> dict[str, Any]:
-    state = read_done(url)
+    try:
+        state = read_done(url)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{url}{DONE_SUFFIX}: not a readable checkpoint marker ({one_line(e)})") from None
     if state is None:
         raise FileNotFoundError(f"{url} is not a committed checkpoint (no {DONE_SUFFIX} marker)")
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{url}{DONE_SUFFIX}: not a checkpoint marker (no step)")
     return state
 
 
@@ -100,4 +157,16 @@ def save_optimizer(state: dict[str, Any], path: Path) -> None:
 
 
 def read_optimizer(path: Path, device: torch.device | str) -> dict[str, Any]:
-    return torch.load(path / "optimizer.pt", map_location=device, weights_only=True)  # never unpickle
+    """The optimizer state, read with weights_only=True (never unpickled: a pickled object is refused); anything
+    but a plain tensor state dict is a CheckpointError naming the file."""
+    file = path / "optimizer.pt"
+    try:
+        state = torch.load(file, map_location=device, weights_only=True)  # never unpickle
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: missing from the checkpoint") from None
+    except Exception as e:  # noqa: BLE001 - UnpicklingError, a torn zip (RuntimeError), EOFError: all say "bad file"
+        raise CheckpointError(f"{file}: not a plain optimizer state, refused without unpickling it "
+                              f"({one_line(e)[:300]})") from None
+    if not isinstance(state, dict) or not {"state", "param_groups"} <= state.keys():
+        raise CheckpointError(f"{file}: not an optimizer state dict (no state and param_groups)")
+    return state

@@ -21,6 +21,7 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
 from storage.commit import write_atomic
+from storage.errors import PipelineError, one_line
 from storage.layout import run_dir
 from storage.urls import exists, join, open_url
 
@@ -44,6 +45,10 @@ def pad_features(arrays: list, max_tokens: int) -> tuple[torch.Tensor, torch.Ten
     return text, mask
 
 
+class ConditionsError(PipelineError):
+    """A stored conditions file that cannot be read; the message names it."""
+
+
 @dataclass
 class Conditions:
     null_text: torch.Tensor  # [max_tokens, C] fp16
@@ -56,19 +61,33 @@ class Conditions:
         return int(self.null_text.shape[-1])
 
     @staticmethod
-    def prepare(cfg: TrainConfig) -> Conditions:
-        """Encode with cfg.t5_model and store; kept when present for the same T5 and prompts."""
+    def prepare(cfg: TrainConfig, save: bool = True) -> Conditions:
+        """Encode with cfg.t5_model and store (with `save`); kept when present for the same T5 and prompts. A stored
+        file that cannot be read is encoded again."""
         url = conditions_url(cfg)
         if exists(url):
-            found = Conditions.load(cfg)
+            try:
+                found = Conditions.load(cfg)
+            except ConditionsError:
+                found = None
             if found is not None:
                 return found
         from pixart.encoders import TextEncoder
 
         encoder = TextEncoder(cfg.t5_model, max_tokens=cfg.data.max_tokens, device=cfg.device)
         found = Conditions.from_features(encoder.encode([""] + list(cfg.schedule.sample_prompts)), cfg.data.max_tokens)
-        found.save(cfg)
+        if save:
+            found.save(cfg)
         return found
+
+    def stored(self, cfg: TrainConfig) -> bool:
+        """Whether the run's stored conditions are these (so saving them again would change nothing)."""
+        try:
+            found = Conditions.load(cfg)
+        except ConditionsError:
+            return False
+        return found is not None and all(torch.equal(a, b) for a, b in zip(vars(found).values(),
+                                                                             vars(self).values(), strict=True))
 
     @staticmethod
     def from_features(features: list, max_tokens: int) -> Conditions:
@@ -89,10 +108,14 @@ class Conditions:
             return None
         with open_url(url, "rb") as f:
             data = f.read()
-        header = json.loads(data[8:8 + struct.unpack("<Q", data[:8])[0]])  # safetensors: u64 length, JSON header
-        if header.get("__metadata__", {}) != _identity(cfg):
-            return None
-        return Conditions(**load_bytes(data))
+        try:
+            header = json.loads(data[8:8 + struct.unpack("<Q", data[:8])[0]])  # safetensors: u64 length, JSON header
+            if header.get("__metadata__", {}) != _identity(cfg):
+                return None
+            return Conditions(**load_bytes(data))
+        except Exception as e:  # noqa: BLE001 - a torn or corrupt file (struct, json, safetensors, missing fields)
+            raise ConditionsError(f"{url}: not readable conditions ({one_line(e)}); delete it and re-run to encode "
+                                  "them again") from None
 
     def drop(self, text: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows where `drop` is true become the null caption (features and mask)."""

@@ -1,35 +1,54 @@
 """What runs once on the driver before any training worker starts (and before any GPU time is spent):
 
-1. the features exist and agree with the stage preset (latent size = resolution / 8, T5 width = the model's
-   caption channels, class labels for stage 1), else a clear error;
+1. `check_run`: everything that can be checked without building a model, before anything of the run is written:
+   the features exist and agree with the stage preset (latent size = resolution / 8, T5 width = the model's
+   caption channels, a class label on every sample for stage 1), every worker gets a full batch per epoch, and
+   the init exists with readable safetensors headers; else a clear error;
 2. the null caption and the sample prompts are encoded with the run's T5 (pixart/conditions.py), whose width must
    be the features' width (the same T5 made them); with executor=ray this step runs in a Ray task instead
    (flows/_ray_train.py), so the driver never loads T5;
 3. the resolved config is saved beside the run (runs/<run>/config.yaml).
+
+`flows/train_stage.py` does 1, then (locally) builds and resumes the trainer, and only then writes 2 and 3: a run
+that cannot start leaves nothing behind.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pixart.conditions import Conditions
-from pixart.data import feature_shards, peek
+from pixart.data import FeatureShard, batches_per_rank, feature_shards, peek
 from pixart.models import PRESETS
 from pixart.train_config import TrainConfig
+from pixart.weights import check_init
 from storage.commit import write_atomic
 from storage.configio import dump_yaml
 from storage.errors import ConfigError
 from storage.layout import run_dir
+from storage.parquet import read_rows
 from storage.urls import join
+
+
+def _where(cfg: TrainConfig) -> str:
+    data = cfg.data
+    return f"features/{data.dataset} at {data.base_size}{'-ms' if data.multi_scale else ''}"
+
+
+def _shards(cfg: TrainConfig) -> list[FeatureShard]:
+    data = cfg.data
+    shards = feature_shards(cfg.output_root, data.dataset, data.base_size, data.multi_scale, data.caption_set)
+    if not shards:
+        raise ConfigError(f"no committed {_where(cfg)} (caption set {data.caption_set}) under {cfg.output_root}: "
+                          "run pixart extract first")
+    return shards
 
 
 def check_features(cfg: TrainConfig) -> dict[str, Any]:
     data = cfg.data
-    shards = feature_shards(cfg.output_root, data.dataset, data.base_size, data.multi_scale, data.caption_set)
-    where = f"features/{data.dataset} at {data.base_size}{'-ms' if data.multi_scale else ''}"
-    if not shards:
-        raise ConfigError(f"no committed {where} (caption set {data.caption_set}) under {cfg.output_root}: "
-                          "run pixart extract first")
+    shards = _shards(cfg)
+    where = _where(cfg)
     found = peek(shards[0])
     channels, h, w = found["latent"]
     arch = PRESETS[cfg.model.preset]
@@ -44,26 +63,77 @@ def check_features(cfg: TrainConfig) -> dict[str, Any]:
         if found["text_width"] != want:
             raise ConfigError(f"text features of caption set {data.caption_set} are {found['text_width']} wide; "
                               f"model.preset {cfg.model.preset} has caption_channels {want}")
+    else:
+        check_labels(shards, where)
     return {"shards": len(shards), **found}
 
 
-def prepare_run(cfg: TrainConfig, encode: bool = True) -> dict[str, Any]:
-    """Check the features against the preset and save the resolved config; with `encode`, also encode the run's
-    conditions here. The Ray executor passes encode=False and runs `prepare_conditions` in a GPU task instead, so the
-    driver never loads T5-XXL (19 GB in fp32 on a CPU-only head node)."""
+def _unlabelled(shard: FeatureShard) -> tuple[int, int, str | None]:
+    """(ok samples, samples without a class label, the first such key) of one latent shard. The index's label
+    column says it; a row without one (an index older than the column) is looked up in the tar (`.cls` member)."""
+    from pixart.tar_reads import TarReader
+    from storage.wds import sample_members
+
+    rows = [r for r in read_rows(shard.latents) if r["status"] == "ok"]
+    missing = [r for r in rows if r.get("label") is None]
+    if missing:
+        first = missing[0]
+        with TarReader() as files:
+            members = sample_members(files.read(shard.latents.removesuffix(".parquet") + ".tar",
+                                                (first["offset"], first["bytes"])), first["key"])
+        if "cls" in members:  # an older index: the label is only in the tar; the loader reads it from there
+            return len(rows), 0, None
+    return len(rows), len(missing), missing[0]["key"] if missing else None
+
+
+def check_labels(shards: list[FeatureShard], where: str, threads: int = 16) -> None:
+    """Stage 1 trains a class-conditional DiT: every sample needs its class label."""
+    with ThreadPoolExecutor(max(1, min(threads, len(shards)))) as pool:
+        counts = list(pool.map(_unlabelled, shards))
+    bad = [(s.name, n, key) for s, (_, n, key) in zip(shards, counts, strict=True) if n]
+    if bad:
+        total, without = sum(c[0] for c in counts), sum(n for _, n, _ in bad)
+        names = ", ".join(name for name, _, _ in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        raise ConfigError(f"{where}: {without} of {total} samples have no class label (e.g. {bad[0][2]} in shard "
+                          f"{bad[0][0]}; shards {names}); stage 1 trains a class-conditional DiT on class-labelled "
+                          "latents (data.dataset=imagenet)")
+
+
+def check_run(cfg: TrainConfig) -> dict[str, Any]:
+    """Everything about `cfg` that can be checked before a model is built and before anything is written: the
+    features (`check_features`), a full batch per epoch for every worker, and the init (`check_init`)."""
     found = check_features(cfg)
-    if encode:
-        prepare_conditions(cfg, found["text_width"])
-    write_atomic(join(run_dir(cfg.output_root, cfg.run), "config.yaml"), dump_yaml(cfg).encode())
+    workers = cfg.ray.num_workers if cfg.executor == "ray" else 1
+    counts = batches_per_rank(_shards(cfg), cfg.data.batch_size, workers)
+    if min(counts) == 0:
+        raise ConfigError(f"a rank gets no full batch of {cfg.data.batch_size} per epoch ({found['shards']} shards "
+                          f"over {workers} workers: {counts} batches): lower data.batch_size or add shards")
+    check_init(cfg)
     return found
 
 
-def prepare_conditions(cfg: TrainConfig, text_width: int | None) -> None:
+def prepare_run(cfg: TrainConfig, encode: bool = True) -> dict[str, Any]:
+    """Check the run (`check_run`) and save the resolved config; with `encode`, also encode the run's conditions
+    here. The Ray executor passes encode=False and runs `prepare_conditions` in a GPU task instead, so the driver
+    never loads T5-XXL (19 GB in fp32 on a CPU-only head node)."""
+    found = check_run(cfg)
+    if encode:
+        prepare_conditions(cfg, found["text_width"])
+    write_config(cfg)
+    return found
+
+
+def write_config(cfg: TrainConfig) -> None:
+    write_atomic(join(run_dir(cfg.output_root, cfg.run), "config.yaml"), dump_yaml(cfg).encode())
+
+
+def prepare_conditions(cfg: TrainConfig, text_width: int | None, save: bool = True) -> Conditions | None:
     """Encode (or find stored) the null caption and sample prompts with the run's T5, whose width must be the
-    features' `text_width`. Stage 1 has none."""
+    features' `text_width`; stored only with `save`. Stage 1 has none."""
     if cfg.stage == 1:
-        return
-    cond = Conditions.prepare(cfg)
+        return None
+    cond = Conditions.prepare(cfg, save=save)
     if cond.width != text_width:
         raise ConfigError(f"t5_model {cfg.t5_model!r} is {cond.width} wide but the features are "
                           f"{text_width} wide: set t5_model to the encoder that made the features")
+    return cond

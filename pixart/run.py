@@ -23,17 +23,24 @@ def train_worker(cfg: TrainConfig, rank: int = 0, world_size: int = 1, *, device
                  wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
                  all_reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  report: Callable[[dict[str, Any]], None] | None = None,
-                 progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                 progress: Callable[[dict[str, Any]], None] | None = None,
+                 trainer: Trainer | None = None, say: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train one worker to the end; returns the summary (rank 0) or the last metrics. `report` is called on every
-    rank at the same steps (Ray requires that); `progress` on rank 0 after each logged step."""
+    rank at the same steps (Ray requires that); `progress` on rank 0 after each logged step. `trainer`: one already
+    built and resumed (the local run builds it before writing anything); `say`: rank 0's notes (a changed lr).
+
+    metrics.jsonl is flushed before each checkpoint is saved, so a committed checkpoint's steps are always logged;
+    a crash after the flush and before the commit leaves lines past the latest checkpoint, which the resumed run
+    drops (`MetricsLog`) and logs again as it redoes those steps."""
     from pixart.sampling import save_samples
 
-    trainer = Trainer(cfg, rank, world_size, device=device, wrap=wrap, all_reduce_mean=all_reduce_mean)
-    trainer.resume()
+    if trainer is None:
+        trainer = Trainer(cfg, rank, world_size, device=device, wrap=wrap, all_reduce_mean=all_reduce_mean)
+        trainer.resume(log=say if rank == 0 else None)
     log = MetricsLog(cfg.output_root, cfg.run, trainer.step) if rank == 0 else None
     sched = cfg.schedule
     last: dict[str, Any] = {"step": trainer.step}
-    for metrics in trainer.fit(on_checkpoint=lambda url, step: log.flush() if log else None):
+    for metrics in trainer.fit(before_checkpoint=lambda step: log.flush() if log else None):
         last = metrics
         step = metrics["step"]
         if step % sched.log_every == 0 or step >= sched.max_steps:

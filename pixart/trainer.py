@@ -14,7 +14,13 @@ what diffusers' PixArtAlphaPipeline uses as the negative prompt, so guidance at 
 Determinism. Everything random in a step (t, noise, dropout) comes from a generator seeded by (seed, step, rank),
 and the loader's batch for (step, rank) is fixed by its plan, so a run stopped and resumed from a checkpoint
 computes exactly the steps an uninterrupted run would. Every rank runs the same number of steps per epoch (the
-smallest rank's batch count), which DDP needs and which makes the loader position a function of the step alone.
+smallest rank's batch count), which DDP needs and which makes the loader position a function of the step alone:
+checkpoints store the position of the trained step (`loader_state`), never the reader's, which runs ahead.
+
+Resume. data.seed must be the checkpoint's (it fixes the data order and every step's randomness). The optimizer's
+hyperparameters (optim.lr, betas, eps, weight_decay; warmup_steps, grad_clip and ema_decay are read from the config
+anyway) are the config's: a changed value is applied from the resumed step on, said through `resume(log=...)` and
+recorded in the checkpoints' trainer.json ("optimizer": what is used, "changes": when each changed).
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from pixart.prefetch import Prefetch
 from pixart.train_config import TrainConfig
 from pixart.weights import load_init, load_weights
 from storage.configio import config_hash, dump_yaml
-from storage.errors import PipelineError
+from storage.errors import ConfigError, PipelineError
 
 NULL_CLASS = 1000  # DiT's classifier-free-guidance class
 
@@ -54,10 +60,19 @@ def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
+def loader_state(step: int, steps_per_epoch: int, seed: int) -> dict[str, Any]:
+    """The loader's position after `step` trained steps: a function of the step alone (equal steps per epoch)."""
+    epoch, index = divmod(step, steps_per_epoch)
+    return {"epoch": epoch, "seed": seed, "consumed": {0: index}}
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, rank: int = 0, world_size: int = 1, *, device: torch.device | None = None,
                  wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
-                 all_reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+                 all_reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 conditions: Conditions | None = None) -> None:
+        """`conditions`: the run's null caption and sample prompts when already in memory (a run being started
+        writes nothing before its trainer is built); else read from runs/<run>/conditions.safetensors."""
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.device = device or resolve_device(cfg.device)
         self.autocast = self.device.type == "cuda" and cfg.precision != "float32"
@@ -76,7 +91,7 @@ class Trainer:
         if self.steps_per_epoch == 0:
             raise PipelineError(f"a rank gets no full batch of {data.batch_size} per epoch ({len(shards)} shards "
                                 f"over {world_size} workers): lower data.batch_size or add shards")
-        self.conditions = Conditions.load(cfg) if cfg.stage > 1 else None
+        self.conditions = (conditions or Conditions.load(cfg)) if cfg.stage > 1 else None
         if cfg.stage > 1 and self.conditions is None:
             raise PipelineError(f"run {cfg.run}: no null caption / sample prompts encoded by {cfg.t5_model} "
                                 "(runs/<run>/conditions.safetensors); prepare_run(cfg) writes them before training")
@@ -99,6 +114,7 @@ class Trainer:
         self.scheduler = get_constant_schedule_with_warmup(self.optimizer, cfg.optim.warmup_steps)
         self.diffusion = IDDPM()
         self.step, self.gpu_hours, self.samples_seen = 0, 0.0, 0
+        self.changes: list[dict[str, Any]] = []  # hyperparameters changed at a resume: {step, key, was, now}
 
     # -- model --------------------------------------------------------------------------------------------------------
 
@@ -143,8 +159,8 @@ class Trainer:
     def _batches(self) -> Iterator[dict[str, Any]]:
         position = self.step  # its own count: it runs ahead of self.step in the prefetch thread
         while True:
-            epoch, index = divmod(position, self.steps_per_epoch)
-            self.loader.load_state_dict({"epoch": epoch, "seed": self.cfg.data.seed, "consumed": {0: index}})
+            self.loader.load_state_dict(loader_state(position, self.steps_per_epoch, self.cfg.data.seed))
+            epoch = self.loader.epoch
             for batch in self.loader:
                 position += 1
                 yield batch
@@ -175,6 +191,9 @@ class Trainer:
         x_t = self.diffusion.q_sample(x0, t, noise)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.autocast):
             if cfg.stage == 1:
+                if "cls" not in batch:
+                    raise ConfigError(f"step {self.step + 1}: batch {_keys(batch)} has no class labels; stage 1 "
+                                      f"needs class-labelled latents (features/{cfg.data.dataset} has none)")
                 labels = torch.where(drop, NULL_CLASS, batch["cls"]).to(dev)
                 out = dit_forward(self.forward_model, x_t, t, labels)
             else:
@@ -193,9 +212,13 @@ class Trainer:
         loss = losses["loss"].mean()
         if not torch.isfinite(loss.detach()).item():
             self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(f"step {self.step}: loss is {loss.item()} (mse {losses['mse'].mean().item()}, "
-                                     f"vb {losses['vb'].mean().item()}); the step was not applied and the last "
-                                     "checkpoint is kept. Lower optim.lr or check the features.")
+            last = checkpoint.latest(cfg.output_root, cfg.run)
+            # numbered as the metrics and the progress number steps: step N is the one that makes self.step N
+            raise NonFiniteLossError(
+                f"step {self.step + 1}: loss is {loss.item()} (mse {losses['mse'].mean().item()}, vb "
+                f"{losses['vb'].mean().item()}) on rank {self.rank}'s batch {_keys(batch)}; the step was not "
+                f"applied. A re-run resumes from {last.rsplit('/', 1)[-1] if last else 'the start'}: lower optim.lr "
+                f"(now {self.lr:g}; a resume applies the new value) or check those samples' features.")
         loss.backward()
         grad_norm = self._clip()
         self.optimizer.step()
@@ -248,11 +271,23 @@ class Trainer:
     # -- checkpoints --------------------------------------------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
+        """What a checkpoint records: the position (the loader's is the trained step's, not the reader's, which
+        runs ahead under prefetch) and the hyperparameters actually in use."""
         return {"step": self.step, "epoch": self.step // self.steps_per_epoch,
                 "steps_per_epoch": self.steps_per_epoch, "world_size": self.world_size, "stage": self.cfg.stage,
-                "lr": self.lr, "lr_scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict(),
+                "lr": self.scheduler.base_lrs[0], "lr_scheduler": self.scheduler.state_dict(),
+                "loader": loader_state(self.step, self.steps_per_epoch, self.cfg.data.seed),
+                "optimizer": self.hyperparameters(), "changes": list(self.changes),
                 "gpu_hours": self.gpu_hours, "samples_seen": self.samples_seen,
                 "config_hash": config_hash(self.cfg), "strategy": self.strategy}
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The optimizer's settings in use (lr: the peak, after lr_scaling), from the optimizer itself."""
+        group = self.optimizer.param_groups[0]
+        optim = self.cfg.optim
+        return {"lr": self.scheduler.base_lrs[0], "betas": list(group["betas"]), "eps": group["eps"],
+                "weight_decay": group["weight_decay"], "warmup_steps": optim.warmup_steps,
+                "grad_clip": optim.grad_clip, "ema_decay": optim.ema_decay}
 
     @property
     def strategy(self) -> str:
@@ -297,12 +332,20 @@ class Trainer:
         keep = self.cfg.schedule.keep_checkpoints
         return checkpoint.save(self.cfg.output_root, self.cfg.run, self.step, write, keep)
 
-    def resume(self, url: str | None = None) -> bool:
-        """Load the run's latest checkpoint (or `url`): weights, EMA, optimizer, schedule, step. False if none."""
+    def resume(self, url: str | None = None, log: Callable[[str], None] | None = None) -> bool:
+        """Load the run's latest checkpoint (or `url`): weights, EMA, optimizer, schedule, step. False if none.
+        A data.seed other than the checkpoint's is refused; changed optimizer hyperparameters are applied from
+        here on and said through `log`."""
         url = url or checkpoint.latest(self.cfg.output_root, self.cfg.run)
         if url is None:
             return False
         state = checkpoint.trainer_state(url)
+        seed = state.get("loader", {}).get("seed", self.cfg.data.seed)
+        if seed != self.cfg.data.seed:
+            raise ConfigError(f"{url} was trained with data.seed={seed}, this run has {self.cfg.data.seed}: the seed "
+                              "fixes the data order and every step's randomness, so a resume cannot change it. "
+                              f"Resume with data.seed={seed}, or start a new run from this checkpoint's weights "
+                              "(init=...)")
         if state.get("strategy", "ddp") != self.strategy:
             raise PipelineError(f"{url} was written under {state.get('strategy', 'ddp')}, this run uses "
                                 f"{self.strategy}: their optimizer states differ in layout; resume with the same "
@@ -334,13 +377,41 @@ class Trainer:
         self.scheduler.load_state_dict(state["lr_scheduler"])
         self.step, self.gpu_hours = int(state["step"]), float(state["gpu_hours"])
         self.samples_seen = int(state["samples_seen"])
+        self.changes = list(state.get("changes", []))
+        self._apply_hyperparameters(state, url, log)
         return True
+
+    def _apply_hyperparameters(self, state: dict[str, Any], url: str, log: Callable[[str], None] | None) -> None:
+        """The optimizer and scheduler states just loaded carry the checkpoint's lr, betas, eps and weight decay;
+        set the config's instead, and record (and say) each one that differs from what the checkpoint used."""
+        used = dict(state.get("optimizer") or {})
+        group = self.optimizer.param_groups[0]
+        used.update(lr=self.scheduler.base_lrs[0], betas=list(group["betas"]), eps=group["eps"],
+                    weight_decay=group["weight_decay"])  # what the loaded states really hold
+        optim = self.cfg.optim
+        for g in self.optimizer.param_groups:
+            g.update(betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay, initial_lr=self.lr)
+        self.scheduler.base_lrs = [self.lr] * len(self.optimizer.param_groups)
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.lr * factor
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        now = self.hyperparameters()
+        for key, value in now.items():
+            if key in used and used[key] != value:
+                self.changes.append({"step": self.step, "key": f"optim.{key}", "was": used[key], "now": value})
+                if log is not None:
+                    note = " (the peak lr after lr_scaling)" if key == "lr" and optim.lr_scaling != "none" else ""
+                    log(f"{url.rsplit('/', 1)[-1]} used optim.{key}={used[key]}; this run has {value}{note}: "
+                        f"applied from step {self.step + 1} on, and recorded in the next checkpoints")
 
     # -- the loop -----------------------------------------------------------------------------------------------------
 
-    def fit(self, on_checkpoint: Callable[[str | None, int], None] | None = None) -> Iterator[dict[str, float]]:
+    def fit(self, on_checkpoint: Callable[[str | None, int], None] | None = None,
+            before_checkpoint: Callable[[int], None] | None = None) -> Iterator[dict[str, float]]:
         """Train up to schedule.max_steps, yielding each step's metrics; checkpoint every checkpoint_every steps
-        and at the end."""
+        and at the end. `before_checkpoint(step)` runs before each save (what must be on disk whenever the
+        checkpoint exists: the metrics up to its step), `on_checkpoint(url, step)` after it."""
         sched = self.cfg.schedule
         if self.step >= sched.max_steps:
             return
@@ -348,9 +419,20 @@ class Trainer:
             metrics = self.train_step(batch)
             yield metrics
             if self.step % sched.checkpoint_every == 0 or self.step >= sched.max_steps:
+                if before_checkpoint is not None:
+                    before_checkpoint(self.step)
                 url = self.save_checkpoint()
                 if on_checkpoint is not None:
                     on_checkpoint(url, self.step)
             if self.step >= sched.max_steps:
                 return
 
+
+def _keys(batch: dict[str, Any], most: int = 8) -> str:
+    """The batch's sample keys (and shards, when it carries them) for a message."""
+    keys = [str(k) for k in batch.get("keys", [])]
+    text = ", ".join(keys[:most]) + (f" (+{len(keys) - most} more)" if len(keys) > most else "") if keys else "?"
+    shards = batch.get("shards")
+    if shards:
+        text += f" from shards {', '.join(sorted({str(x) for x in shards}))}"
+    return f"[{text}]"

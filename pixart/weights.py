@@ -2,8 +2,12 @@
 previous one (a checkpoint, an export, a diffusers transformer, or a DiT to re-parameterise).
 
 Only safetensors are read. Every mismatch is an error that names it: architecture, config keys, tensor shapes,
-missing or unexpected tensors. The one allowed difference is PixArt -> PixArt-MS (stage 3 at 1024 from 512): the
-micro-condition embedders are new and keep their init, as the official loader's strict=False allowed.
+missing or unexpected tensors; a file that is not readable safetensors (torn, a header too large, offsets out of
+range) is a `WeightsError` naming the file. The one allowed difference is PixArt -> PixArt-MS (stage 3 at 1024
+from 512): the micro-condition embedders are new and keep their init, as the official loader's strict=False allowed.
+
+`check_init` reads only configs and safetensors headers (no weights), so the driver can refuse a bad init before
+anything of a run is written; `check_model_dir` loads a model directory in full (what an export must pass).
 """
 
 from __future__ import annotations
@@ -13,11 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from pixart.encoders import ModelLoadError
 from pixart.models import ModelMismatchError, load_transformer
 from pixart.reparam import dit_to_pixart
-from storage.errors import PipelineError
+from storage.errors import PipelineError, one_line
 
 if TYPE_CHECKING:
     from pixart.train_config import TrainConfig
@@ -26,15 +32,72 @@ MICRO_CONDITIONS = ("adaln_single.emb.resolution_embedder.", "adaln_single.emb.a
 ARCH_KEYS = ("num_layers", "num_attention_heads", "attention_head_dim", "patch_size", "in_channels", "out_channels")
 
 
-def load_weights(model: torch.nn.Module, directory: Path, strict: bool = True) -> None:
-    """Load a diffusers model directory's safetensors (one file or shards) into `model`."""
+class WeightsError(ModelLoadError):
+    """A weights file that cannot be read (torn, corrupt, not safetensors); the message names it."""
+
+
+def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise WeightsError(f"{file}: not a readable safetensors file ({one_line(e)})") from None
+
+
+def safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from a safetensors header alone (the header is checked against the file's size)."""
+    try:
+        with safe_open(str(file), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - safe_open has no iter
+    except (SafetensorError, OSError, ValueError) as e:
+        raise WeightsError(f"{file}: not a readable safetensors file ({one_line(e)})") from None
+
+
+def _weight_files(directory: Path) -> list[Path]:
     files = sorted(Path(directory).glob("*.safetensors"))
     if not files:
-        raise PipelineError(f"no .safetensors weights in {directory} (pickled checkpoints are never loaded)")
+        raise WeightsError(f"no .safetensors weights in {directory} (pickled checkpoints are never loaded)")
+    return files
+
+
+def load_weights(model: torch.nn.Module, directory: Path, strict: bool = True) -> None:
+    """Load a diffusers model directory's safetensors (one file or shards) into `model`."""
     state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
+    for f in _weight_files(directory):
+        state.update(read_safetensors(f))
     transfer(model, state, str(directory), allow_missing=() if strict else MICRO_CONDITIONS)
+
+
+def check_model_dir(directory: Path, what: str) -> None:
+    """Load a diffusers model directory as `from_pretrained` would: its config builds the model (on the meta
+    device: no memory), and its safetensors must be readable, hold exactly that model's tensors in their shapes,
+    and be finite. Raises a WeightsError or ModelMismatchError naming the file or the tensors."""
+    import diffusers
+
+    config_file = Path(directory) / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+        cls = getattr(diffusers, config["_class_name"])
+        with torch.device("meta"):
+            model = cls.from_config(config)
+    except Exception as e:  # noqa: BLE001 - a bad json, an unknown class, a config the class refuses
+        raise WeightsError(f"{what}: {config_file} does not describe a diffusers model ({one_line(e)})") from None
+    own = model.state_dict()
+    state: dict[str, torch.Tensor] = {}
+    for f in _weight_files(directory):
+        tensors = read_safetensors(f)
+        bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise WeightsError(f"{f}: non-finite values in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
+        state.update(tensors)
+    shapes = [f"{k}: {tuple(v.shape)} in {directory}, {tuple(own[k].shape)} in its config" for k, v in state.items()
+              if k in own and v.shape != own[k].shape]
+    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
+    parts = [f"shape mismatch: {'; '.join(shapes[:5])}"] if shapes else []
+    for name, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            parts.append(f"{name}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}")
+    if parts:
+        raise ModelMismatchError(f"{what}: weights of {directory} do not fit its config: {' | '.join(parts)}")
 
 
 def transfer(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
@@ -71,8 +134,27 @@ def _source(init: str, kind: str) -> tuple[str, str | None, str]:
     return str(path), None, json.loads(config.read_text()).get("_class_name", "")
 
 
+def check_init(cfg: TrainConfig) -> None:
+    """What can be checked of cfg.init without reading weights: it exists, holds a transformer config, and (local)
+    its safetensors headers are readable. `load_init` checks the rest while loading."""
+    if not cfg.init:
+        return
+    src, subfolder, _ = _source(cfg.init, cfg.init_kind)
+    directory = Path(src) / (subfolder or "")
+    if directory.is_dir():
+        for f in _weight_files(directory):
+            safetensors_shapes(f)
+
+
 def load_init(model: torch.nn.Module, cfg: TrainConfig, caption_channels: int | None) -> None:
     """Initialise `model` (built from cfg.model) from cfg.init; stage 2 from a DiT goes through the re-param."""
+    try:
+        _load_init(model, cfg, caption_channels)
+    except (SafetensorError, OSError) as e:  # from_pretrained on a torn file: name the init
+        raise WeightsError(f"init {cfg.init!r}: its weights cannot be read ({one_line(e)})") from None
+
+
+def _load_init(model: torch.nn.Module, cfg: TrainConfig, caption_channels: int | None) -> None:
     src, subfolder, cls = _source(cfg.init, cfg.init_kind)
     is_dit = cls == "DiTTransformer2DModel" or cfg.init_kind == "dit"
     arch = {k: model.config[k] for k in ARCH_KEYS}

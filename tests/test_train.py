@@ -61,7 +61,7 @@ def test_a_nan_loss_stops_the_step_and_keeps_the_checkpoint(features, tiny_t5_en
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     with torch.no_grad():
         trainer.model.proj_out.bias.fill_(float("nan"))
-    with pytest.raises(NonFiniteLossError, match="step 2: loss is nan"):
+    with pytest.raises(NonFiniteLossError, match="step 3: loss is nan"):  # the step that failed, as logged
         next(trainer.fit())
     assert checkpoint.latest(features, "nan").endswith("step-000000002")
     assert trainer.step == 2 and before.keys() == trainer.model.state_dict().keys()
