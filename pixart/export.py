@@ -12,8 +12,10 @@
     README.md            the same for people, with the positional-embedding interpolation scale
 
 Only committed checkpoints (with their .done marker) are exported. The directory is built under a temporary
-sibling and renamed into place, so a reader sees no export or a whole one; an existing export of something else
-is replaced only with force (and a directory that is not an export never). The trainer takes an export as `init`.
+sibling, its transformer (and bundled VAE) loaded back in full there (readable safetensors, exactly the tensors
+its config describes, finite: `pixart.weights.check_model_dir`), and only then renamed into place, so a reader
+sees no export or a whole one that loads; an existing export of something else is replaced only with force
+(`--force`; a directory that is not an export never). The trainer takes an export as `init`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import yaml
 
 from pixart import checkpoint
 from pixart.sampling import make_scheduler
+from pixart.weights import check_model_dir
 from storage.commit import TMP_MARK, read_done, sweep_stale
 from storage.errors import PipelineError
 from storage.urls import absolute_url, exists, filesystem
@@ -68,7 +71,7 @@ def export(checkpoint_url_or_dir: str, out_dir: str, *, use_ema: bool = True, bu
             if not force:
                 what = (f"{found['source']} (step {found['step']}, {found['weights']} weights, bundle "
                         f"{found['bundle']})" if found else "another pipeline")
-                raise ExportError(f"{out} already holds an export of {what}; pass force=True to replace it")
+                raise ExportError(f"{out} already holds an export of {what}; replace it with --force")
         elif out.exists() and not out.is_dir():
             raise ExportError(f"{out} exists and is not a directory")
         _publish(out, info, lambda d: _build(d, ckpt, weights, info, arch, bundle))
@@ -165,8 +168,17 @@ def _model_dir(name: str, what: str) -> Path:
                           f"Hugging Face cache ({type(e).__name__})") from None
 
 
+def _check(copy: Path, source: Path, what: str) -> None:
+    """Load what was copied, before it is published; the message names the source's files, not the temporary's."""
+    try:
+        check_model_dir(copy, what)
+    except PipelineError as e:
+        raise ExportError(f"not exported: {str(e).replace(str(copy), str(source))}") from None
+
+
 def _build(d: Path, ckpt: Path, weights: str, info: dict[str, Any], arch: dict[str, Any], bundle: bool) -> None:
     _copy_model(ckpt / weights, d / "transformer", f"checkpoint {weights}/")
+    _check(d / "transformer", ckpt / weights, f"checkpoint {weights}/")
     make_scheduler().save_pretrained(d / "scheduler")
     import diffusers
 
@@ -177,7 +189,9 @@ def _build(d: Path, ckpt: Path, weights: str, info: dict[str, Any], arch: dict[s
     if info["stage"] > 1:
         index.update(text_encoder=absent, tokenizer=absent)
     if bundle:
-        _copy_model(_model_dir(info["vae_model"], "VAE"), d / "vae", "VAE")
+        vae = _model_dir(info["vae_model"], "VAE")
+        _copy_model(vae, d / "vae", "VAE")
+        _check(d / "vae", vae, f"VAE {info['vae_model']}")
         index["vae"] = ["diffusers", "AutoencoderKL"]
         if info["stage"] > 1:
             from transformers import AutoTokenizer

@@ -165,7 +165,7 @@ def test_export_refuses_to_replace_another_export_without_force(stage2, tmp_path
     export(ckpt, out)
     stamp = (Path(out) / "pixart_export.json").stat().st_mtime_ns
     assert export(ckpt, out) == out and (Path(out) / "pixart_export.json").stat().st_mtime_ns == stamp  # a no-op
-    with pytest.raises(ExportError, match=r"already holds an export of .*step 4, ema weights.*force=True"):
+    with pytest.raises(ExportError, match=r"already holds an export of .*step 4, ema weights.*--force"):
         export(ckpt, out, use_ema=False)
     export(ckpt, out, use_ema=False, force=True)
     assert json.loads((Path(out) / "pixart_export.json").read_text())["weights"] == "transformer"
@@ -188,3 +188,49 @@ def test_missing_or_uncommitted_checkpoint_is_named(stage2, tmp_path):
     with pytest.raises(ExportError, match=f"{uncommitted} is not a committed checkpoint: no {uncommitted}.done"):
         export(uncommitted, str(tmp_path / "y"))
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def _committed_copy(ckpt: str, where: Path) -> Path:
+    """A copy of a committed checkpoint (directory and marker) that a test may damage."""
+    copy = where / "checkpoints" / Path(ckpt).name
+    shutil.copytree(ckpt, copy)
+    shutil.copyfile(f"{ckpt}.done", f"{copy}.done")
+    return copy
+
+
+def test_a_corrupt_ema_is_refused_and_nothing_is_published(stage2, tmp_path):
+    from safetensors.torch import save_file
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    _, ckpt = stage2
+    copy = _committed_copy(ckpt, tmp_path)
+    weights = copy / "ema" / WEIGHTS
+    good = weights.read_bytes()
+    out = tmp_path / "out"
+    weights.write_bytes(good[: len(good) // 2])  # a torn copy: the header promises more than the file holds
+    with pytest.raises(ExportError, match=f"{weights}"):
+        export(str(copy), str(out))
+    state = load_file(f"{ckpt}/ema/{WEIGHTS}")
+    state.pop(sorted(state)[0])
+    save_file(state, str(weights))  # readable, but not the model its config describes
+    with pytest.raises(ExportError, match="missing: "):
+        export(str(copy), str(out))
+    result = CliRunner().invoke(app, ["export", str(copy), str(out)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert [line for line in result.output.splitlines() if line.startswith("error:")], result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]  # no export, no temporaries
+
+
+def test_cli_export_names_the_force_flag(stage2, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    _, ckpt = stage2
+    out = str(tmp_path / "e")
+    assert CliRunner().invoke(app, ["export", ckpt, out]).exit_code == 0
+    again = CliRunner().invoke(app, ["export", ckpt, out, "--no-ema"])
+    assert again.exit_code == 2 and "--force" in again.output and "force=True" not in again.output, again.output
+    assert CliRunner().invoke(app, ["export", ckpt, out, "--no-ema", "--force"]).exit_code == 0
