@@ -21,7 +21,6 @@ import math
 from collections.abc import Callable
 
 import torch
-from diffusers import DDPMScheduler
 from torch import Tensor
 
 _HALF_BIN = 1.0 / 255.0  # the decoder's bins are 2/255 wide: 256 levels of a [-1, 1] signal
@@ -37,13 +36,30 @@ def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) ->
     return 0.5 * (logvar2 - logvar1 - 1.0 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
 
-def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tensor) -> Tensor:
+def approx_standard_normal_cdf(x: Tensor) -> Tensor:
+    """Φ(x) ≈ ½ (1 + tanh(√(2/π) (x + 0.044715 x³))): the approximation IDDPM's (and so PixArt's) decoder uses."""
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tensor, cdf: str = "tanh") -> Tensor:
     """log P(x) of the bin of width 2/255 around x under N(mean, e^(2·log_scale)); the bins at x < -0.999 and
-    x > 0.999 extend to -∞ and +∞, and log P is floored at log 1e-12 (IDDPM's decoder). Exact normal CDF in log
-    space, not IDDPM's tanh approximation."""
+    x > 0.999 extend to -∞ and +∞, and log P is floored at log 1e-12 (IDDPM's decoder).
+
+    cdf="tanh" is the official formula: the tanh approximation of Φ, the bin mass as a plain difference of CDFs,
+    each log clamped at 1e-12. cdf="exact" is the exact normal CDF in log space; it keeps digits in the tails and
+    moves the t = 0 term by 0.5-1 % (a deliberate departure, opt-in: `IDDPM(decoder_cdf="exact")`)."""
     inv_std = torch.exp(-log_scale)
     lo = (x - mean - _HALF_BIN) * inv_std
     hi = (x - mean + _HALF_BIN) * inv_std
+    if cdf == "tanh":
+        cdf_hi, cdf_lo = approx_standard_normal_cdf(hi), approx_standard_normal_cdf(lo)
+        floor = math.exp(_LOG_FLOOR)
+        log_hi = torch.log(cdf_hi.clamp(min=floor))
+        log_one_minus_lo = torch.log((1.0 - cdf_lo).clamp(min=floor))
+        log_mid = torch.log((cdf_hi - cdf_lo).clamp(min=floor))
+        return torch.where(x < -0.999, log_hi, torch.where(x > 0.999, log_one_minus_lo, log_mid))
+    if cdf != "exact":
+        raise ValueError(f"cdf must be 'tanh' (official) or 'exact', not {cdf!r}")
     # Bin mass in log space, log Φ(hi) + log(1 - Φ(lo)/Φ(hi)): log Φ keeps its digits in both tails, where the plain
     # difference does not (in fp32, 1 - Φ(5.6) rounds to 0, and so does torch's fp32 Φ(-5.6) itself).
     log_hi = torch.special.log_ndtr(hi)
@@ -54,21 +70,27 @@ def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tens
 
 
 class IDDPM:
-    """Forward process from diffusers' DDPMScheduler; posterior, learned variance and hybrid loss in float64 buffers
-    that are cast to the compute dtype (at least fp32) per call."""
+    """The forward process, posterior, learned variance and hybrid loss, from float64 buffers cast to the compute
+    dtype (at least fp32) per call, as the official code casts its float64 numpy tables. diffusers' DDPMScheduler
+    holds ᾱ in float32, which puts √(1 - ᾱ_0) off by 8e-5 relative: it is not used for training.
 
-    def __init__(self, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> None:
+    decoder_cdf: "tanh" (official) or "exact", the normal CDF of the t = 0 decoder term (see
+    `discretized_gaussian_log_likelihood`)."""
+
+    def __init__(self, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
+                 decoder_cdf: str = "tanh") -> None:
+        if decoder_cdf not in ("tanh", "exact"):
+            raise ValueError(f"decoder_cdf must be 'tanh' (official) or 'exact', not {decoder_cdf!r}")
         self.num_timesteps = num_timesteps
-        # learned_range and no x0 clipping only matter if someone samples with this scheduler (latents exceed ±1).
-        self.scheduler = DDPMScheduler(num_train_timesteps=num_timesteps, beta_start=beta_start, beta_end=beta_end,
-                                       beta_schedule="linear", variance_type="learned_range", clip_sample=False)
-        # The same linspace in float64: the scheduler keeps float32, and 1 - ᾱ_t, log β̃_t lose digits there.
+        self.decoder_cdf = decoder_cdf
         betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
         ac = torch.cumprod(1.0 - betas, dim=0)
         ac_prev = torch.cat([ac.new_ones(1), ac[:-1]])
         post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
         self.betas = betas
         self.alphas_cumprod = ac
+        self.sqrt_alphas_cumprod = ac.sqrt()
+        self.sqrt_one_minus_alphas_cumprod = (1.0 - ac).sqrt()
         self.posterior_variance = post_var
         # β̃_0 = 0: its log is -inf, so t = 0 borrows β̃_1 (the decoder's lower end of the variance range).
         self.posterior_log_variance_clipped = torch.log(torch.cat([post_var[1:2], post_var[1:]]))
@@ -93,9 +115,12 @@ class IDDPM:
         return torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=where).to(device)
 
     def q_sample(self, x0: Tensor, t: torch.LongTensor, noise: Tensor) -> Tensor:
-        """x_t = √ᾱ_t x_0 + √(1 - ᾱ_t) ε via the scheduler, in at least fp32 (ᾱ_999 ≈ 4e-5 is coarse in bf16)."""
-        dtype = torch.promote_types(x0.dtype, torch.float32)
-        return self.scheduler.add_noise(x0.to(dtype), noise.to(dtype), t).to(x0.dtype)
+        """x_t = √ᾱ_t x_0 + √(1 - ᾱ_t) ε, coefficients from the float64 tables, in at least fp32 (ᾱ_999 ≈ 4e-5 is
+        coarse in bf16)."""
+        out_dtype, dtype = x0.dtype, torch.promote_types(x0.dtype, torch.float32)
+        x0, noise = x0.to(dtype), noise.to(dtype)
+        x_t = self._at("sqrt_alphas_cumprod", t, x0) * x0 + self._at("sqrt_one_minus_alphas_cumprod", t, x0) * noise
+        return x_t.to(out_dtype)
 
     def q_posterior(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Mean, variance and clipped log variance of q(x_{t-1} | x_t, x_0)."""
@@ -132,7 +157,8 @@ class IDDPM:
         if any_t0 is False:
             vb = kl
         else:
-            nll = -_mean_flat(discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var)) / math.log(2.0)
+            logp = discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var, cdf=self.decoder_cdf)
+            nll = -_mean_flat(logp) / math.log(2.0)
             vb = torch.where(t == 0, nll, kl)
         return {"loss": mse + vb, "mse": mse, "vb": vb}
 
