@@ -208,7 +208,7 @@ def test_decoder_likelihood_keeps_digits_in_the_tails():
     assert wide.item() == pytest.approx(math.log(1e-12)) and torch.isfinite(mean.grad).all()
 
 
-# -- the official IDDPM, written here from its behaviour (PixArt-alpha diffusion/model/gaussian_diffusion.py) -----------
+# -- the official IDDPM, written here from its behaviour (PixArt-alpha diffusion/model/gaussian_diffusion.py) ---------
 
 
 def official_losses(out: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> dict:
