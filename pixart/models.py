@@ -246,7 +246,8 @@ def count_params(model: torch.nn.Module) -> int:
 
 def init_like_pixart(model: PixArtTransformer2DModel) -> None:
     """PixArt-alpha's initialisation of a model trained from scratch (pixart.md §1.6): xavier-uniform linears with
-    zero bias; Normal(0, 0.02) for the timestep MLP, the adaLN-single linear and the caption projection; zero
+    zero bias; Normal(0, 0.02) for the timestep MLP, the adaLN-single linear, the caption projection and (multi-scale)
+    the resolution and aspect-ratio MLPs, as PixArtMS.initialize; zero
     cross-attention output projections and final linear, so a fresh model ignores captions and predicts zero."""
     with torch.no_grad():
         for module in model.modules():
@@ -256,9 +257,13 @@ def init_like_pixart(model: PixArtTransformer2DModel) -> None:
                     module.bias.zero_()
         proj = model.pos_embed.proj
         torch.nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
-        emb = model.adaln_single.emb.timestep_embedder
-        for lin in (emb.linear_1, emb.linear_2, model.adaln_single.linear, model.caption_projection.linear_1,
-                    model.caption_projection.linear_2):
+        emb = model.adaln_single.emb
+        normal = [emb.timestep_embedder.linear_1, emb.timestep_embedder.linear_2, model.adaln_single.linear,
+                  model.caption_projection.linear_1, model.caption_projection.linear_2]
+        if model.config.use_additional_conditions:  # PixArtMS.initialize: the size and aspect-ratio MLPs too
+            for mlp in (emb.resolution_embedder, emb.aspect_ratio_embedder):
+                normal += [mlp.linear_1, mlp.linear_2]
+        for lin in normal:
             torch.nn.init.normal_(lin.weight, std=0.02)
         for block in model.transformer_blocks:
             block.attn2.to_out[0].weight.zero_()

@@ -166,3 +166,29 @@ def test_missing_path_and_pickle_only_checkpoints(tmp_path):
     assert not list((tmp_path / "pickled").glob("*.safetensors"))
     with pytest.raises(ModelLoadError, match="never unpickled"):
         load_transformer(str(tmp_path / "pickled"), "pixart")
+
+
+@pytest.mark.parametrize("multi_scale", [False, True])
+def test_init_like_pixart_as_the_official_initialize(multi_scale):
+    """PixArt.initialize_weights, and PixArtMS.initialize for the size and aspect-ratio embedders (Normal(0, 0.02),
+    not xavier: xavier's std here is 0.06-0.08). Bounds are > 15 standard errors of the sample std wide."""
+    from pixart.models import ModelConfig, build_pixart, init_like_pixart
+
+    torch.manual_seed(0)
+    model = build_pixart(ModelConfig(preset="pixart-small", multi_scale=multi_scale), resolution=256,
+                         caption_channels=64)
+    init_like_pixart(model)
+    emb = model.adaln_single.emb
+    normal = [emb.timestep_embedder.linear_1, emb.timestep_embedder.linear_2, model.adaln_single.linear,
+              model.caption_projection.linear_1, model.caption_projection.linear_2]
+    if multi_scale:
+        normal += [emb.resolution_embedder.linear_1, emb.resolution_embedder.linear_2,
+                   emb.aspect_ratio_embedder.linear_1, emb.aspect_ratio_embedder.linear_2]
+    else:
+        assert not hasattr(emb, "resolution_embedder")
+    for lin in normal:
+        assert 0.017 < float(lin.weight.std()) < 0.023 and not lin.bias.any(), lin
+    q = model.transformer_blocks[0].attn1.to_q
+    bound = (6 / (q.in_features + q.out_features)) ** 0.5  # xavier-uniform's bound
+    assert float(q.weight.abs().max()) <= bound and float(q.weight.std()) > 0.5 * bound / 3**0.5
+    assert not model.transformer_blocks[0].attn2.to_out[0].weight.any() and not model.proj_out.weight.any()
