@@ -11,20 +11,37 @@
     # instead of "text" and "mask", for pixart.finish.pad_text(batch["text_rows"].cuda(), batch["n_tokens"])
     state = loader.state_dict()     # resume mid-epoch: load_state_dict(state) replays exactly the remaining batches
 
-How a batch is planned. Only the parquet indexes are read to plan: shard i goes to stream i mod (world_size x
-dataloader workers), so ranks and workers never share a shard; a stream's shards come in an order permuted by
-(seed, epoch), and within a shard the keys are shuffled (seed, epoch, shard). Each stream fills one buffer per
-bucket and emits a batch whenever a buffer reaches `batch_size`, as PixArt's AspectRatioBatchSampler does; with
-drop_last the leftovers are dropped, so a stream yields the same number of batches every epoch. Text and latents
-are joined by key (a key missing or in error on either side is skipped).
+How a batch is planned. Only the parquet indexes are read to plan: shard i goes to rank i mod world_size, and a
+rank's shards (in index order) are dealt to its `num_workers` DataLoader workers in turn, so ranks and workers never
+share a shard and a rank's samples do not depend on its worker count. Each (rank, worker) is one stream: its shards
+come in an order permuted by (seed, epoch), and within a shard the keys are shuffled (seed, epoch, shard). Each
+stream fills one buffer per bucket and emits a batch whenever a buffer reaches `batch_size`, as PixArt's
+AspectRatioBatchSampler does; with drop_last the leftovers are dropped, so a stream yields the same number of
+batches every epoch (`batches_per_rank` counts them). A rank's batches are its streams' taken in turn, skipping a
+stream that has run out: what a DataLoader over `dataset()` delivers, and what iterating the loader gives. Text and
+latents are joined by key (a key missing or in error on either side is skipped); a key listed twice in an index
+is an error.
+
+Resume. `state_dict` records the epoch, the worker count, each stream's batches consumed and the stream next in
+turn; `load_state_dict` then replays exactly the remaining batches in the uninterrupted order (a DataLoader's
+worker w reads the stream w places after the next one). A state saved mid-epoch with another worker count is
+refused: its streams hold other shards.
+
+What is checked. Errors are `FeatureError`s naming the tar (or index) and the key; a corrupt sample stops the epoch
+like any other read error (the loader never skips or casts data it cannot vouch for). Every sample's range must lie
+inside its tar and be no longer than its array needs before anything is allocated for it. Every .npy header must
+keep the format's promise before its data is used: float16, C order, a latent of [8, h/8, w/8] for its bucket at
+the shard's base size, T5 rows [n_tokens, d] with the index's n_tokens and the batch's d. img_hw, the aspect ratio
+and the class come from the index (from the json and cls members only for indexes written before they held them).
 
 How a batch is read. The indexes give each sample's byte range and (those with `array_offset`) the offset of its
 .npy member and the fields its json holds (orig size, class). Such arrays are read with one os.preadv each: the
-member's tar header and .npy header into a scratch buffer, the data straight into the sample's slot of the batch
-array, then the headers are checked (name, checksum, shape, dtype, size); a check that fails, a remote file or an
-older index sends the sample down the range path (the range read, members located by their tar headers, arrays
-through `load_npy`, which never unpickles). The first sample of each batch takes the range path: it fixes the
-batch's shapes. T5 features are padded with zeros to `max_tokens` and the mask rebuilt; the [B, 120, d] text array
+member's tar header and .npy header into a scratch buffer, the data straight into the sample's own slot of the
+batch array, then the headers are checked (name, checksum, shape, dtype, size) before the slot counts as read; a
+check that fails, a remote file or an older index sends the sample down the range path (the range read, members
+located by their tar headers, arrays through `load_npy`, which never unpickles), where a header that breaks the
+promise is an error. The first sample of each batch takes the range path: its checked header fixes the batch's
+shapes. T5 features are padded with zeros to `max_tokens` and the mask rebuilt; the [B, 120, d] text array
 comes from a pool that hands an array out again only once nothing else references it (`ArrayPool`), so held
 batches are never overwritten. With pad_text=False the valid rows are read back to back into one pooled array
 instead (no padding to zero, and about 40 % fewer bytes to pin and send at LLaVA caption lengths); `pad_text`
@@ -35,8 +52,11 @@ whichever rank or worker reads it, and a resumed run sees exactly the batches an
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -44,15 +64,24 @@ from typing import Any
 import numpy as np
 import torch
 
+from pixart.buckets import bucket_table
 from pixart.config import ExtractConfig
 from pixart.features import latent_urls, text_urls
 from pixart.finish import SCALING_FACTOR, sample_posterior
-from pixart.tar_reads import ArrayPool, LocatedArray, TarReader
+from pixart.tar_reads import ArrayPool, FeatureError, LocatedArray, TarReader, naming
 from storage.commit import is_done
 from storage.layout import latents_dir
 from storage.parquet import read_rows
 from storage.urls import filesystem
-from storage.wds import load_npy, sample_members
+from storage.wds import load_npy, npy_layout, sample_members
+
+__all__ = ["BucketedLoader", "Entry", "FeatureError", "FeatureShard", "batches_per_rank", "feature_shards", "peek",
+           "shard_entries"]
+
+FEATURE_DTYPE = np.dtype("<f2")  # every feature array (pixart/features.py writes float16, little-endian)
+LATENT_CHANNELS = 8  # the SD VAE's 4 channels: posterior mean then std
+VAE_FACTOR = 8  # latent pixels per image pixel, each side
+RANGE_SLACK = 1 << 20  # a sample's range beyond its array's data: tar headers, the .npy header, json, class
 
 
 @dataclass(frozen=True)
@@ -62,6 +91,7 @@ class FeatureShard:
     name: str
     latents: str
     text: str | None = None
+    base_size: int | None = None  # the latents' base size: fixes each bucket's latent shape (None: not checked)
 
 
 @dataclass(frozen=True)
@@ -76,6 +106,7 @@ class Entry:
     text: tuple[int, int] | None
     text_array: tuple[int, int] | None = None  # (offset of its .t5.npy member, n_tokens)
     latent_array: tuple[int, int, int, int | None] | None = None  # (offset of its .latent.npy, orig h, w, label)
+    n_tokens: int | None = None  # T5 rows its text index promises
 
 
 def feature_shards(root: str, dataset: str, base_size: int, multi_scale: bool = False,
@@ -92,7 +123,7 @@ def feature_shards(root: str, dataset: str, base_size: int, multi_scale: bool = 
         lat = latent_urls(cfg, name)[1]
         txt = text_urls(cfg, name)[1] if caption_set else None
         if is_done(lat) and (txt is None or is_done(txt)):
-            shards.append(FeatureShard(name, lat, txt))
+            shards.append(FeatureShard(name, lat, txt, base_size))
     return shards
 
 
@@ -101,80 +132,127 @@ def _rng(*parts: Any) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
-def batches_per_rank(shards: list[FeatureShard], batch_size: int, world_size: int, threads: int = 16) -> list[int]:
-    """Full batches (drop_last) that each rank's loader yields per epoch, the same in every epoch: per rank, the sum
-    over buckets of (samples of that bucket in its shards) // batch_size, since each bucket's buffer carries across
-    shards. Every index is read once, `threads` at a time (object stores answer in parallel)."""
-    from collections import Counter
+def batches_per_rank(shards: list[FeatureShard], batch_size: int, world_size: int, num_workers: int = 1,
+                     threads: int = 16) -> list[int]:
+    """Full batches (drop_last) that each rank's loader yields per epoch with `num_workers` DataLoader workers, the
+    same in every epoch: per rank, the sum over its streams and their buckets of (samples of that bucket in the
+    stream's shards) // batch_size, since each bucket's buffer carries across a stream's shards. Every index is read
+    once, `threads` at a time (object stores answer in parallel)."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max(1, min(threads, len(shards)))) as pool:
         counts = list(pool.map(lambda item: Counter(e.bucket for e in shard_entries(*item)), enumerate(shards)))
     out = []
     for rank in range(world_size):
-        total: Counter = Counter()
-        for i in BucketedLoader(shards, batch_size, rank=rank, world_size=world_size).stream_shards():
-            total.update(counts[i])
-        out.append(sum(n // batch_size for n in total.values()))
+        loader = BucketedLoader(shards, batch_size, rank=rank, world_size=world_size, num_workers=num_workers)
+        total = 0
+        for worker in range(num_workers):
+            stream: Counter = Counter()
+            for i in loader.stream_shards(worker):
+                stream.update(counts[i])
+            total += sum(n // batch_size for n in stream.values())
+        out.append(total)
     return out
+
+
+def _once(url: str, rows: list[dict[str, Any]]) -> None:
+    """Refuse an index that lists a key more than once: it would be served twice, or one row silently win."""
+    keys = [r["key"] for r in rows]
+    if len(set(keys)) != len(keys):
+        key, n = Counter(keys).most_common(1)[0]
+        raise FeatureError(f"{url}: key {key} has {n} rows in the index (one per key expected)")
+
+
+def _int(url: str, row: dict[str, Any], field: str) -> int:
+    value = row.get(field)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise FeatureError(f"{url}: sample {row['key']}: the index has no integer {field} ({value!r})")
+    return value
 
 
 def shard_entries(index: int, shard: FeatureShard) -> list[Entry]:
     """The samples of one shard that are ok on every side, in index order."""
     text = {}
     if shard.text is not None:
-        for r in read_rows(shard.text):  # array_offset is absent from indexes written before it existed
+        rows = read_rows(shard.text)
+        _once(shard.text, rows)
+        for r in rows:  # array_offset is absent from indexes written before it existed
             if r["status"] == "ok":
-                direct = None if r.get("array_offset") is None else (r["array_offset"], r["n_tokens"])
-                text[r["key"]] = (r["offset"], r["bytes"]), direct
+                tokens = r.get("n_tokens")
+                at = r.get("array_offset")
+                direct = None if at is None else (at, _int(shard.text, r, "n_tokens"))
+                span = (_int(shard.text, r, "offset"), _int(shard.text, r, "bytes"))
+                text[r["key"]] = span, direct, tokens
     out = []
-    for r in read_rows(shard.latents):
+    rows = read_rows(shard.latents)
+    _once(shard.latents, rows)
+    for r in rows:
         if r["status"] != "ok" or (shard.text is not None and r["key"] not in text):
             continue
-        span, direct = text.get(r["key"], (None, None))
+        span, direct, tokens = text.get(r["key"], (None, None, None))
         latent = None
         if r.get("array_offset") is not None and r.get("orig_h") is not None:
             latent = (r["array_offset"], r["orig_h"], r["orig_w"], r.get("label"))
-        out.append(Entry(index, r["key"], r["bucket"], (r["offset"], r["bytes"]), span, direct, latent))
+        out.append(Entry(index, r["key"], r["bucket"], (_int(shard.latents, r, "offset"),
+                                                         _int(shard.latents, r, "bytes")), span, direct, latent,
+                         tokens))
     return out
+
+
+@functools.cache
+def _latent_shape(base_size: int, bucket: str) -> tuple[int, int, int]:
+    table = bucket_table(base_size)
+    if bucket not in table:
+        raise ValueError(f"bucket {bucket!r} is not one of base size {base_size}'s")
+    h, w = table[bucket]
+    return LATENT_CHANNELS, h // VAE_FACTOR, w // VAE_FACTOR
+
+
+def _describe(shape: tuple[int, ...], fortran: bool, dtype: np.dtype) -> str:
+    return f"{dtype.str}{list(shape)}{' in fortran order' if fortran else ''}"
 
 
 class BucketedLoader:
     """See the module docstring. Iterate it directly, or through `torch.utils.data.DataLoader(loader.dataset(),
-    batch_size=None, num_workers=N)` with `loader.track(batch)` on each batch to keep `state_dict` exact."""
+    batch_size=None, num_workers=loader.num_workers)` with `loader.track(batch)` on each batch to keep `state_dict`
+    exact (load a state before creating the DataLoader's iterator: its workers copy the loader then)."""
 
     def __init__(self, shards: list[FeatureShard], batch_size: int, *, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, max_tokens: int = 120, scaling_factor: float = SCALING_FACTOR,
-                 drop_last: bool = True, sample_posterior: bool = True, pad_text: bool = True) -> None:
+                 world_size: int = 1, num_workers: int = 1, max_tokens: int = 120,
+                 scaling_factor: float = SCALING_FACTOR, drop_last: bool = True, sample_posterior: bool = True,
+                 pad_text: bool = True) -> None:
         if not shards:
             raise ValueError("no feature shards to load")
+        if num_workers < 1:
+            raise ValueError(f"num_workers={num_workers}: a rank reads through at least one stream (a DataLoader "
+                             "with num_workers=0 reads them all in the training process)")
         self.shards, self.batch_size, self.seed = shards, batch_size, seed
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.max_tokens, self.scaling_factor, self.drop_last = max_tokens, scaling_factor, drop_last
         self.sample_posterior, self.pad_text = sample_posterior, pad_text
         self.epoch = 0
-        self.consumed: dict[int, int] = {}  # per dataloader worker: batches handed to training this epoch
-        self.num_workers = 1
+        self.consumed: dict[int, int] = {}  # per stream (DataLoader worker): batches handed to training this epoch
+        self.next = 0  # the stream whose batch comes next
 
     # -- plan ------------------------------------------------------------------------------------------------------
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
-            self.epoch, self.consumed = epoch, {}
+            self.epoch, self.consumed, self.next = epoch, {}, 0
 
-    def stream_shards(self, worker: int = 0, num_workers: int = 1) -> list[int]:
-        """This stream's shards in this epoch's order. Which shards a stream gets is fixed (shard i goes to stream
-        i mod streams), only their order changes by epoch: so every epoch gives each rank the same number of
-        batches (`batches_per_rank`), and equal step counts across ranks hold in every epoch."""
+    def stream_shards(self, worker: int = 0) -> list[int]:
+        """This rank's stream `worker`: its shards in this epoch's order. Which shards a stream gets is fixed (rank
+        i mod world_size, then every num_workers-th of the rank's), only their order changes by epoch: so every
+        epoch gives each rank the same number of batches (`batches_per_rank`), and equal step counts across ranks
+        hold in every epoch."""
         order = _rng(self.seed, self.epoch).permutation(len(self.shards)).tolist()
-        streams = self.world_size * num_workers
-        stream = self.rank * num_workers + worker
-        return [i for i in order if i % streams == stream]
+        mine = set(range(self.rank, len(self.shards), self.world_size)[worker::self.num_workers])
+        return [i for i in order if i in mine]
 
-    def plan(self, worker: int = 0, num_workers: int = 1) -> Iterator[list[Entry]]:
+    def plan(self, worker: int = 0) -> Iterator[list[Entry]]:
         """The batches of one stream this epoch, in order, from the indexes alone."""
         buffers: dict[str, list[Entry]] = {}
-        for i in self.stream_shards(worker, num_workers):
+        for i in self.stream_shards(worker):
             entries = shard_entries(i, self.shards[i])
             for j in _rng(self.seed, self.epoch, self.shards[i].name).permutation(len(entries)).tolist():
                 e = entries[j]
@@ -192,22 +270,34 @@ class BucketedLoader:
         digest = hashlib.blake2b(f"{self.seed}/{self.epoch}/{key}".encode(), digest_size=8).digest()
         return int.from_bytes(digest, "little") >> 1
 
+    def _latent_shape(self, e: Entry) -> tuple[int, int, int] | None:
+        base = self.shards[e.shard].base_size
+        return None if base is None else _latent_shape(base, e.bucket)
+
     def collate(self, entries: list[Entry], files: TarReader) -> dict[str, Any]:
-        """Read one planned batch straight into its batch arrays. Where the index gives a sample's array offset,
-        each array is one os.preadv into its slot of the batch, headers checked (`TarReader.read_array_rows`);
-        otherwise the sample's byte range is read, its members located by their tar headers and copied in
-        (`_read_text` for the T5 rows). The first sample of a batch takes the range path: it fixes the shapes."""
+        """Read one planned batch straight into its batch arrays. Every sample's ranges are checked first (inside
+        its tars, no longer than its arrays need). Where the index gives a sample's array offset, each array is one
+        os.preadv into its slot of the batch, headers checked (`TarReader.read_array_rows`); otherwise the sample's
+        byte range is read, its members located by their tar headers, checked and copied in (`_read_text` for the
+        T5 rows). The first sample of a batch takes the range path: its checked header fixes the shapes."""
         n = len(entries)
         out = _Batch(n, self.max_tokens, files.arrays)
         tars = [self._tars(e) for e in entries]
         ranges = []
         for e, (latent_tar, text_tar) in zip(entries, tars, strict=True):
-            ranges.append((latent_tar, e.latent))
+            shape = self._latent_shape(e)
+            with naming(latent_tar, e.key):
+                files.check_span(latent_tar, e.latent, None if shape is None else math.prod(shape) *
+                                 FEATURE_DTYPE.itemsize + RANGE_SLACK)
+            ranges.append((latent_tar, e.latent, e.key))
             if text_tar is not None:
-                ranges.append((text_tar, e.text))
+                with naming(text_tar, e.key):
+                    files.check_span(text_tar, e.text)  # its bound by width once the batch's is known: _read_text
+                ranges.append((text_tar, e.text, e.key))
         files.fetch(ranges)  # remote tars: the whole batch's ranges at once
         for i, (e, (latent_tar, _)) in enumerate(zip(entries, tars, strict=True)):
-            self._latent_into(out, i, e, latent_tar, files)
+            with naming(latent_tar, e.key):
+                self._latent_into(out, i, e, latent_tar, files)
         text_tars = [text for _, text in tars]
         if all(text_tars):
             self._read_text(out, entries, text_tars, files)
@@ -223,9 +313,12 @@ class BucketedLoader:
             batch.update(text=torch.from_numpy(out.text), mask=torch.from_numpy(out.mask))
         if out.rows is not None:
             batch.update(text_rows=torch.from_numpy(out.rows), n_tokens=torch.tensor(out.n_tokens, dtype=torch.int64))
-        if out.cls:
-            if len(out.cls) != n:
-                raise ValueError(f"batch {[e.key for e in entries]}: only {len(out.cls)} of {n} samples have a class")
+        labelled = [c is not None for c in out.cls]
+        if any(labelled):
+            if not all(labelled):
+                raise FeatureError(f"batch {[e.key for e in entries]}: samples without a class "
+                                   f"{[e.key for e, c in zip(entries, labelled, strict=True) if not c]} in "
+                                   f"{self.shards[entries[0].shard].latents}")
             batch["cls"] = torch.tensor(out.cls, dtype=torch.long)
         batch["keys"] = [e.key for e in entries]
         return batch
@@ -236,84 +329,112 @@ class BucketedLoader:
         return shard.latents.removesuffix(".parquet") + ".tar", text
 
     def _latent_into(self, out: _Batch, i: int, e: Entry, url: str, files: TarReader) -> None:
-        if out.posterior is not None and e.latent_array is not None:
-            at, h, w, label = e.latent_array
-            if files.read_array_rows(url, at, f"{e.key}.latent.npy", out.posterior[i], len(out.posterior[i]),
-                                     len(out.posterior[i])):
-                out.img_hw[i], out.ratio[i] = (h, w), float(e.bucket)
-                if label is not None:
-                    out.cls.append(int(label))
-                return
-        lat = sample_members(files.read(url, e.latent), e.key)
-        arr = load_npy(lat["latent.npy"])
-        if out.posterior is None:
-            out.posterior = files.arrays.empty((out.n, *arr.shape), arr.dtype)
-        if arr.shape != out.posterior.shape[1:]:
-            raise ValueError(f"{e.key}: latent shape {arr.shape} differs from its batch's {out.posterior.shape[1:]}"
-                             f" in bucket {e.bucket}")
-        out.posterior[i] = arr
-        meta = json.loads(bytes(lat["json"]))
-        out.img_hw[i], out.ratio[i] = meta["orig_hw"], float(meta["bucket"])
-        if "cls" in lat:
-            out.cls.append(int(bytes(lat["cls"])))
+        """Sample i's posterior into its slot; img_hw, aspect ratio and class from the index (from the json and cls
+        members only where the index does not hold them)."""
+        direct = out.posterior is not None and e.latent_array is not None and files.read_array_rows(
+            url, e.latent_array[0], f"{e.key}.latent.npy", out.posterior[i], len(out.posterior[i]),
+            len(out.posterior[i]))
+        if not direct:
+            members = sample_members(files.read(url, e.latent), e.key)
+            if "latent.npy" not in members:
+                raise ValueError(f"no {e.key}.latent.npy member in the sample's range")
+            shape, fortran, dtype, _ = npy_layout(members["latent.npy"])
+            want = self._latent_shape(e) or (None if out.posterior is None else out.posterior.shape[1:])
+            if (dtype != FEATURE_DTYPE or fortran or len(shape) != 3 or shape[0] != LATENT_CHANNELS
+                    or (want is not None and shape != tuple(want))):
+                expected = (LATENT_CHANNELS, "h/8", "w/8") if want is None else want
+                raise ValueError(f"{e.key}.latent.npy is {_describe(shape, fortran, dtype)}, not the "
+                                 f"{FEATURE_DTYPE.str}{list(expected)} of bucket {e.bucket}")
+            arr = load_npy(members["latent.npy"])  # checks the data's size against the header
+            if out.posterior is None:
+                out.posterior = files.arrays.empty((out.n, *arr.shape), arr.dtype)
+            out.posterior[i] = arr
+        if e.latent_array is not None:
+            _, h, w, label = e.latent_array
+            out.img_hw[i] = (h, w)
+        else:  # an index written before it held them (no direct read then: members were read above)
+            out.img_hw[i] = json.loads(bytes(members["json"]))["orig_hw"]
+            label = int(bytes(members["cls"])) if "cls" in members else None
+        out.ratio[i] = float(e.bucket)
+        out.cls[i] = None if label is None else int(label)
+
+    def _text_check(self, found: LocatedArray, e: Entry, width: int | None) -> int:
+        """Its T5 header against the promise: float16 rows [n_tokens of the index, the batch's width]; the width."""
+        ok = (found.dtype == FEATURE_DTYPE and not found.fortran and len(found.shape) == 2
+              and (e.n_tokens is None or found.shape[0] == e.n_tokens)
+              and (width is None or found.shape[1] == width))
+        if not ok:
+            rows = "n_tokens" if e.n_tokens is None else e.n_tokens
+            raise ValueError(f"{e.key}.t5.npy is {_describe(found.shape, found.fortran, found.dtype)}, not the "
+                             f"{FEATURE_DTYPE.str}[{rows}, {'d' if width is None else width}] its index and batch "
+                             "promise")
+        return int(found.shape[1])
 
     def _read_text(self, out: _Batch, entries: list[Entry], urls: list[str], files: TarReader) -> None:
         """The batch's T5 rows straight from the files: into their slots of the padded [B, max_tokens, d] text
-        (pad_text), or back to back into one array. Row counts come from the index where it has the array's offset;
-        the first sample (it fixes the width) and samples without one are located by their headers. A direct read
-        whose headers do not check out is redone from the sample's range; if that gives another row count than its
-        index, the batch is laid out again from the headers alone."""
-        for trust_index in (True, False):
-            plan: list[tuple[int, Entry, str, LocatedArray | None]] = []
-            for i, (e, url) in enumerate(zip(entries, urls, strict=True)):
-                if trust_index and i > 0 and e.text_array is not None and e.text_array[1] > 0:
+        (pad_text), or back to back into one array. Row counts come from the index; the first sample (it fixes the
+        width) and samples without an array offset are located by their headers, which must agree with the index.
+        A direct read whose headers do not check out is redone from the sample's range."""
+        plan: list[tuple[int, Entry, str, LocatedArray | None]] = []
+        width: int | None = None
+        for i, (e, url) in enumerate(zip(entries, urls, strict=True)):
+            with naming(url, e.key):
+                if i > 0 and e.text_array is not None and e.text_array[1] > 0:
                     plan.append((min(e.text_array[1], self.max_tokens), e, url, None))
-                else:
-                    found = files.locate_array(url, e.text, e.key, "t5.npy")
-                    if plan:
-                        first = plan[0][3]
-                        assert first is not None
-                        found.check(first.shape[1:], first.dtype)
-                    plan.append((min(found.shape[0], self.max_tokens), e, url, found))
-            head = plan[0][3]
-            assert head is not None
-            counts = [n for n, *_ in plan]
-            if self.pad_text:
-                text = out.new_text(head.shape[1:], head.dtype)  # fp16 as stored
-                dests = [text[i, :n] for i, n in enumerate(counts)]
-            else:
-                rows = out.new_rows(sum(counts), head.shape[1:], head.dtype, self.max_tokens)
-                starts = np.cumsum([0, *counts]).tolist()
-                dests = [rows[a:b] for a, b in zip(starts, starts[1:], strict=False)]
-            for dest, (n, e, url, found) in zip(dests, plan, strict=True):
+                    continue
+                if width is not None and e.n_tokens is not None:
+                    files.check_span(url, e.text, e.n_tokens * width * FEATURE_DTYPE.itemsize + RANGE_SLACK)
+                found = files.locate_array(url, e.text, e.key, "t5.npy")
+                width = self._text_check(found, e, width)
+                plan.append((min(found.shape[0], self.max_tokens), e, url, found))
+        assert width is not None
+        counts = [n for n, *_ in plan]
+        if self.pad_text:
+            text = out.new_text((width,), FEATURE_DTYPE)
+            dests = [text[i, :n] for i, n in enumerate(counts)]
+        else:
+            rows = out.new_rows(sum(counts), (width,), FEATURE_DTYPE, self.max_tokens)
+            starts = np.cumsum([0, *counts]).tolist()
+            dests = [rows[a:b] for a, b in zip(starts, starts[1:], strict=False)]
+        for dest, (n, e, url, found) in zip(dests, plan, strict=True):
+            with naming(url, e.key):
                 if found is None and e.text_array is not None:
                     at, stored = e.text_array
                     if files.read_array_rows(url, at, f"{e.key}.t5.npy", dest, n, stored):
                         continue
+                    files.check_span(url, e.text, stored * width * FEATURE_DTYPE.itemsize + RANGE_SLACK)
                     found = files.locate_array(url, e.text, e.key, "t5.npy")
-                    found.check(head.shape[1:], head.dtype)
-                    if min(found.shape[0], self.max_tokens) != n:
-                        break  # the index's n_tokens is wrong: lay the batch out from the headers
+                    self._text_check(found, e, width)
                 assert found is not None
                 found.read_into(dest)
-            else:
-                out.finish_text(counts)
-                return
+        out.finish_text(counts)
 
-    def iter_stream(self, worker: int = 0, num_workers: int = 1) -> Iterator[dict[str, Any]]:
+    def iter_stream(self, worker: int = 0) -> Iterator[dict[str, Any]]:
         """Batches of one stream, skipping those already consumed (resume)."""
         skip = self.consumed.get(worker, 0)
         with TarReader() as files:
-            for index, entries in enumerate(self.plan(worker, num_workers)):
+            for index, entries in enumerate(self.plan(worker)):
                 if index < skip:
                     continue
                 batch = self.collate(entries, files)
                 batch.update(worker=worker, index=index)
                 yield batch
 
+    def iter_rank(self) -> Iterator[dict[str, Any]]:
+        """This rank's batches: its streams in turn from the one next in turn, skipping those that ran out (what a
+        DataLoader over `dataset()` delivers, in the same order)."""
+        streams = {w: self.iter_stream(w) for w in range(self.num_workers)}
+        turn = [(self.next + j) % self.num_workers for j in range(self.num_workers)]
+        while turn:
+            for w in list(turn):
+                batch = next(streams[w], None)
+                if batch is None:
+                    turn.remove(w)
+                else:
+                    yield batch
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        self.num_workers = 1
-        for batch in self.iter_stream():
+        for batch in self.iter_rank():
             self.track(batch)
             yield batch
 
@@ -324,16 +445,31 @@ class BucketedLoader:
 
     def track(self, batch: dict[str, Any]) -> None:
         """Record that training received this batch (call it on each batch from a DataLoader)."""
-        self.consumed[int(batch["worker"])] = int(batch["index"]) + 1
+        worker = int(batch["worker"])
+        self.consumed[worker] = int(batch["index"]) + 1
+        self.next = (worker + 1) % self.num_workers
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "seed": self.seed, "consumed": dict(self.consumed)}
+        return {"epoch": self.epoch, "seed": self.seed, "num_workers": self.num_workers,
+                "consumed": dict(self.consumed), "next": self.next}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["seed"] != self.seed:
             raise ValueError(f"loader state was saved with seed {state['seed']}, this loader has {self.seed}")
-        self.epoch = int(state["epoch"])
-        self.consumed = {int(k): int(v) for k, v in state["consumed"].items()}
+        consumed = {int(k): int(v) for k, v in state["consumed"].items() if int(v)}
+        saved = state.get("num_workers")
+        if saved is None and any(w != 0 for w in consumed):
+            raise ValueError(f"loader state has progress for DataLoader workers {sorted(consumed)} but no worker "
+                             "count (saved before the loader recorded it): it cannot be resumed exactly; resume from "
+                             "an epoch's start")
+        saved = 1 if saved is None else int(saved)
+        if saved != self.num_workers and consumed:
+            raise ValueError(f"loader state was saved mid-epoch with {saved} DataLoader workers per rank; this "
+                             f"loader has {self.num_workers}. Each worker reads its own shards, so another count "
+                             f"would repeat some samples and skip others: resume with {saved} workers, or from an "
+                             "epoch's start")
+        self.epoch, self.consumed = int(state["epoch"]), consumed
+        self.next = int(state.get("next", 0)) % self.num_workers
 
 
 class _Batch:
@@ -348,7 +484,7 @@ class _Batch:
         self.n_tokens: list[int] = []
         self.img_hw = np.empty((n, 2), dtype=np.float32)
         self.ratio = np.empty(n, dtype=np.float32)
-        self.cls: list[int] = []
+        self.cls: list[int | None] = [None] * n
 
     def new_text(self, row_shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         self.text = self.pool.empty((self.n, self.max_tokens, *row_shape), dtype)
@@ -371,15 +507,23 @@ class _Batch:
 
 
 class _StreamDataset(torch.utils.data.IterableDataset):
-    """The loader as an IterableDataset: each DataLoader worker reads its own streams (shards)."""
+    """The loader as an IterableDataset: each DataLoader worker reads one of the rank's streams. A DataLoader takes
+    its workers' batches in turn from worker 0, skipping one that has run out; worker w reads the stream w places
+    after the one next in turn, so a resumed run gets the uninterrupted order. Without workers (num_workers=0) the
+    training process reads every stream in that same order."""
 
     def __init__(self, loader: BucketedLoader) -> None:
         self.loader = loader
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
-        worker, num = (info.id, info.num_workers) if info is not None else (0, 1)
-        return self.loader.iter_stream(worker, num)
+        n = self.loader.num_workers
+        if info is None:
+            return self.loader.iter_rank()
+        if info.num_workers != n:
+            raise ValueError(f"BucketedLoader(num_workers={n}) is read by a DataLoader with {info.num_workers} "
+                             "workers: pass the same count to both (it is part of the split and of the state)")
+        return self.loader.iter_stream((self.loader.next + info.id) % n)
 
 
 def peek(shard: FeatureShard) -> dict[str, Any]:
@@ -389,10 +533,14 @@ def peek(shard: FeatureShard) -> dict[str, Any]:
         raise ValueError(f"{shard.latents}: no sample that is ok on every side")
     e = entries[0]
     with TarReader() as files:
-        lat = load_npy(sample_members(files.read(shard.latents.removesuffix(".parquet") + ".tar", e.latent),
-                                      e.key)["latent.npy"])
+        url = shard.latents.removesuffix(".parquet") + ".tar"
+        with naming(url, e.key):
+            files.check_span(url, e.latent)
+            lat = load_npy(sample_members(files.read(url, e.latent), e.key)["latent.npy"])
         width = None
         if shard.text is not None and e.text is not None:
-            width = int(load_npy(sample_members(files.read(shard.text.removesuffix(".parquet") + ".tar", e.text),
-                                                e.key)["t5.npy"]).shape[1])
+            url = shard.text.removesuffix(".parquet") + ".tar"
+            with naming(url, e.key):
+                files.check_span(url, e.text)
+                width = int(load_npy(sample_members(files.read(url, e.text), e.key)["t5.npy"]).shape[1])
         return {"latent": tuple(lat.shape), "text_width": width, "bucket": e.bucket}

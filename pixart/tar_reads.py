@@ -5,23 +5,52 @@ Local tars are read with os.preadv: an array whose offset the index gives lands 
 its headers read in the same call and checked (`read_array_rows`); otherwise a sample's byte range is read into a
 reused buffer (`read`), or its headers located first so T5 rows can still be read straight in (`locate_array`:
 a `LocatedArray`). Remote tars (s3://, gs://...) get each batch's ranges fetched at once beforehand (`fetch`).
+
+Nothing is allocated or read on the index's word alone: `check_span` bounds a sample's range by the tar's real size
+(local tars; a remote read returns at most what the object holds) and by what its array can need. Every error about
+one sample is a `FeatureError` naming the tar and the key (`naming`).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import stat
 import sys
+import tarfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
-from storage.errors import SourceError
+from storage.errors import PipelineError, SourceError, is_transient
 from storage.urls import filesystem, open_url
 from storage.wds import load_npy, member_spans, npy_layout, sample_members, ustar_member
 
 HEAD_BYTES = 4096  # read first to locate a sample's members: its tar headers and the .npy header
 NPY_HEAD = 128  # np.save's header for a 2-D float16 array (format 1.0: magic, version, length, padded dict)
+
+
+class FeatureError(PipelineError, ValueError):
+    """A feature shard (tar or index) that is not what its index promises, for one sample: the message names the
+    file and the key. Permanent unless it wraps an I/O error that may pass (`transient`)."""
+
+
+@contextmanager
+def naming(url: str, key: str) -> Iterator[None]:
+    """Re-raise any error reading sample `key` of `url` as a `FeatureError` that names both."""
+    try:
+        yield
+    except FeatureError:
+        raise
+    except (ValueError, KeyError, OSError, tarfile.TarError) as err:
+        text = str(err).removeprefix(f"{url}: ")
+        if isinstance(err, (OSError, KeyError, tarfile.TarError)):
+            text = f"{type(err).__name__}: {text}"
+        named = FeatureError(f"{url}: sample {key}: {text}")
+        named.transient = is_transient(err)
+        raise named from err
 
 
 class ArrayPool:
@@ -62,6 +91,7 @@ class TarReader:
 
     def __init__(self) -> None:
         self.open: dict[str, Any] = {}
+        self.sizes: dict[str, int] = {}  # local tars: their size when opened
         self.local: dict[str, bool] = {}
         self.fetched: dict[tuple[str, tuple[int, int]], bytes] = {}
         self.buffer = bytearray(1 << 20)
@@ -75,25 +105,43 @@ class TarReader:
             found = self.local[tar_url] = "file" in (protocol if isinstance(protocol, tuple) else (protocol,))
         return found
 
-    def fetch(self, ranges: list[tuple[str, tuple[int, int]]]) -> None:
-        """Fetch the given (tar URL, (offset, length)) ranges of remote tars with one fsspec `cat_ranges` call per
-        filesystem (s3fs and other async filesystems send the requests concurrently); `read` then serves them from
-        memory, once each. Local ranges are skipped: they are read with os.preadv when needed."""
-        groups: dict[int, tuple[Any, list[tuple[str, str, tuple[int, int]]]]] = {}
-        for url, span in ranges:
+    def check_span(self, tar_url: str, span: tuple[int, int], limit: int | None = None) -> None:
+        """Refuse a sample range that the tar cannot hold (a local tar's real size) or that is longer than `limit`
+        (what its array can need), before anything is allocated for it. The caller names the key (`naming`)."""
+        offset, length = span
+        if offset < 0 or length <= 0:
+            raise ValueError(f"the index gives the byte range {offset}+{length}")
+        if limit is not None and length > limit:
+            raise ValueError(f"the index gives a {length}-byte range (bytes {offset}-{offset + length}); "
+                             f"the sample needs at most {limit}")
+        if self.is_local(tar_url):
+            self._file(tar_url)
+            if offset + length > self.sizes[tar_url]:
+                raise ValueError(f"the index gives bytes {offset}-{offset + length}, past the end of the tar "
+                                 f"({self.sizes[tar_url]} bytes)")
+
+    def fetch(self, ranges: list[tuple[str, tuple[int, int], str]]) -> None:
+        """Fetch the given (tar URL, (offset, length), key) ranges of remote tars with one fsspec `cat_ranges` call
+        per filesystem (s3fs and other async filesystems send the requests concurrently); `read` then serves them
+        from memory, once each. Local ranges are skipped: they are read with os.preadv when needed. A remote read
+        returns at most what the object holds, so memory stays bounded by the tar's real size."""
+        groups: dict[int, tuple[Any, list[tuple[str, str, tuple[int, int], str]]]] = {}
+        for url, span, key in ranges:
             if not self.is_local(url) and (url, span) not in self.fetched:
                 fs, path = filesystem(url)
-                groups.setdefault(id(fs), (fs, []))[1].append((url, path, span))
+                groups.setdefault(id(fs), (fs, []))[1].append((url, path, span, key))
         for fs, items in groups.values():
-            got = fs.cat_ranges([p for _, p, _ in items], [sp[0] for _, _, sp in items],
-                                [sp[0] + sp[1] for _, _, sp in items], on_error="return")
-            for (url, _, (offset, length)), data in zip(items, got, strict=True):
+            got = fs.cat_ranges([p for _, p, _, _ in items], [sp[0] for _, _, sp, _ in items],
+                                [sp[0] + sp[1] for _, _, sp, _ in items], on_error="return")
+            for (url, _, (offset, length), key), data in zip(items, got, strict=True):
                 if isinstance(data, BaseException):
-                    raise SourceError(f"{url}: reading bytes {offset}-{offset + length} failed: "
-                                      f"{type(data).__name__}: {data}") from data
+                    error = SourceError(f"{url}: reading bytes {offset}-{offset + length} failed (sample {key}): "
+                                        f"{type(data).__name__}: {data}")
+                    error.transient = is_transient(data)
+                    raise error from data
                 if len(data) != length:
-                    raise ValueError(f"{url}: short read at byte {offset} ({len(data)} of {length} bytes): "
-                                     "truncated shard?")
+                    raise FeatureError(f"{url}: sample {key}: short read at byte {offset} ({len(data)} of {length} "
+                                       "bytes): truncated shard?")
                 self.fetched[(url, (offset, length))] = data
 
     def read(self, tar_url: str, span: tuple[int, int]) -> memoryview:
@@ -102,6 +150,7 @@ class TarReader:
             return memoryview(data)
         offset, length = span
         if length > len(self.buffer):
+            self.check_span(tar_url, span)  # never allocate for bytes the tar does not have
             self.buffer = bytearray(length)
         view = memoryview(self.buffer)[:length]
         self._pread(tar_url, offset, view)
@@ -111,8 +160,17 @@ class TarReader:
         """An open tar: an OS file descriptor (int) for local files, an fsspec file otherwise."""
         f = self.open.get(tar_url)
         if f is None:
+            if not self.is_local(tar_url):
+                f = self.open[tar_url] = open_url(tar_url, "rb")
+                return f
             path = filesystem(tar_url)[1]
-            f = self.open[tar_url] = os.open(path, os.O_RDONLY) if self.is_local(tar_url) else open_url(tar_url, "rb")
+            f = os.open(path, os.O_RDONLY)
+            info = os.fstat(f)
+            if not stat.S_ISREG(info.st_mode):
+                os.close(f)
+                kind = IsADirectoryError if stat.S_ISDIR(info.st_mode) else ValueError
+                raise kind(f"{tar_url}: not a regular file")
+            self.open[tar_url], self.sizes[tar_url] = f, info.st_size
         return f
 
     def _pread(self, tar_url: str, offset: int, view: memoryview) -> None:
@@ -126,10 +184,10 @@ class TarReader:
             raise ValueError(f"{tar_url}: short read at byte {offset} ({got} of {len(view)} bytes): truncated shard?")
 
     def locate_npy(self, tar_url: str, span: tuple[int, int], key: str, ext: str
-                   ) -> tuple[tuple[int, ...], np.dtype, int] | None:
-        """(shape, dtype, file offset of the data) of one sample's C-order .npy member, from the first bytes of its
-        range; None where the headers do not fit there or are not plain ustar, or the tar is remote (then read the
-        range whole: it was fetched with the batch)."""
+                   ) -> tuple[tuple[int, ...], bool, np.dtype, int] | None:
+        """(shape, fortran order, dtype, file offset of the data) of one sample's .npy member, from the first bytes
+        of its range; None where the headers do not fit there or are not plain ustar, or the tar is remote (then
+        read the range whole: it was fetched with the batch)."""
         if not self.is_local(tar_url):
             return None
         head = self.read(tar_url, (span[0], min(span[1], HEAD_BYTES)))
@@ -138,12 +196,10 @@ class TarReader:
             return None
         start, size = spans[ext]
         shape, fortran, dtype, data = npy_layout(head[start:start + size])
-        if fortran:
-            return None
         if size - data != math.prod(shape) * dtype.itemsize:
             raise ValueError(f"{tar_url}: {key}.{ext} holds {size - data} data bytes, its header says "
                              f"{math.prod(shape) * dtype.itemsize}")
-        return shape, dtype, span[0] + start + data
+        return shape, fortran, dtype, span[0] + start + data
 
     def locate_array(self, tar_url: str, span: tuple[int, int], key: str, ext: str) -> LocatedArray:
         """One sample's .npy member `ext`, found by its headers in the sample's byte range (`locate_npy`) or, where
@@ -186,26 +242,27 @@ class TarReader:
 
 
 class LocatedArray:
-    """A sample's array in a tar (`TarReader.locate_array`): shape, dtype, and `read_into` for its first rows."""
+    """A sample's array in a tar (`TarReader.locate_array`): its header's shape, fortran order and dtype, and
+    `read_into` for its first rows. Nothing of its data is read before the caller has checked the header."""
 
     def __init__(self, files: TarReader, tar_url: str, span: tuple[int, int], key: str, ext: str) -> None:
         self.files, self.url, self.key, self.ext = files, tar_url, key, ext
         found = files.locate_npy(tar_url, span, key, ext)
         self.array: np.ndarray | None = None
         if found is None:  # copied out of the reader's reused buffer, which the next read overwrites
-            self.array = np.array(load_npy(sample_members(files.read(tar_url, span), key)[ext]))
-            self.shape, self.dtype, self.offset = self.array.shape, self.array.dtype, -1
+            member = sample_members(files.read(tar_url, span), key).get(ext)
+            if member is None:
+                raise ValueError(f"no {key}.{ext} member in the sample's range")
+            self.shape, self.fortran, self.dtype, _ = npy_layout(member)
+            self.array, self.offset = np.array(load_npy(member)), -1
         else:
-            self.shape, self.dtype, self.offset = found
-
-    def check(self, row_shape: tuple[int, ...], dtype: np.dtype) -> None:
-        """Raise ValueError unless its rows have this shape and dtype."""
-        if self.shape[1:] != tuple(row_shape) or self.dtype != dtype:
-            raise ValueError(f"{self.key}.{self.ext}: {self.dtype}{list(self.shape)} does not match the batch's "
-                             f"{dtype}{list(row_shape)} rows")
+            self.shape, self.fortran, self.dtype, self.offset = found
 
     def read_into(self, dest: np.ndarray) -> None:
         """Its first len(dest) rows into `dest`: straight from the file where located (no intermediate copy)."""
+        if self.fortran or self.dtype != dest.dtype or self.shape[1:] != dest.shape[1:] or len(dest) > self.shape[0]:
+            raise ValueError(f"{self.key}.{self.ext}: {self.dtype}{list(self.shape)} read into {dest.dtype}"
+                             f"{list(dest.shape)}")  # the caller checks first: a guard, never a cast
         if self.array is None:
             self.files.read_into(self.url, self.offset, dest)
         else:

@@ -124,7 +124,7 @@ def test_ranks_and_dataloader_workers_split_without_duplicates_or_losses(feature
         loader = BucketedLoader(shards, batch_size=1, rank=rank, world_size=2)
         seen += [k for b in loader for k in b["keys"]]
     assert sorted(seen) == everything and len(everything) == 8
-    loader = BucketedLoader(shards, batch_size=1)
+    loader = BucketedLoader(shards, batch_size=1, num_workers=2)  # the worker count is part of the split
     dl = torch.utils.data.DataLoader(loader.dataset(), batch_size=None, num_workers=2)
     assert sorted(k for b in dl for k in b["keys"]) == everything
 
@@ -229,8 +229,9 @@ def test_the_three_read_paths_give_identical_batches(features, monkeypatch, pad)
 
 @pytest.mark.parametrize("pad", [True, False], ids=["padded", "rows"])
 def test_an_array_offset_that_points_elsewhere_falls_back_to_the_range(features, monkeypatch, pad):
-    """A direct read whose headers do not check out (another key's member, bytes that are no header, a wrong token
-    count) is redone from the sample's byte range: the batch is still right."""
+    """A direct read whose headers do not check out (another key's member, bytes that are no header, a range past
+    the end) is redone from the sample's byte range, whose headers must then keep the index's promise: the batch is
+    still right."""
     shards = feature_shards(features, "sam", 256, caption_set="tiny")
     good = all_batches(BucketedLoader(shards, batch_size=4, seed=1))
 
@@ -238,11 +239,7 @@ def test_an_array_offset_that_points_elsewhere_falls_back_to_the_range(features,
         assert len(rows) == 4
         rows[0]["array_offset"], rows[1]["array_offset"] = rows[1]["array_offset"], rows[0]["array_offset"]
         rows[2]["array_offset"] += 7
-        rows[3]["array_offset"], rows[3]["n_tokens"] = 0, -3
-
-    def miscount_text(rows):  # right offsets, wrong counts: the packed layout is redone from the headers
-        for r in rows:
-            r["n_tokens"] += 1
+        rows[3]["array_offset"] = 0
 
     def scramble_latents(rows):
         rows[0]["array_offset"], rows[1]["array_offset"] = rows[1]["array_offset"], rows[0]["array_offset"]
@@ -253,18 +250,32 @@ def test_an_array_offset_that_points_elsewhere_falls_back_to_the_range(features,
 
     edit_text_index(monkeypatch, scramble_text)
     edit_text_index(monkeypatch, scramble_latents, suffix="/latents/256/sa_000000.parquet")
-    edit_text_index(monkeypatch, miscount_text, suffix="/text/tiny/sa_000001.parquet")
     refused = []
     real = tar_reads.TarReader.read_array_rows
     monkeypatch.setattr(tar_reads.TarReader, "read_array_rows",
                         lambda self, *a: real(self, *a) or refused.append(a[2]) or False)
     bad = [padded(b) for b in BucketedLoader(shards, batch_size=4, seed=1, pad_text=pad)]
-    assert len(refused) >= 6  # direct reads refused, then redone from the range
-    miscounted = {f"{r['key']}.t5.npy" for r in read_rows(shards[1].text)}
-    assert miscounted & set(refused)  # a count off by one: refused, laid out again
+    assert len(refused) >= 5  # direct reads refused, then redone from the range
     assert [b["keys"] for b in good] == [b["keys"] for b in bad]
     for x, y in zip(good, bad, strict=True):
         assert [k for k in ("latents", "text", "mask", "img_hw") if not torch.equal(x[k], y[k])] == []
+
+
+@pytest.mark.parametrize("pad", [True, False], ids=["padded", "rows"])
+@pytest.mark.parametrize("tokens", [1, -3], ids=["one-more", "negative"])
+def test_a_token_count_the_headers_contradict_is_an_error_naming_file_and_key(features, monkeypatch, pad, tokens):
+    """The index promises each sample's T5 row count: a header with another (here the index is the one that lies)
+    is an error naming the tar and the key, not a layout silently redone from the headers."""
+    shards = feature_shards(features, "sam", 256, caption_set="tiny")
+    key = read_rows(shards[1].text)[2]["key"]
+
+    def miscount(rows):
+        row = next(r for r in rows if r["key"] == key)
+        row["n_tokens"] = row["n_tokens"] + tokens if tokens > 0 else tokens
+
+    edit_text_index(monkeypatch, miscount, suffix="/text/tiny/sa_000001.parquet")
+    with pytest.raises(ValueError, match=f"sa_000001.tar: sample {key}: {key}.t5.npy is <f2"):
+        all_batches(BucketedLoader(shards, batch_size=4, seed=1, pad_text=pad))
 
 
 def test_text_arrays_are_reused_only_once_nothing_holds_them():
