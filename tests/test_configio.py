@@ -76,3 +76,23 @@ def test_own_validator_messages_read_as_written():
         load_config(TrainConfig, "stage1", ["stage=2"], kind="train")
     assert str(info.value).splitlines()[1] == "  stage 2 trains PixArt; model.preset 'dit-xl-2' is a DiT"
     assert "(root)" not in str(info.value) and "Value error" not in str(info.value)
+
+
+def test_every_training_preset_has_the_extraction_preset_its_features_need():
+    """A paper stage whose features no extraction preset makes cannot be run from presets alone."""
+    from pixart.config import ExtractConfig
+    from pixart.train_config import TrainConfig
+    from storage.configio import CONFIG_DIR
+
+    made = set()
+    for path in sorted((CONFIG_DIR / "extract").glob("*.yaml")):
+        cfg = load_config(ExtractConfig, path.stem, ["caption_set=any"], kind="extract")
+        made.add((cfg.dataset, cfg.base_size, cfg.multi_scale, cfg.what in ("both", "text")))
+    for path in sorted((CONFIG_DIR / "train").glob("*.yaml")):
+        if path.stem.startswith("tiny-"):
+            continue
+        stage = load_config(TrainConfig, path.stem, ["data.caption_set=any", "init=/x"] if "stage1" not in path.stem
+                            else [], kind="train")
+        data = stage.data
+        needs_text = data.dataset != "imagenet"
+        assert (data.dataset, data.base_size, data.multi_scale, needs_text) in made, path.name
