@@ -14,9 +14,15 @@ Assignment is the official sampler's: the key minimising |key - h/w|. Ratios out
 "clamp" puts them in the end bucket (what the official sampler does for h/w < 0.25), "drop" refuses them with a
 `BucketError`, which callers turn into an error row (the official loader drops h/w > 4).
 
-The transform keeps the aspect ratio: resize (bicubic) so that the bucket is covered, then centre-crop to it. The
-official multi-scale extractor squashes images to the bucket instead, while its online path crops; using one
-transform for both means latents extracted offline match what online training would see.
+The transform is the official one, geometrically and in pixels (PIL does the resampling, as torchvision does on a
+PIL image):
+- multi-scale (`assign`), as the official `InternalDataMS`: resize so that the bucket is covered, the long side
+  truncated (`int(w * bucket_h / h)`), bicubic; then `T.CenterCrop(bucket)`;
+- single-scale (`fixed_bucket`), as the official `T.Resize(n)` + `T.CenterCrop(n)`: the short side to n, the long
+  side truncated, bilinear (torchvision's default: the official "# Image.BICUBIC" is only a comment);
+- the centre crop's offsets are `int(round(excess / 2))`, Python's round-half-even, as torchvision's.
+The official multi-scale *extractor* squashes images to the bucket instead, while its online path crops; this
+project crops both offline and online (a deliberate difference: latents match what online training would see).
 """
 
 from __future__ import annotations
@@ -60,10 +66,14 @@ def bucket_table(base_size: int) -> dict[str, tuple[int, int]]:
 
 @dataclass(frozen=True)
 class Crop:
-    """Resize the (height, width) image to `resized`, then cut `box` = (left, top, right, bottom) out of it."""
+    """Resize the (height, width) image to `resized` with `resample`, then cut `box` = (left, top, right, bottom)."""
 
     resized: tuple[int, int]
     box: tuple[int, int, int, int]
+    resample: str = "bicubic"
+
+
+_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
 
 
 @dataclass(frozen=True)
@@ -71,6 +81,7 @@ class Bucket:
     key: str  # "0.57": height/width of the bucket, as the official tables write it
     height: int
     width: int
+    resample: str = "bicubic"  # the official multi-scale transform's; single-scale is bilinear (`fixed_bucket`)
 
     @property
     def ratio(self) -> float:
@@ -78,11 +89,15 @@ class Bucket:
         return float(self.key)
 
     def crop(self, height: int, width: int) -> Crop:
-        """Cover the bucket keeping the aspect ratio, then centre-crop to it."""
-        scale = max(self.height / height, self.width / width)
-        rh, rw = max(self.height, round(height * scale)), max(self.width, round(width * scale))
-        top, left = (rh - self.height) // 2, (rw - self.width) // 2
-        return Crop(resized=(rh, rw), box=(left, top, left + self.width, top + self.height))
+        """Cover the bucket keeping the aspect ratio (long side truncated), then centre-crop to it: the official
+        geometry, see the module docstring. For a square bucket this is exactly `T.Resize(n)`'s size."""
+        if self.height / height > self.width / width:
+            rh, rw = self.height, int(width * self.height / height)
+        else:
+            rh, rw = int(height * self.width / width), self.width
+        rh, rw = max(rh, self.height), max(rw, self.width)  # never below the bucket (torchvision would pad black)
+        top, left = int(round((rh - self.height) / 2.0)), int(round((rw - self.width) / 2.0))
+        return Crop(resized=(rh, rw), box=(left, top, left + self.width, top + self.height), resample=self.resample)
 
 
 def assign(height: int, width: int, base_size: int, policy: Policy = "clamp") -> Bucket:
@@ -98,13 +113,13 @@ def assign(height: int, width: int, base_size: int, policy: Policy = "clamp") ->
 
 
 def fixed_bucket(base_size: int) -> Bucket:
-    """The square bucket of single-scale stages (256 and 512 training)."""
-    return Bucket("1.0", base_size, base_size)
+    """The square bucket of single-scale stages (256 and 512 training): bilinear, as the official `T.Resize(n)`."""
+    return Bucket("1.0", base_size, base_size, resample="bilinear")
 
 
 def apply_crop(image: Image.Image, crop: Crop) -> Image.Image:
-    """Bicubic resize then crop: the one bucket transform, used offline and online."""
+    """Resize then crop: the one bucket transform, used offline and online."""
     rh, rw = crop.resized
     if (image.height, image.width) != (rh, rw):
-        image = image.resize((rw, rh), Image.BICUBIC)
+        image = image.resize((rw, rh), _RESAMPLE[crop.resample])
     return image.crop(crop.box)

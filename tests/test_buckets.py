@@ -65,7 +65,64 @@ def test_crop_covers_the_bucket_keeping_the_aspect_ratio(h, w):
 
 def test_single_scale_is_resize_short_side_then_centre_crop():
     crop = fixed_bucket(256).crop(600, 900)
-    assert crop.resized == (256, 384) and crop.box == (64, 0, 320, 256)
+    assert crop.resized == (256, 384) and crop.box == (64, 0, 320, 256) and crop.resample == "bilinear"
+
+
+# -- the official transforms, written here from torchvision's behaviour on PIL images ---------------------------------
+
+
+def official_single_scale(img: Image.Image, n: int) -> Image.Image:
+    """T.Resize(n) + T.CenterCrop(n) (PixArt's 256/512 datasets): short side to n, long side int(n * long / short),
+    torchvision's default bilinear (PIL's, antialiased), no resize at the same size; offsets int(round(excess / 2))."""
+    w, h = img.size
+    nw, nh = (n, int(n * h / w)) if w <= h else (int(n * w / h), n)
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.BILINEAR)
+    top, left = int(round((nh - n) / 2.0)), int(round((nw - n) / 2.0))
+    return img.crop((left, top, left + n, top + n))
+
+
+def official_multi_scale(img: Image.Image, bh: int, bw: int) -> Image.Image:
+    """InternalDataMS: resize_size = (bh, int(w * bh / h)) when bh / h > bw / w, else (int(h * bw / w), bw); then
+    T.Resize(resize_size, BICUBIC) + T.CenterCrop((bh, bw))."""
+    w, h = img.size
+    rh, rw = (bh, int(w * bh / h)) if bh / h > bw / w else (int(h * bw / w), bw)
+    if (rw, rh) != (w, h):
+        img = img.resize((rw, rh), Image.BICUBIC)
+    top, left = int(round((rh - bh) / 2.0)), int(round((rw - bw) / 2.0))
+    return img.crop((left, top, left + bw, top + bh))
+
+
+# Real photos cut to sizes whose excess over the bucket is odd and even, at half-way offsets (round-half-even),
+# squarer and wider than the bucket, and already at the target size.
+SIZES = [(600, 900), (900, 600), (333, 500), (427, 640), (301, 451), (512, 512), (255, 257), (256, 259),
+         (257, 256), (1001, 1500), (700, 2100), (513, 515)]
+
+
+@pytest.fixture(scope="module")
+def photos():
+    from storage.samples import load_photo
+
+    base = [load_photo(name) for name in ("astronaut", "coffee", "chelsea")]
+    return {(h, w): base[i % 3].resize((w, h), Image.LANCZOS) for i, (h, w) in enumerate(SIZES)}
+
+
+@pytest.mark.parametrize("n", [256, 512])
+def test_single_scale_transform_is_the_official_one_in_pixels(photos, n):
+    for (h, w), img in photos.items():
+        crop = fixed_bucket(n).crop(h, w)
+        want = official_single_scale(img, n)
+        assert apply_crop(img, crop).tobytes() == want.tobytes(), (h, w, n, crop)
+
+
+@pytest.mark.parametrize("base", [256, 512, 1024])
+def test_multi_scale_transform_is_the_official_one_in_pixels(photos, base):
+    for (h, w), img in photos.items():
+        bucket = assign(h, w, base)
+        want = official_multi_scale(img, bucket.height, bucket.width)
+        got = apply_crop(img, bucket.crop(h, w))
+        assert got.size == want.size == (bucket.width, bucket.height)
+        assert got.tobytes() == want.tobytes(), (h, w, base, bucket)
 
 
 def test_histogram_counts_every_image_once_and_draws_a_chart():
