@@ -82,8 +82,9 @@ def save(root: str, run: str, step: int, write: Callable[[Path], dict[str, Any]]
         write_done(url, state)
     except OSError as e:
         previous = latest(root, run)
-        err = CheckpointError(f"checkpoint {url} could not be written ({_reason(e)}); the last committed checkpoint "
-                              f"is {previous or 'none'}, and a re-run resumes from it")
+        then = (f"the last committed checkpoint, {previous.rsplit('/', 1)[-1]}, is kept and a re-run resumes from it"
+                if previous else "no checkpoint of the run is committed yet: a re-run starts from the beginning")
+        err = CheckpointError(f"checkpoint {url} could not be written ({_reason(e)}); {then}")
         err.transient = is_transient(e)
         raise err from e
     for _, old in list_checkpoints(root, run)[:-keep]:

@@ -37,7 +37,7 @@ import torch
 
 from pixart import checkpoint, sharding
 from pixart.conditions import Conditions
-from pixart.data import BucketedLoader, batches_per_rank, feature_shards
+from pixart.data import BucketedLoader, batches_per_rank, feature_shards, shard_entries
 from pixart.diffusion import IDDPM
 from pixart.encoders import resolve_device
 from pixart.finish import pad_text, sample_posterior
@@ -216,9 +216,9 @@ class Trainer:
             # numbered as the metrics and the progress number steps: step N is the one that makes self.step N
             raise NonFiniteLossError(
                 f"step {self.step + 1}: loss is {loss.item()} (mse {losses['mse'].mean().item()}, vb "
-                f"{losses['vb'].mean().item()}) on rank {self.rank}'s batch {_keys(batch)}; the step was not "
+                f"{losses['vb'].mean().item()}) on rank {self.rank}'s batch {self._where(batch)}; the step was not "
                 f"applied. A re-run resumes from {last.rsplit('/', 1)[-1] if last else 'the start'}: lower optim.lr "
-                f"(now {self.lr:g}; a resume applies the new value) or check those samples' features.")
+                f"(now {cfg.optim.lr:g}; a resume applies the new value) or check those samples' features.")
         loss.backward()
         grad_norm = self._clip()
         self.optimizer.step()
@@ -240,6 +240,20 @@ class Trainer:
         return {"step": self.step, "loss": reduced[0], "mse": reduced[1], "vb": reduced[2], "grad_norm": grad_norm,
                 "lr": self.scheduler.get_last_lr()[0], "step_s": seconds,
                 "samples_per_s": n * self.world_size / seconds, "gpu_hours": self.gpu_hours}
+
+    def _where(self, batch: dict[str, Any]) -> str:
+        """The batch's keys and the feature shards they come from (looked up in this rank's shard indexes: an
+        error path only)."""
+        if batch.get("shards") or not batch.get("keys"):
+            return _keys(batch)
+        try:
+            wanted, found = set(map(str, batch["keys"])), set()
+            for i in self.loader.stream_shards():
+                if {e.key for e in shard_entries(i, self.loader.shards[i])} & wanted:
+                    found.add(self.loader.shards[i].name)
+            return _keys({**batch, "shards": sorted(found)})
+        except Exception:  # noqa: BLE001 - never let the lookup hide the error being reported
+            return _keys(batch)
 
     def _clip(self) -> float:
         """Clip the global gradient norm. Stage 1: diffusers' DiT keeps one copy of the timestep/label embedder per

@@ -268,6 +268,7 @@ def test_a_full_disk_during_a_checkpoint_save_is_one_line(features, cli_run, mon
 
 
 def test_a_nan_loss_names_the_step_the_progress_shows_and_the_batch(features, cli_run, monkeypatch):
+    from pixart.data import feature_shards, shard_entries
     from pixart.diffusion import IDDPM
 
     real, calls = IDDPM.training_losses, []
@@ -290,7 +291,10 @@ def test_a_nan_loss_names_the_step_the_progress_shows_and_the_batch(features, cl
     monkeypatch.setattr(Trainer, "train_step", step)
     result = train_cli(*cli_run("nan-cli"))
     assert re.findall(r"step (\d+): loss [0-9]", result.output) == ["1", "2"], result.output  # the progress
-    line = assert_one_error_line(result, "step 3: loss is nan", *seen[2])
+    shards = feature_shards(features, "sam", 256, caption_set="tiny")
+    names = [s.name for i, s in enumerate(shards) if {e.key for e in shard_entries(i, s)} & set(seen[2])]
+    line = assert_one_error_line(result, "step 3: loss is nan", *seen[2], *names)
+    assert names and "from shards" in line
     assert "optim.lr" in line and "step-000000002" in line  # what to lower, and where the run resumes from
 
 
