@@ -35,8 +35,9 @@ from pixart.encoders import LatentEncoder, TextEncoder
 from storage.commit import commit_shard, write_done
 from storage.configio import config_dict, config_hash
 from storage.decode import decode_image
-from storage.errors import ImageDecodeError
+from storage.errors import ImageDecodeError, PipelineError
 from storage.layout import latents_dir, shard_of, text_features_dir
+from storage.layout import manifest_url as manifest_url_of
 from storage.lease import Lease
 from storage.parquet import read_rows, write_table
 from storage.readers import iter_manifest_images
@@ -117,13 +118,21 @@ class FeatureShard:
             return
         self.lease = Lease(self.index_url)
         self.lease.acquire()
-        self.done = None if cfg.force else skipped(self.index_url, **fixed)  # finished by another run meanwhile
+        try:
+            self.done = None if cfg.force else skipped(self.index_url, **fixed)  # finished by another run meanwhile
+            if self.done is None:
+                self.start = time.perf_counter()
+                self.result = ShardResult(output_url=self.index_url, config_hash=config_hash(cfg), **fixed)
+                self.out = _Output(self.tar_url)
+                self.load()
+        except BaseException:
+            self.lease.release()  # bad input: nothing was published, the next run must not find the shard busy
+            raise
         if self.done is not None:
             self.lease.release()
-            return
-        self.start = time.perf_counter()
-        self.result = ShardResult(output_url=self.index_url, config_hash=config_hash(cfg), **fixed)
-        self.out = _Output(self.tar_url)
+
+    def load(self) -> None:
+        """Read the input shard (under the lease); a subclass's own set-up."""
 
     @property
     def name(self) -> str:
@@ -178,15 +187,34 @@ class TextShard(FeatureShard):
 
     def __init__(self, caption_url: str, cfg: ExtractConfig) -> None:
         super().__init__(caption_url, text_urls(cfg, shard_of(caption_url)), cfg, {"t5": cfg.t5_model})
-        if self.done is not None:
-            return
-        self.todo, self.captions = [], {}
+
+    def load(self) -> None:
+        """Check the caption shard against its manifest: one row per manifest key. A key with two rows or none is
+        an error row; a key the manifest does not have fails the shard (the caption shard is not this manifest's)."""
+        caption_url, cfg = self.input_url, self.cfg
+        manifest = manifest_url_of(cfg.output_root, cfg.dataset, shard_of(caption_url))
+        keys = [r["key"] for r in read_rows(manifest, ["key"])]
+        rows: dict[str, list[Row]] = {}
         for r in read_rows(caption_url, ["key", "text", "status", "error"]):
-            if r["status"] != "ok" or not (r["text"] or "").strip():
-                self.out.error(r["key"], f"no caption: {r['error'] or 'empty text'}")
+            rows.setdefault(r["key"], []).append(r)
+        known = set(keys)
+        stray = [k for k in rows if k not in known]
+        if stray:
+            more = f" (and {len(stray) - 1} more)" if len(stray) > 1 else ""
+            raise PipelineError(f"{caption_url}: key {stray[0]!r}{more} is not in the manifest {manifest}; the "
+                                f"caption shard is not this manifest's: re-caption it")
+        self.todo, self.captions = [], {}
+        for key in keys:
+            found = rows.get(key, [])
+            if not found:
+                self.out.error(key, f"no caption row for this key in {caption_url}")
+            elif len(found) > 1:
+                self.out.error(key, f"{len(found)} caption rows for this key in {caption_url}")
+            elif found[0]["status"] != "ok" or not (found[0]["text"] or "").strip():
+                self.out.error(key, f"no caption: {found[0]['error'] or 'empty text'}")
             else:
-                self.captions[r["key"]] = r["text"]
-                self.todo.append(r["key"])
+                self.captions[key] = found[0]["text"]
+                self.todo.append(key)
         self.result.stats["tokens"] = 0
 
     def chunks(self) -> list[tuple[list[str], list[str]]]:
@@ -299,10 +327,11 @@ class LatentShard(FeatureShard):
 
     def __init__(self, manifest_url: str, cfg: ExtractConfig) -> None:
         super().__init__(manifest_url, latent_urls(cfg, shard_of(manifest_url)), cfg, {"vae": cfg.vae_model})
-        if self.done is not None:
-            return
+
+    def load(self) -> None:
+        cfg = self.cfg
         self.todo = []
-        for r in read_rows(manifest_url):
+        for r in read_rows(self.input_url):
             if r["status"] != "ok":
                 self.out.error(r["key"], f"not ingested: {r['error']}")
                 continue
