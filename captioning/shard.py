@@ -70,11 +70,16 @@ class CaptionShard:
         self.parts = PartitionedShard(result.output_url, list(self.by_key), CAPTION_SCHEMA, result,
                                       force=cfg.force, part_rows=cfg.part_rows)
         self.result = result
-        todo = [self.by_key[k] for k in self.parts.todo]
-        self.todo = [r for r in todo if r["status"] == "ok"]  # rows to read, decode and caption
-        not_ingested = [Outcome(r["key"], error=f"not ingested: {r['error']}") for r in todo if r["status"] != "ok"]
-        if not_ingested:
-            self.accept(not_ingested)
+        try:
+            todo = [self.by_key[k] for k in self.parts.todo]
+            self.todo = [r for r in todo if r["status"] == "ok"]  # rows to read, decode and caption
+            not_ingested = [Outcome(r["key"], error=f"not ingested: {r['error']}") for r in todo
+                            if r["status"] != "ok"]
+            if not_ingested:
+                self.accept(not_ingested)
+        except BaseException:
+            self.parts.close()  # the lease goes with the failure; committed parts stay for the next attempt
+            raise
 
     @property
     def name(self) -> str:

@@ -89,6 +89,6 @@ def run_as_flow(stage: Stage, config: str, overrides: list[str] | None, force: b
         runtime.log(str(e), logging.ERROR)
         return Failed(message=str(e))
     data = outcome.counts()
-    if outcome.failed:
+    if not outcome.ok:  # failed shards, or shards another run still holds: not a complete run
         return Failed(message=data["message"])
     return Completed(message=data["message"], data=data)

@@ -23,7 +23,8 @@ from captioning.images import ImagePrep, iter_prepared
 from captioning.shard import CaptionShard, Outcome
 from captioning.text import T5TokenCounter
 from flows._ray import ray_session
-from storage.errors import ShardBusyError, one_line
+from storage.errors import PipelineError
+from storage.layout import shard_of
 
 
 def _read_shard(item: dict[str, Any], prep: ImagePrep):
@@ -39,28 +40,31 @@ def _outcome(batch: dict[str, Any], i: int) -> Outcome:
                    finish_reason=str(batch["finish_reason"][i]), seconds=float(batch["seconds"][i]))
 
 
-def caption_on_ray(pending: list[str], cfg: CaptionConfig, on_shard: Callable[[dict], None]) -> dict[str, str]:
-    """Caption the pending manifests on Ray; returns {shard: reason} for shards that did not complete."""
+def caption_on_ray(pending: list[str], cfg: CaptionConfig,
+                   on_shard: Callable[[dict], None]) -> dict[str, BaseException]:
+    """Caption the pending manifests on Ray; returns {shard: error} for every shard that did not complete (a
+    ShardBusyError for one another run holds), so that no shard is left out of the run's outcome."""
     with ray_session(cfg.ray.address):
         return _caption(pending, cfg, on_shard)
 
 
-def _caption(pending: list[str], cfg: CaptionConfig, on_shard: Callable[[dict], None]) -> dict[str, str]:
+def _caption(pending: list[str], cfg: CaptionConfig,
+             on_shard: Callable[[dict], None]) -> dict[str, BaseException]:
     ray.data.DataContext.get_current().enable_progress_bars = False
     shards: dict[str, CaptionShard] = {}
-    failed: dict[str, str] = {}
+    failed: dict[str, BaseException] = {}
     try:
         prep = ImagePrep.from_processor(load_processor(cfg.model), cfg.pad_to_square, cfg.decode)
         counter = T5TokenCounter(cfg.t5_tokenizer)
         items = []
         for url in pending:
             try:
-                shard = CaptionShard(url, cfg, counter)
-            except ShardBusyError as e:
-                failed[url.rsplit("/", 1)[-1].removesuffix(".parquet")] = one_line(e)
-                continue
-            if shard.complete:
-                on_shard(shard.finalize().to_dict())
+                shard = CaptionShard(url, cfg, counter)  # releases its lease itself when it raises
+                if shard.complete:
+                    on_shard(shard.finalize().to_dict())  # releases the lease, committed or not
+                    continue
+            except Exception as e:  # noqa: BLE001 - busy in another run, or a bad manifest: this shard only
+                failed[shard_of(url)] = e
                 continue
             shards[shard.name] = shard
             items.append({"shard": shard.name, "rows": json.dumps(shard.todo)})
@@ -79,11 +83,17 @@ def _caption(pending: list[str], cfg: CaptionConfig, on_shard: Callable[[dict], 
                 for name, outcomes in grouped.items():
                     shards[name].accept(outcomes)
                     if shards[name].complete:
-                        on_shard(shards.pop(name).finalize().to_dict())
+                        shard = shards.pop(name)
+                        try:
+                            result = shard.finalize()
+                        except Exception as e:  # noqa: BLE001 - this shard failed; the others go on
+                            failed[name] = e
+                        else:
+                            on_shard(result.to_dict())
         except Exception as e:  # noqa: BLE001 - committed parts survive; the listed shards resume on the next run
-            failed.update({name: one_line(e) for name in shards})
+            failed.update({name: e for name in shards})
             return failed
-        failed.update({name: "rows missing after the Ray pipeline finished" for name in shards})
+        failed.update({name: PipelineError("rows missing after the Ray pipeline finished") for name in shards})
         return failed
     finally:
         for shard in shards.values():

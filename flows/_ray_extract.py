@@ -24,7 +24,7 @@ from flows._ray import ray_session
 from pixart.config import ExtractConfig
 from pixart.encoders import LatentEncoder, TextEncoder
 from pixart.features import LatentShard, TextShard, bucket_groups, npy_bytes
-from storage.errors import ShardBusyError, one_line
+from storage.errors import PipelineError
 
 
 def _npy(data: bytes) -> np.ndarray:
@@ -70,13 +70,14 @@ def _groups(item: dict[str, Any], cfg: ExtractConfig):
                    "error": "", "pixels": npy_bytes(g["pixels"])}
 
 
-def _open(kind, prefix: str, urls: list[str], cfg: ExtractConfig, on_done, failed: dict[str, str]) -> dict[str, Any]:
+def _open(kind, prefix: str, urls: list[str], cfg: ExtractConfig, on_done,
+          failed: dict[str, BaseException]) -> dict[str, Any]:
     shards = {}
     for url in urls:
         try:
-            shard = kind(url, cfg)
-        except ShardBusyError as e:
-            failed[prefix + url.rsplit("/", 1)[-1].removesuffix(".parquet")] = one_line(e)
+            shard = kind(url, cfg)  # releases its lease itself when it raises
+        except Exception as e:  # noqa: BLE001 - busy in another run, or bad input: this shard only
+            failed[prefix + url.rsplit("/", 1)[-1].removesuffix(".parquet")] = e
             continue
         if shard.done is not None:
             on_done(shard.done.shard, shard.done.to_dict())
@@ -85,22 +86,30 @@ def _open(kind, prefix: str, urls: list[str], cfg: ExtractConfig, on_done, faile
     return shards
 
 
-def _finish(shards: dict[str, Any], name: str, remaining: dict[str, int], on_done) -> None:
+def _finish(shards: dict[str, Any], name: str, remaining: dict[str, int], on_done, failed: dict[str, BaseException],
+            prefix: str) -> None:
     if remaining[name] == 0:
-        on_done(name, shards.pop(name).finish().to_dict())
+        shard = shards.pop(name)
+        try:
+            result = shard.finish()  # releases the lease, committed or not
+        except Exception as e:  # noqa: BLE001 - this shard failed; the others go on
+            failed[prefix + name] = e
+        else:
+            on_done(name, result.to_dict())
 
 
 def extract_on_ray(text_urls: list[str], manifest_urls: list[str], cfg: ExtractConfig,
-                   on_done: Callable[[str, dict], None]) -> dict[str, str]:
-    """Extract on Ray; calls on_done(kind-shard name, result) per committed shard; returns {name: reason} failed."""
+                   on_done: Callable[[str, dict], None]) -> dict[str, BaseException]:
+    """Extract on Ray; calls on_done(kind-shard name, result) per committed shard; returns {name: error} for every
+    other shard (a ShardBusyError for one another run holds), so that no shard is left out of the outcome."""
     with ray_session(cfg.ray.address):
         return _extract(text_urls, manifest_urls, cfg, on_done)
 
 
 def _extract(text_urls: list[str], manifest_urls: list[str], cfg: ExtractConfig,
-             on_done: Callable[[str, dict], None]) -> dict[str, str]:
+             on_done: Callable[[str, dict], None]) -> dict[str, BaseException]:
     ray.data.DataContext.get_current().enable_progress_bars = False
-    failed: dict[str, str] = {}
+    failed: dict[str, BaseException] = {}
     open_shards: list[tuple[str, dict[str, Any]]] = []
     try:
         text = _open(TextShard, "text-", text_urls, cfg, lambda n, r: on_done(f"text-{n}", r), failed)
@@ -109,7 +118,7 @@ def _extract(text_urls: list[str], manifest_urls: list[str], cfg: ExtractConfig,
                  for k, t in s.chunks()]
         remaining = {n: len(s.todo) for n, s in text.items()}
         for n in list(text):
-            _finish(text, n, remaining, lambda n, r: on_done(f"text-{n}", r))
+            _finish(text, n, remaining, lambda n, r: on_done(f"text-{n}", r), failed, "text-")
         if items:
             ds = ray.data.from_items(items).map_batches(
                 _T5Actor, fn_constructor_kwargs={"cfg": cfg}, batch_size=1, num_gpus=cfg.ray.num_gpus_per_replica,
@@ -121,13 +130,13 @@ def _extract(text_urls: list[str], manifest_urls: list[str], cfg: ExtractConfig,
                 cuts = np.cumsum([0, *json.loads(lengths)])
                 text[name].accept(keys, texts, [flat[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)])
                 remaining[name] -= len(keys)
-                _finish(text, name, remaining, lambda n, r: on_done(f"text-{n}", r))
+                _finish(text, name, remaining, lambda n, r: on_done(f"text-{n}", r), failed, "text-")
 
         latents = _open(LatentShard, "latents-", manifest_urls, cfg, lambda n, r: on_done(f"latents-{n}", r), failed)
         open_shards.append(("latents-", latents))
         remaining = {n: len(s.todo) for n, s in latents.items()}
         for n in list(latents):
-            _finish(latents, n, remaining, lambda n, r: on_done(f"latents-{n}", r))
+            _finish(latents, n, remaining, lambda n, r: on_done(f"latents-{n}", r), failed, "latents-")
         items = [{"shard": n, "rows": json.dumps(s.todo, default=str)} for n, s in latents.items()]
         if items:
             ds = ray.data.from_items(items).flat_map(_groups, fn_kwargs={"cfg": cfg},
@@ -143,13 +152,13 @@ def _extract(text_urls: list[str], manifest_urls: list[str], cfg: ExtractConfig,
                     group = {"keys": keys, "metas": json.loads(row["metas"])}
                     latents[name].accept(group, _npy(row["mean"]), _npy(row["std"]))
                 remaining[name] -= len(keys)
-                _finish(latents, name, remaining, lambda n, r: on_done(f"latents-{n}", r))
+                _finish(latents, name, remaining, lambda n, r: on_done(f"latents-{n}", r), failed, "latents-")
         for prefix, shards in open_shards:
-            failed.update({prefix + n: "rows missing after the Ray pipeline finished" for n in shards})
+            failed.update({prefix + n: PipelineError("rows missing after the Ray pipeline finished") for n in shards})
         return failed
     except Exception as e:  # noqa: BLE001 - nothing uncommitted is published; the listed shards rerun next time
         for prefix, shards in open_shards:
-            failed.update({prefix + n: one_line(e) for n in shards})
+            failed.update({prefix + n: e for n in shards})
         return failed
     finally:
         for _, shards in open_shards:

@@ -4,6 +4,9 @@ A stage says what is its own (`Stage`: load its config, list pending shards, run
 module does the rest the same way for every stage: config and error mapping, the pending list, retries of
 transient errors only, busy shards (leased by another run), progress, the summary and its artifacts.
 
+A run is complete only when every shard is committed: a shard that failed, or that another live run still holds
+(busy), makes `StageOutcome.ok` false, so `pixart` exits non-zero and the Prefect flow ends Failed, naming them.
+
     outcome = run_stage(IngestStage(), "sam", ["source=/data/sa1b"], force=False, runtime=LocalRuntime())
 
 `flows/ingest.py` and `flows/caption.py` wrap the same call in a Prefect flow (`flows/_prefect.py` supplies a
@@ -39,7 +42,10 @@ class Shard:
 
 @dataclass
 class StageOutcome:
-    """What a run did: per-shard results, failures with reasons, and shards another run is working on."""
+    """What a run did: per-shard results, failures with reasons, and shards another run is working on.
+
+    `total` counts the shards handed to the run; `committed_before` those the stage left out as already committed
+    (a stage that lists only pending shards), so a re-run can say how many shards there are in all."""
 
     stage: str
     dataset: str
@@ -48,15 +54,20 @@ class StageOutcome:
     failed: dict[str, str] = field(default_factory=dict)
     busy: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    committed_before: int = 0
 
     @property
     def ok(self) -> bool:
-        return not self.failed
+        """Every shard is committed: none failed, none left to another run."""
+        return not self.failed and not self.busy
 
     def counts(self) -> dict[str, Any]:
+        skipped = sum(bool(r.get("skipped")) for r in self.results)
         return {"stage": self.stage, "dataset": self.dataset, "shards": self.total, "done": len(self.results),
-                "skipped": sum(bool(r.get("skipped")) for r in self.results), "failed": sorted(self.failed),
-                "busy": sorted(self.busy), "num_ok": sum(r["num_ok"] for r in self.results),
+                "skipped": skipped, "failed": sorted(self.failed), "busy": sorted(self.busy),
+                "all_shards": self.total + self.committed_before, "committed": self.committed_before + skipped,
+                "to_run": self.total - skipped,
+                "num_ok": sum(r["num_ok"] for r in self.results),
                 "num_error": sum(r["num_error"] for r in self.results), **self.extra}
 
 
@@ -65,6 +76,7 @@ class Stage:
 
     name = ""
     workers = 1
+    committed_before = 0  # set by `shards` when it leaves already committed shards out
 
     def load(self, config: str, overrides: list[str]) -> Any:
         raise NotImplementedError
@@ -132,14 +144,27 @@ def call_with_retries(fn: Callable[[], dict], delays=RETRY_DELAYS, log=None, nam
     raise AssertionError("unreachable")
 
 
+class _BarSafeHandler(logging.Handler):
+    """Log lines to the current sys.stderr through `tqdm.write`, which clears an active progress bar's line first
+    and redraws the bar after, so a line never prints over the bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must not raise
+            self.handleError(record)
+
+
 class LocalRuntime(Runtime):
     """In-process threads, stderr logging, a tqdm bar; artifacts are the summary files saved beside the outputs."""
 
-    def __init__(self, retry_delays=RETRY_DELAYS) -> None:
-        self.retry_delays = retry_delays
+    def __init__(self, retry_delays=None) -> None:
+        self.retry_delays = RETRY_DELAYS if retry_delays is None else retry_delays
         self.logger = logging.getLogger("pixart")
         if not self.logger.handlers:
-            handler = logging.StreamHandler(sys.stderr)
+            handler = _BarSafeHandler()
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
             self.logger.addHandler(handler)
             self.logger.setLevel(logging.INFO)
@@ -202,12 +227,16 @@ def run_stage(stage: Stage, config: str, overrides: list[str], force: bool, runt
     except BaseException:
         stage.close()
         raise
-    outcome = StageOutcome(stage=stage.name, dataset=getattr(cfg, "dataset", ""), total=len(shards))
+    outcome = StageOutcome(stage=stage.name, dataset=getattr(cfg, "dataset", ""), total=len(shards),
+                           committed_before=stage.committed_before)
     runtime.key = f"{stage.name}-{outcome.dataset}".lower()
     runtime.log(f"{stage.name} {outcome.dataset}: {len(shards)} shards -> {stage.output_dir(cfg)}")
     start = time.perf_counter()
 
+    reported: set[str] = set()
+
     def on_done(shard: Shard, result: dict | None, err: BaseException | None) -> None:
+        reported.add(shard.name)
         if err is None:
             outcome.results.append(result)
             runtime.log(f"{shard.name}: {result['num_ok']} ok, {result['num_error']} errors"
@@ -229,6 +258,9 @@ def run_stage(stage: Stage, config: str, overrides: list[str], force: bool, runt
             stage.run_all(cfg, shards, runtime, on_done)
     finally:
         stage.close()
+    for shard in shards:  # an executor that ended without a word about a shard must not pass for complete
+        if shard.name not in reported:
+            on_done(shard, None, PipelineError("the executor ended without a result for this shard"))
     message = stage.finish(cfg, outcome, runtime)
     outcome.extra["message"] = message
     return outcome
@@ -248,5 +280,12 @@ def manifests_to_read(cfg: Any) -> list[str]:
 
 
 def failure_message(outcome: StageOutcome) -> str:
-    reasons = "; ".join(f"{k}: {v}" for k, v in sorted(outcome.failed.items())[:5])
-    return f"{len(outcome.failed)} of {outcome.total} shards failed: {reasons}"
+    """The run's message when it is not complete: the failed shards with reasons, then the busy ones."""
+    parts = []
+    if outcome.failed:
+        reasons = "; ".join(f"{k}: {v}" for k, v in sorted(outcome.failed.items())[:5])
+        parts.append(f"{len(outcome.failed)} of {outcome.total} shards failed: {reasons}")
+    if outcome.busy:
+        parts.append(f"incomplete: {len(outcome.busy)} of {outcome.total} shards are being processed by another "
+                     f"run, not done here: {', '.join(sorted(outcome.busy))}")
+    return "; ".join(parts)

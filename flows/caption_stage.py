@@ -19,7 +19,6 @@ from captioning.shard import pending_manifests
 from flows._stage import Shard, Stage, StageOutcome, failure_message, manifests_to_read
 from storage.commit import is_done, write_atomic
 from storage.configio import load_config
-from storage.errors import PipelineError
 from storage.layout import caption_set_dir, shard_of
 from storage.parquet import read_rows
 from storage.urls import filesystem, join, to_url
@@ -45,6 +44,7 @@ class CaptionStage(Stage):
         manifests = manifests_to_read(cfg)
         self.manifests = manifests
         pending = pending_manifests(manifests, cfg)
+        self.committed_before = len(manifests) - len(pending)
         log(f"caption {cfg.dataset} into set {cfg.resolved_caption_set()}: {len(pending)} of {len(manifests)} "
             f"shards pending, executor={cfg.executor}")
         self.order = pending
@@ -78,8 +78,8 @@ class CaptionStage(Stage):
 
         by_name = {s.name: s for s in shards}
         failed = caption_on_ray([s.item for s in shards], cfg, lambda r: on_done(by_name[r["shard"]], r, None))
-        for name, reason in failed.items():
-            on_done(by_name[name], None, PipelineError(reason))
+        for name, err in failed.items():  # a ShardBusyError counts the shard as busy: the run is then incomplete
+            on_done(by_name[name], None, err)
 
     def finish(self, cfg: CaptionConfig, outcome: StageOutcome, runtime) -> str:
         name = cfg.resolved_caption_set()
@@ -96,7 +96,7 @@ class CaptionStage(Stage):
         audit = audit_caption_set(cfg.output_root, cfg.dataset, name)
         outcome.extra.update(caption_set=name, captions=stats["captions"], errors=stats["errors"],
                              exactly_once=audit["ok"], pending=outcome.total, manifests=len(self.manifests))
-        if outcome.failed:
+        if not outcome.ok:
             return failure_message(outcome)
         return f"{stats['captions']} captions, {stats['errors']} error rows in {name}"
 

@@ -7,7 +7,8 @@ without starting a Prefect server (a local run starts in about a second).
     pixart demo                                  # sample data in the real formats -> manifests -> captions
 
 Exit codes: 0 done; 1 some shards failed (the others are committed); 2 the run could not start (bad config,
-missing source, unusable output root or model), reported as one `error:` line.
+missing source, unusable output root or model), reported as one `error:` line; 3 incomplete: shards that another
+live run still holds are not done here (named in the `error:` line; re-run once that run ends).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def _run(stage, config: str, overrides: list[str], force: bool) -> dict:
-    """Run a stage locally; exit 2 when it cannot start, 1 when shards failed."""
+    """Run a stage locally; exit 2 when it cannot start, 1 when shards failed, 3 when shards are busy elsewhere."""
     from flows._stage import LocalRuntime, run_stage
 
     try:
@@ -43,8 +44,8 @@ def _run(stage, config: str, overrides: list[str], force: bool) -> dict:
     counts = outcome.counts()
     if outcome.failed:
         _fail(counts["message"], code=1)
-    if outcome.busy:
-        typer.echo(f"{len(outcome.busy)} shards are being processed by another run: {', '.join(sorted(outcome.busy))}")
+    if outcome.busy:  # not a success: those shards are not committed (yet)
+        _fail(counts["message"], code=3)
     return counts
 
 
@@ -71,8 +72,8 @@ def ingest(
     from flows.ingest_stage import IngestStage
 
     out = _run(IngestStage(), config, overrides or [], force)
-    typer.echo(f"{out['dataset']}: {out['done']} shards ({out['skipped']} already committed), "
-               f"{out['num_ok']} samples ok, {out['num_error']} error rows")
+    typer.echo(f"{out['dataset']}: {out['all_shards']} shards, {out['committed']} already committed, "
+               f"{out['to_run']} to run, {out['num_ok']} samples ok, {out['num_error']} error rows")
 
 
 @app.command(epilog="Config keys (override with key=value):\n\n" + "\n\n".join(_config_keys(CaptionConfig)))
@@ -115,8 +116,8 @@ def extract(
                    f"{est['official_total_bytes'] / 1e9:.3f} GB)")
         return
     out = _run(ExtractStage(), config, overrides or [], force)
-    typer.echo(f"{out['dataset']}: {out['done']} shards ({out['skipped']} already committed), "
-               f"{out['num_ok']} feature samples, {out['num_error']} error rows")
+    typer.echo(f"{out['dataset']}: {out['all_shards']} shards, {out['committed']} already committed, "
+               f"{out['to_run']} to run, {out['num_ok']} feature samples, {out['num_error']} error rows")
 
 
 @app.command(epilog="Config keys (override with key=value):\n\n" + "\n\n".join(_config_keys(TrainConfig)))

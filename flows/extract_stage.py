@@ -49,13 +49,15 @@ class ExtractStage(Stage):
 
     def shards(self, cfg: ExtractConfig, log) -> list[Shard]:
         manifests = manifests_to_read(cfg)
-        shards = []
+        listed = []
         if cfg.what in ("text", "both") and cfg.dataset != "imagenet":
-            shards += [Shard(f"text-{shard_of(u)}", ("text", u)) for u in committed_captions(cfg)[: cfg.max_shards]
-                       if cfg.force or not is_done(text_urls(cfg, shard_of(u))[1])]
+            listed += [(Shard(f"text-{shard_of(u)}", ("text", u)), text_urls(cfg, shard_of(u))[1])
+                       for u in committed_captions(cfg)[: cfg.max_shards]]
         if cfg.what in ("latents", "both"):
-            shards += [Shard(f"latents-{shard_of(u)}", ("latents", u)) for u in manifests
-                       if cfg.force or not is_done(latent_urls(cfg, shard_of(u))[1])]
+            listed += [(Shard(f"latents-{shard_of(u)}", ("latents", u)), latent_urls(cfg, shard_of(u))[1])
+                       for u in manifests]
+        shards = [s for s, out in listed if cfg.force or not is_done(out)]
+        self.committed_before = len(listed) - len(shards)
         log(f"extract {cfg.dataset}: {len(shards)} shards pending ({cfg.what}, base size {cfg.base_size}"
             f"{', multi-scale' if cfg.multi_scale else ''})")
         return shards
@@ -81,8 +83,8 @@ class ExtractStage(Stage):
         by_name = {s.name: s for s in shards}
         urls = {kind: [s.item[1] for s in shards if s.item[0] == kind] for kind in ("text", "latents")}
         failed = extract_on_ray(urls["text"], urls["latents"], cfg, lambda n, r: on_done(by_name[n], r, None))
-        for name, reason in failed.items():
-            on_done(by_name[name], None, PipelineError(reason))
+        for name, err in failed.items():  # a ShardBusyError counts the shard as busy: the run is then incomplete
+            on_done(by_name[name], None, err)
 
     def run_shard(self, shard: Shard, cfg: ExtractConfig, progress) -> dict[str, Any]:
         kind, url = shard.item
@@ -102,7 +104,7 @@ class ExtractStage(Stage):
                           [r for r in table.to_pylist() if r["count"]], f"bucket histogram, {title}")
             outcome.extra.update(extra)
         c = outcome.counts()
-        if outcome.failed:
+        if not outcome.ok:
             return failure_message(outcome)
         return f"{c['num_ok']} feature samples, {c['num_error']} error rows"
 

@@ -72,7 +72,7 @@ class IngestStage(Stage):
                       f"ingest {cfg.dataset}: one row per shard")
         runtime.markdown(key + "-summary", report(cfg, outcome), f"ingest {cfg.dataset} summary")
         c = outcome.counts()
-        if outcome.failed:
+        if not outcome.ok:
             return failure_message(outcome)
         return f"{c['num_ok']} samples ok, {c['num_error']} error rows"
 

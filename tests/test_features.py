@@ -172,9 +172,9 @@ def test_extract_command_estimates_runs_and_skips(captioned, tiny_t5_encoder, ti
     assert "sam: 8 images, 8 captions; per sample" in est.stdout and "of the official fp32 padded layout" in est.stdout
     first = run_cli("sam-1024", *models, "what=latents")  # 1024-ms latents: no other test writes them
     assert first.returncode == 0, first.stderr
-    assert "sam: 2 shards (0 already committed), 8 feature samples, 0 error rows" in first.stdout
+    assert "sam: 2 shards, 0 already committed, 2 to run, 8 feature samples, 0 error rows" in first.stdout
     again = run_cli("sam-1024", *models, "what=latents")
-    assert again.returncode == 0 and "sam: 0 shards" in again.stdout, again.stdout
+    assert again.returncode == 0 and "sam: 2 shards, 2 already committed, 0 to run" in again.stdout, again.stdout
     out = os.path.join(captioned, "features", "sam", "latents", "1024-ms")
     hist = read_rows(os.path.join(out, "buckets.parquet"))
     assert len(hist) == 40 and sum(r["count"] for r in hist) == 8

@@ -79,4 +79,4 @@ def test_cli_help_and_ingest(samples, tmp_path):
                            f"synset_mapping={samples['synset_mapping']}", f"output_root={tmp_path}"],
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
-    assert "imagenet: 1 shards (0 already committed), 8 samples ok, 0 error rows" in proc.stdout
+    assert "imagenet: 1 shards, 0 already committed, 1 to run, 8 samples ok, 0 error rows" in proc.stdout
