@@ -359,3 +359,19 @@ def test_kill_9_around_checkpoints_then_a_rerun_is_complete_and_identical(featur
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
     a, b = (torch.load(d / "optimizer.pt", weights_only=True)["state"] for d in (got, want))
     assert all(torch.equal(a[i][k], b[i][k]) for i in b for k in b[i])
+
+
+def test_corrupt_stored_conditions_are_named_or_encoded_again(features, tiny_t5_encoder, tiny_vae):
+    from pixart.conditions import Conditions, ConditionsError, conditions_url
+
+    cfg = config(features, "tiny-stage2", "torn-conditions", "schedule.max_steps=1", t5=tiny_t5_encoder,
+                 vae=tiny_vae)
+    prepare_run(cfg)
+    url = conditions_url(cfg)
+    before = Conditions.load(cfg)
+    Path(url).write_bytes(Path(url).read_bytes()[:100])
+    with pytest.raises(ConditionsError, match=f"{url}: not readable conditions"):
+        Trainer(cfg)  # a worker reading them names the file
+    run_training(cfg, log=lambda m: None)  # a run starting encodes them again
+    again = Conditions.load(cfg)
+    assert all(torch.equal(a, b) for a, b in zip(vars(again).values(), vars(before).values(), strict=True))
