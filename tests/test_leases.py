@@ -325,3 +325,57 @@ def test_log_lines_do_not_print_over_the_progress_bar(monkeypatch):
     text = buf.getvalue()
     before = text[: text.index("sa_000000: 4 ok")]
     assert before.rstrip(" 0123456789:INFO").endswith(("\r", "\n")), repr(text)  # the bar's line was cleared first
+
+
+def test_a_shard_the_executor_never_reports_is_a_failure(tmp_path):
+    from pydantic import BaseModel
+
+    from flows._stage import LocalRuntime, Shard, Stage, run_stage
+
+    class Cfg(BaseModel):
+        dataset: str = "d"
+        output_root: str = str(tmp_path)
+
+    class Silent(Stage):  # an executor (Ray Data, say) that ends without a word about one shard
+        name = "silent"
+
+        def load(self, config, overrides):
+            return Cfg()
+
+        def output_dir(self, cfg):
+            return str(tmp_path / "out")
+
+        def shards(self, cfg, log):
+            return [Shard("a", 1), Shard("b", 2)]
+
+        def run_all(self, cfg, shards, runtime, on_done):
+            on_done(shards[0], {"shard": "a", "num_ok": 1, "num_error": 0}, None)
+
+    outcome = run_stage(Silent(), "", [], False, LocalRuntime(retry_delays=()))
+    assert not outcome.ok and list(outcome.failed) == ["b"] and "without a result" in outcome.failed["b"]
+
+
+def test_busy_shards_on_the_ray_executor_end_the_run_incomplete(captioned, tiny_t5_encoder, tiny_vae, monkeypatch):
+    import contextlib
+
+    import flows._ray_extract
+    from flows._stage import LocalRuntime, run_stage
+    from flows.extract_stage import ExtractStage
+    from pixart.config import ExtractConfig
+    from pixart.features import latent_urls
+    from storage.configio import load_config
+
+    monkeypatch.setattr(flows._ray_extract, "ray_session", lambda address: contextlib.nullcontext())  # no work left
+    args = ["output_root=" + captioned, f"vae_model={tiny_vae}", "what=latents", "base_size=512", "executor=ray",
+            "ray.num_gpus_per_replica=0", "force=true"]
+    cfg = load_config(ExtractConfig, "sam-256", args, kind="extract")
+    holders = [Lease(latent_urls(cfg, s)[1]) for s in ("sa_000000", "sa_000001")]
+    for h in holders:
+        h.acquire()
+    try:
+        outcome = run_stage(ExtractStage(), "sam-256", args, False, LocalRuntime(retry_delays=()))
+    finally:
+        for h in holders:
+            h.release()
+    assert not outcome.ok and sorted(outcome.busy) == ["latents-sa_000000", "latents-sa_000001"], outcome
+    assert "latents-sa_000000" in outcome.extra["message"]
