@@ -68,7 +68,7 @@ from pixart.buckets import bucket_table
 from pixart.config import ExtractConfig
 from pixart.features import latent_urls, text_urls
 from pixart.finish import SCALING_FACTOR, sample_posterior
-from pixart.tar_reads import ArrayPool, FeatureError, LocatedArray, TarReader, naming
+from pixart.tar_reads import READ_ERRORS, ArrayPool, FeatureError, LocatedArray, TarReader, named, naming
 from storage.commit import is_done
 from storage.layout import latents_dir
 from storage.parquet import read_rows
@@ -163,11 +163,11 @@ def _once(url: str, rows: list[dict[str, Any]]) -> None:
         raise FeatureError(f"{url}: key {key} has {n} rows in the index (one per key expected)")
 
 
-def _int(url: str, row: dict[str, Any], field: str) -> int:
-    value = row.get(field)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise FeatureError(f"{url}: sample {row['key']}: the index has no integer {field} ({value!r})")
-    return value
+def _span(url: str, row: dict[str, Any]) -> tuple[int, int]:
+    span = row["offset"], row["bytes"]
+    if type(span[0]) is not int or type(span[1]) is not int:
+        raise FeatureError(f"{url}: sample {row['key']}: the index gives no byte range ({span})")
+    return span
 
 
 def shard_entries(index: int, shard: FeatureShard) -> list[Entry]:
@@ -180,9 +180,9 @@ def shard_entries(index: int, shard: FeatureShard) -> list[Entry]:
             if r["status"] == "ok":
                 tokens = r.get("n_tokens")
                 at = r.get("array_offset")
-                direct = None if at is None else (at, _int(shard.text, r, "n_tokens"))
-                span = (_int(shard.text, r, "offset"), _int(shard.text, r, "bytes"))
-                text[r["key"]] = span, direct, tokens
+                if at is not None and type(tokens) is not int:
+                    raise FeatureError(f"{shard.text}: sample {r['key']}: the index gives no n_tokens ({tokens})")
+                text[r["key"]] = _span(shard.text, r), None if at is None else (at, tokens), tokens
     out = []
     rows = read_rows(shard.latents)
     _once(shard.latents, rows)
@@ -193,9 +193,7 @@ def shard_entries(index: int, shard: FeatureShard) -> list[Entry]:
         latent = None
         if r.get("array_offset") is not None and r.get("orig_h") is not None:
             latent = (r["array_offset"], r["orig_h"], r["orig_w"], r.get("label"))
-        out.append(Entry(index, r["key"], r["bucket"], (_int(shard.latents, r, "offset"),
-                                                         _int(shard.latents, r, "bytes")), span, direct, latent,
-                         tokens))
+        out.append(Entry(index, r["key"], r["bucket"], _span(shard.latents, r), span, direct, latent, tokens))
     return out
 
 
@@ -206,6 +204,12 @@ def _latent_shape(base_size: int, bucket: str) -> tuple[int, int, int]:
         raise ValueError(f"bucket {bucket!r} is not one of base size {base_size}'s")
     h, w = table[bucket]
     return LATENT_CHANNELS, h // VAE_FACTOR, w // VAE_FACTOR
+
+
+@functools.cache
+def _latent_limit(base_size: int, bucket: str) -> int:
+    """The longest sample range a latent of this bucket can need."""
+    return math.prod(_latent_shape(base_size, bucket)) * FEATURE_DTYPE.itemsize + RANGE_SLACK
 
 
 def _describe(shape: tuple[int, ...], fortran: bool, dtype: np.dtype) -> str:
@@ -283,24 +287,30 @@ class BucketedLoader:
         n = len(entries)
         out = _Batch(n, self.max_tokens, files.arrays)
         tars = [self._tars(e) for e in entries]
-        ranges = []
-        for e, (latent_tar, text_tar) in zip(entries, tars, strict=True):
-            shape = self._latent_shape(e)
-            with naming(latent_tar, e.key):
-                files.check_span(latent_tar, e.latent, None if shape is None else math.prod(shape) *
-                                 FEATURE_DTYPE.itemsize + RANGE_SLACK)
-            ranges.append((latent_tar, e.latent, e.key))
-            if text_tar is not None:
-                with naming(text_tar, e.key):
-                    files.check_span(text_tar, e.text)  # its bound by width once the batch's is known: _read_text
-                ranges.append((text_tar, e.text, e.key))
-        files.fetch(ranges)  # remote tars: the whole batch's ranges at once
-        for i, (e, (latent_tar, _)) in enumerate(zip(entries, tars, strict=True)):
-            with naming(latent_tar, e.key):
+        at = ["", ""]  # the (tar, key) being read: what an error names
+        try:
+            ranges = []
+            for e, (latent_tar, text_tar) in zip(entries, tars, strict=True):
+                at[:] = latent_tar, e.key
+                base = self.shards[e.shard].base_size
+                files.check_span(latent_tar, e.latent, None if base is None else _latent_limit(base, e.bucket))
+                ranges.append((latent_tar, e.latent, e.key))
+                if text_tar is not None:
+                    at[0] = text_tar
+                    files.check_span(text_tar, e.text)  # bounded by its width once the batch's is known: _read_text
+                    ranges.append((text_tar, e.text, e.key))
+            files.fetch(ranges)  # remote tars: the whole batch's ranges at once (errors name their key)
+            for i, (e, (latent_tar, _)) in enumerate(zip(entries, tars, strict=True)):
+                at[:] = latent_tar, e.key
                 self._latent_into(out, i, e, latent_tar, files)
-        text_tars = [text for _, text in tars]
-        if all(text_tars):
-            self._read_text(out, entries, text_tars, files)
+            text_tars = [text for _, text in tars]
+            if all(text_tars):
+                self._read_text(out, entries, text_tars, files, at)
+        except READ_ERRORS as err:
+            error = named(*at, err)
+            if error is err:
+                raise
+            raise error from err
         assert out.posterior is not None
         seeds = torch.tensor([self._noise_seed(e.key) for e in entries], dtype=torch.int64)
         posterior = torch.from_numpy(out.posterior)
@@ -370,7 +380,8 @@ class BucketedLoader:
                              "promise")
         return int(found.shape[1])
 
-    def _read_text(self, out: _Batch, entries: list[Entry], urls: list[str], files: TarReader) -> None:
+    def _read_text(self, out: _Batch, entries: list[Entry], urls: list[str], files: TarReader, at: list[str]
+                   ) -> None:
         """The batch's T5 rows straight from the files: into their slots of the padded [B, max_tokens, d] text
         (pad_text), or back to back into one array. Row counts come from the index; the first sample (it fixes the
         width) and samples without an array offset are located by their headers, which must agree with the index.
@@ -378,15 +389,15 @@ class BucketedLoader:
         plan: list[tuple[int, Entry, str, LocatedArray | None]] = []
         width: int | None = None
         for i, (e, url) in enumerate(zip(entries, urls, strict=True)):
-            with naming(url, e.key):
-                if i > 0 and e.text_array is not None and e.text_array[1] > 0:
-                    plan.append((min(e.text_array[1], self.max_tokens), e, url, None))
-                    continue
-                if width is not None and e.n_tokens is not None:
-                    files.check_span(url, e.text, e.n_tokens * width * FEATURE_DTYPE.itemsize + RANGE_SLACK)
-                found = files.locate_array(url, e.text, e.key, "t5.npy")
-                width = self._text_check(found, e, width)
-                plan.append((min(found.shape[0], self.max_tokens), e, url, found))
+            if i > 0 and e.text_array is not None and e.text_array[1] > 0:
+                plan.append((min(e.text_array[1], self.max_tokens), e, url, None))
+                continue
+            at[:] = url, e.key
+            if width is not None and e.n_tokens is not None:
+                files.check_span(url, e.text, e.n_tokens * width * FEATURE_DTYPE.itemsize + RANGE_SLACK)
+            found = files.locate_array(url, e.text, e.key, "t5.npy")
+            width = self._text_check(found, e, width)
+            plan.append((min(found.shape[0], self.max_tokens), e, url, found))
         assert width is not None
         counts = [n for n, *_ in plan]
         if self.pad_text:
@@ -397,16 +408,16 @@ class BucketedLoader:
             starts = np.cumsum([0, *counts]).tolist()
             dests = [rows[a:b] for a, b in zip(starts, starts[1:], strict=False)]
         for dest, (n, e, url, found) in zip(dests, plan, strict=True):
-            with naming(url, e.key):
-                if found is None and e.text_array is not None:
-                    at, stored = e.text_array
-                    if files.read_array_rows(url, at, f"{e.key}.t5.npy", dest, n, stored):
-                        continue
-                    files.check_span(url, e.text, stored * width * FEATURE_DTYPE.itemsize + RANGE_SLACK)
-                    found = files.locate_array(url, e.text, e.key, "t5.npy")
-                    self._text_check(found, e, width)
-                assert found is not None
-                found.read_into(dest)
+            at[:] = url, e.key
+            if found is None and e.text_array is not None:
+                offset, stored = e.text_array
+                if files.read_array_rows(url, offset, f"{e.key}.t5.npy", dest, n, stored):
+                    continue
+                files.check_span(url, e.text, stored * width * FEATURE_DTYPE.itemsize + RANGE_SLACK)
+                found = files.locate_array(url, e.text, e.key, "t5.npy")
+                self._text_check(found, e, width)
+            assert found is not None
+            found.read_into(dest)
         out.finish_text(counts)
 
     def iter_stream(self, worker: int = 0) -> Iterator[dict[str, Any]]:

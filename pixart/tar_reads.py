@@ -37,20 +37,31 @@ class FeatureError(PipelineError, ValueError):
     file and the key. Permanent unless it wraps an I/O error that may pass (`transient`)."""
 
 
+READ_ERRORS = (ValueError, KeyError, OSError, tarfile.TarError)  # what reading one sample can raise
+
+
+def named(url: str, key: str, err: BaseException) -> FeatureError:
+    """`err`, met reading sample `key` of `url`, as a `FeatureError` that names both (raise it `from err`)."""
+    if isinstance(err, FeatureError):
+        return err
+    text = str(err).removeprefix(f"{url}: ")
+    if not isinstance(err, ValueError):
+        text = f"{type(err).__name__}: {text}"
+    error = FeatureError(f"{url}: sample {key}: {text}")
+    error.transient = is_transient(err)
+    return error
+
+
 @contextmanager
 def naming(url: str, key: str) -> Iterator[None]:
-    """Re-raise any error reading sample `key` of `url` as a `FeatureError` that names both."""
+    """Re-raise any error reading sample `key` of `url` as a `FeatureError` that names both (`named`)."""
     try:
         yield
-    except FeatureError:
-        raise
-    except (ValueError, KeyError, OSError, tarfile.TarError) as err:
-        text = str(err).removeprefix(f"{url}: ")
-        if isinstance(err, (OSError, KeyError, tarfile.TarError)):
-            text = f"{type(err).__name__}: {text}"
-        named = FeatureError(f"{url}: sample {key}: {text}")
-        named.transient = is_transient(err)
-        raise named from err
+    except READ_ERRORS as err:
+        error = named(url, key, err)
+        if error is err:
+            raise
+        raise error from err
 
 
 class ArrayPool:
@@ -91,7 +102,7 @@ class TarReader:
 
     def __init__(self) -> None:
         self.open: dict[str, Any] = {}
-        self.sizes: dict[str, int] = {}  # local tars: their size when opened
+        self.sizes: dict[str, int] = {}  # local tars: their size when opened; remote ones: -1
         self.local: dict[str, bool] = {}
         self.fetched: dict[tuple[str, tuple[int, int]], bytes] = {}
         self.buffer = bytearray(1 << 20)
@@ -109,16 +120,19 @@ class TarReader:
         """Refuse a sample range that the tar cannot hold (a local tar's real size) or that is longer than `limit`
         (what its array can need), before anything is allocated for it. The caller names the key (`naming`)."""
         offset, length = span
+        size = self.sizes.get(tar_url)
+        if size is None:
+            if self.is_local(tar_url):
+                self._file(tar_url)  # records its size
+            size = self.sizes.setdefault(tar_url, -1)  # remote: a read returns at most what the object holds
         if offset < 0 or length <= 0:
             raise ValueError(f"the index gives the byte range {offset}+{length}")
         if limit is not None and length > limit:
             raise ValueError(f"the index gives a {length}-byte range (bytes {offset}-{offset + length}); "
                              f"the sample needs at most {limit}")
-        if self.is_local(tar_url):
-            self._file(tar_url)
-            if offset + length > self.sizes[tar_url]:
-                raise ValueError(f"the index gives bytes {offset}-{offset + length}, past the end of the tar "
-                                 f"({self.sizes[tar_url]} bytes)")
+        if offset + length > size >= 0:
+            raise ValueError(f"the index gives bytes {offset}-{offset + length}, past the end of the tar ({size} "
+                             "bytes)")
 
     def fetch(self, ranges: list[tuple[str, tuple[int, int], str]]) -> None:
         """Fetch the given (tar URL, (offset, length), key) ranges of remote tars with one fsspec `cat_ranges` call
