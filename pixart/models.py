@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import Field, field_validator
+from safetensors import SafetensorError, safe_open
 
 from pixart.encoders import ModelLoadError
 from storage.configio import StrictModel
@@ -207,13 +208,35 @@ def load_transformer(path_or_id: str, kind: Literal["pixart", "dit"], expect: di
     if wrong:
         raise ModelMismatchError(f"{path_or_id!r} does not match the expected config: {'; '.join(wrong)}")
     weights = Path(path_or_id).expanduser() / (subfolder or "")
-    if weights.is_dir() and not any(weights.glob("*.safetensors")):
+    files = sorted(weights.glob("*.safetensors")) if weights.is_dir() else []
+    if weights.is_dir() and not files:
         raise ModelLoadError(f"cannot load {cls.__name__} {path_or_id!r}: no .safetensors weights in {weights} "
                              "(pickled .bin checkpoints are never unpickled; re-save with safetensors)")
+    for f in files:  # a torn, truncated or foreign file (a git-lfs pointer) is named before diffusers reads it
+        _check_safetensors(f, cls.__name__)
+    where = ", ".join(map(str, files)) or repr(path_or_id)
     try:
-        return cls.from_pretrained(path_or_id, subfolder=subfolder, use_safetensors=True, low_cpu_mem_usage=False)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot load {cls.__name__} {path_or_id!r}: {_first_line(e)}") from None
+        model, info = cls.from_pretrained(path_or_id, subfolder=subfolder, use_safetensors=True,
+                                          low_cpu_mem_usage=False, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # RuntimeError: a tensor of another shape
+        lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()] or [type(e).__name__]
+        why = " ".join(lines[:2]) if isinstance(e, RuntimeError) else lines[0]  # the 2nd line names the tensor
+        raise ModelLoadError(f"cannot load {cls.__name__} from {where}: {why[:500]}") from None
+    if info.get("missing_keys"):  # diffusers would leave them at their random init, with a warning
+        missing = sorted(info["missing_keys"])
+        raise ModelMismatchError(f"cannot load {cls.__name__} from {where}: tensors missing: "
+                                 f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    return model
+
+
+def _check_safetensors(file: Path, what: str) -> None:
+    """The header of a safetensors file parses and fits the file's size, else a ModelLoadError naming the file."""
+    try:
+        with safe_open(str(file), "pt") as f:
+            list(f.keys())  # noqa: SIM118 - safe_open has no iterator
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load {what}: {file} is not a readable safetensors file "
+                             f"({_first_line(e)})") from None
 
 
 def _timesteps(t: torch.Tensor | int | float, x: torch.Tensor) -> torch.Tensor:

@@ -375,3 +375,32 @@ def test_corrupt_stored_conditions_are_named_or_encoded_again(features, tiny_t5_
     run_training(cfg, log=lambda m: None)  # a run starting encodes them again
     again = Conditions.load(cfg)
     assert all(torch.equal(a, b) for a, b in zip(vars(again).values(), vars(before).values(), strict=True))
+
+
+# -- pixart sample on a corrupt checkpoint: one line naming the file ---------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["torn", "git-lfs-pointer", "wrong-shape", "missing-tensor"])
+def test_sample_on_a_corrupt_safetensors_is_one_line_naming_the_file(features, cli_run, damage):
+    from safetensors.torch import load_file, save_file
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    run = f"sample-bad-{damage}"
+    assert train_cli(*cli_run(run, "schedule.max_steps=2")).exit_code == 0
+    weights = Path(checkpoint.latest(features, run)) / "ema" / WEIGHTS  # what `pixart sample` loads
+    state = load_file(str(weights))
+    first = sorted(state)[0]
+    if damage == "torn":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif damage == "git-lfs-pointer":  # a clone without git-lfs
+        weights.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 4096\n")
+    elif damage == "wrong-shape":  # readable safetensors, not this model's (was a RuntimeError traceback)
+        save_file({**state, first: torch.zeros(3, 3)}, str(weights))
+    else:  # a tensor missing: diffusers would sample with it at its random init, warning only
+        save_file({k: v for k, v in state.items() if k != first}, str(weights))
+    result = CliRunner().invoke(app, ["sample", str(Path(features) / "runs" / run), "--prompt", "a red fox",
+                                      "--steps", "1", "--out", str(Path(features) / f"{run}.png")])
+    assert_one_error_line(result, str(weights), *([first] if damage == "missing-tensor" else []))
+    assert not (Path(features) / f"{run}.png").exists()
