@@ -40,8 +40,10 @@ class ExtractConfig(StageConfig):
     t5_model: str = Field(DEFAULT_T5, description="T5 encoder id or local dir (T5EncoderModel + tokenizer).")
     vae_model: str = Field(DEFAULT_VAE, description="AutoencoderKL id or local dir.")
     max_tokens: int = Field(120, gt=0, description="T5 tokens kept per caption (PixArt-alpha: 120).")
-    clean_caption: bool = Field(False, description="Clean captions as PixArt's pipeline does (URLs, HTML, "
-                                "punctuation runs; diffusers' _clean_caption) before encoding.")
+    clean_caption: bool = Field(True, description="Clean captions before T5 as the official extractor does "
+                                "(DeepFloyd-IF clean_caption, twice: lower case; URLs, HTML, CJK, IDs and "
+                                "punctuation runs stripped), and as diffusers' PixArtAlphaPipeline cleans prompts "
+                                "by default. false encodes the raw caption (a departure from the official recipe).")
     text_batch_size: int = Field(64, gt=0, description="Captions per T5 forward pass.")
     image_batch_size: int | None = Field(
         None, gt=0, description="Images per VAE forward pass (one bucket per batch); None: 16 on a GPU, 4 on a CPU, "

@@ -262,10 +262,11 @@ def bucket_of(row: Row, cfg: ExtractConfig) -> Bucket:
 
 
 def prepare_image(row: Row, data: bytes, cfg: ExtractConfig) -> tuple[np.ndarray, dict]:
-    """Decode (JPEG at the smallest scale that still covers the bucket) and crop: (HxWx3 uint8, json fields)."""
+    """Decode in full (with `jpeg_draft`, a JPEG at the smallest DCT scale that still covers the bucket) and crop:
+    (HxWx3 uint8, json fields)."""
     bucket = bucket_of(row, cfg)
     crop = bucket.crop(row["height"], row["width"])
-    need = math.ceil(min(row["height"], row["width"]) * crop.resized[0] / row["height"])
+    need = math.ceil(min(row["height"], row["width"]) * crop.resized[0] / row["height"]) if cfg.jpeg_draft else None
     image = decode_image(data, max_pixels=cfg.decode.max_pixels, max_decoded_bytes=cfg.decode.max_decoded_bytes,
                          min_side=need)
     pixels = np.asarray(apply_crop(image, crop), dtype=np.uint8)

@@ -30,8 +30,8 @@ def load_npy(data: bytes) -> np.ndarray:
 
 def test_text_features_store_only_the_valid_tokens(captioned, tiny_t5_encoder):
     cfg = ExtractConfig(dataset="sam", what="text", caption_set="tiny", output_root=captioned,
-                        t5_model=tiny_t5_encoder,
-                        text_batch_size=3)
+                        t5_model=tiny_t5_encoder, text_batch_size=3,
+                        clean_caption=False)  # raw captions: compared with T5 on the raw text below
     encoder = TextEncoder(tiny_t5_encoder)
     caps = caption_url(captioned, "sam", "tiny", "sa_000000")
     result = extract_text_shard(caps, cfg, encoder)
@@ -224,7 +224,6 @@ def test_caption_cleaning_as_pixart_does_before_encoding(captioned, tiny_t5_enco
         meta = json.loads(got[f"{r['key']}.json"])
         assert meta["caption"] == r["text"] and meta["encoded_text"] == clean_caption(r["text"])
         assert_same_encoding(load_npy(got[f"{r['key']}.t5.npy"]), encoder.encode([meta["encoded_text"]])[0])
-    extract_text_shard(caps, cfg.model_copy(update={"clean_caption": False}), encoder)  # as other tests expect
 
 
 def test_ray_data_path_writes_the_same_features_as_the_local_one(captioned, tiny_t5_encoder, tiny_vae):
@@ -275,3 +274,53 @@ def test_ray_data_path_writes_the_same_features_as_the_local_one(captioned, tiny
         assert all(lat[k] == local_latents[name][k] for k in lat if k.endswith(".json"))
         index = read_rows(latent_urls(latent_cfg, name)[1])
         assert [r["status"] for r in index] == ["ok"] * 4
+
+
+def test_latent_images_are_decoded_in_full_unless_jpeg_draft_is_asked_for():
+    """The official transform decodes the whole JPEG; the reduced-scale decode is an opt-in speed setting."""
+    from pixart.buckets import apply_crop, fixed_bucket
+    from pixart.features import prepare_image
+    from storage.decode import decode_image
+    from storage.samples import jpeg_bytes, load_photo
+
+    photo = load_photo("astronaut").resize((1350, 900))
+    data = jpeg_bytes(photo)
+    row = {"key": "k", "height": 900, "width": 1350}
+    cfg = ExtractConfig(dataset="sam", what="latents", base_size=256, output_root="/unused")
+    full = np.asarray(apply_crop(decode_image(data), fixed_bucket(256).crop(900, 1350)))
+    pixels, meta = prepare_image(row, data, cfg)
+    assert meta["resized_hw"] == [256, 384] and np.array_equal(pixels, full)
+    drafted, _ = prepare_image(row, data, cfg.model_copy(update={"jpeg_draft": True}))
+    diff = np.abs(drafted.astype(int) - full.astype(int))
+    assert drafted.shape == full.shape and 0 < diff.mean() < 3  # decoded at half scale: close, not equal
+
+
+# Hostile captions and what the official cleaning (DeepFloyd-IF clean_caption, applied twice by PixArt's T5 extractor
+# and by diffusers' PixArtAlphaPipeline) makes of them: URLs, HTML and entities, CJK, IDs and file names go, case
+# folds, runs of dots collapse; emoji and the ";;;;" run stay, as the official regexes leave them.
+HOSTILE_CAPTIONS = {
+    "A CAT on https://x.org/a.jpg <b>sofa</b>": "a cat on sofa",
+    "Photo of a dog!!!!!! :) #cute @user www.example.com/page?x=1": "photo of a dog!!!!!! : cute ?x=1",
+    "一只猫 sitting on a 桌子, 4k wallpaper": "sitting on a , 4k wallpaper",
+    "Sunset 🌅 over the sea 🌊 — beautiful “quotes” and ‘single’":
+        "sunset 🌅 over the sea 🌊 - beautiful \"quotes\" and 'single",
+    "<p>An <i>oil</i> painting</p> &amp; more &quot;text&quot;": "an oil painting more \"text\"",
+    "Describe... this.... image;;;; -- with   runs   of spaces": "describe this image;;;; - with runs of spaces",
+    "IMG_1234.JPG shot on iPhone 12 1920x1080 free download": "shot on iphone 12",
+    "a woman\nwith\ttabs and newlines": "a woman with tabs and newlines",
+}
+
+
+def test_captions_are_cleaned_by_default_as_training_and_inference_clean_them():
+    from types import SimpleNamespace
+
+    from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import PixArtAlphaPipeline
+
+    from pixart.features import clean_caption
+
+    assert ExtractConfig(dataset="sam", caption_set="x", output_root="/unused").clean_caption is True
+    # What the exported pipeline does to a prompt (encode_prompt -> _text_preprocessing(clean_caption=True)).
+    pipe = SimpleNamespace(_clean_caption=lambda t: PixArtAlphaPipeline._clean_caption(PixArtAlphaPipeline, t))
+    for raw, want in HOSTILE_CAPTIONS.items():
+        assert clean_caption(raw) == want, raw
+        assert PixArtAlphaPipeline._text_preprocessing(pipe, raw, clean_caption=True) == [want], raw
