@@ -100,7 +100,7 @@ def extract(
                                                               "nothing.")] = False,
 ) -> None:
     """T5 text features and VAE latents into <output_root>/features/<dataset>/ (webdataset tars + parquet index)."""
-    from flows.extract_stage import ExtractStage, estimate_run
+    from flows.extract_stage import ExtractStage, estimate_run, feature_counts
     from storage.configio import load_config
 
     if estimate:
@@ -117,7 +117,7 @@ def extract(
         return
     out = _run(ExtractStage(), config, overrides or [], force)
     typer.echo(f"{out['dataset']}: {out['all_shards']} shards, {out['committed']} already committed, "
-               f"{out['to_run']} to run, {out['num_ok']} feature samples, {out['num_error']} error rows")
+               f"{out['to_run']} to run, {feature_counts(out['ok_by_kind'])}, {out['num_error']} error rows")
 
 
 @app.command(epilog="Config keys (override with key=value):\n\n" + "\n\n".join(_config_keys(TrainConfig)))
@@ -258,7 +258,7 @@ def demo(
     T5 encoder and VAE."""
     from captioning.tiny import make_tiny_llava, make_tiny_t5_tokenizer
     from flows.caption_stage import CaptionStage
-    from flows.extract_stage import ExtractStage
+    from flows.extract_stage import ExtractStage, feature_counts
     from flows.ingest_stage import IngestStage
     from storage.manifest import read_dataset
     from storage.samples import build_samples
@@ -303,7 +303,7 @@ def demo(
                    f"rows, exactly-once {'verified' if res['exactly_once'] else 'NOT verified'}")
     typer.echo(f"features under {out}/features (bucket histogram: buckets.png beside the latents):")
     for preset, res in features.items():
-        typer.echo(f"  {preset:<13} {res['num_ok']} samples, {res['num_error']} error rows")
+        typer.echo(f"  {preset:<13} {feature_counts(res['ok_by_kind'])}, {res['num_error']} error rows")
     typer.echo(f"training runs under {out}/runs (metrics.jsonl, loss.png, samples/, checkpoints/):")
     for name, res in trained.items():
         typer.echo(f"  {name:<11} {res['steps']} steps, final loss {res['final_loss']:.4f}")

@@ -103,10 +103,21 @@ class ExtractStage(Stage):
             runtime.table(f"extract-{cfg.dataset}-buckets".lower(),
                           [r for r in table.to_pylist() if r["count"]], f"bucket histogram, {title}")
             outcome.extra.update(extra)
+        kinds: dict[str, int] = {}  # a `both` run counts each image twice (text and latents): say which is which
+        for r in outcome.results:
+            kind = r["stage"].removeprefix("extract-")
+            kinds[kind] = kinds.get(kind, 0) + r["num_ok"]
+        outcome.extra["ok_by_kind"] = kinds
         c = outcome.counts()
         if not outcome.ok:
             return failure_message(outcome)
-        return f"{c['num_ok']} feature samples, {c['num_error']} error rows"
+        return f"{feature_counts(kinds)}, {c['num_error']} error rows"
+
+
+def feature_counts(kinds: dict[str, int]) -> str:
+    """'8 text, 8 latents samples' from {"text": 8, "latents": 8}."""
+    return ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items(), reverse=True)) + " samples" if kinds else \
+        "0 samples"
 
 
 def histogram(cfg: ExtractConfig):

@@ -172,7 +172,9 @@ def test_extract_command_estimates_runs_and_skips(captioned, tiny_t5_encoder, ti
     assert "sam: 8 images, 8 captions; per sample" in est.stdout and "of the official fp32 padded layout" in est.stdout
     first = run_cli("sam-1024", *models, "what=latents")  # 1024-ms latents: no other test writes them
     assert first.returncode == 0, first.stderr
-    assert "sam: 2 shards, 0 already committed, 2 to run, 8 feature samples, 0 error rows" in first.stdout
+    assert "sam: 2 shards, 0 already committed, 2 to run, 8 latents samples, 0 error rows" in first.stdout
+    both = run_cli("sam-256", *models)  # text and latents of the same 8 images: counted apart, not as 16
+    assert both.returncode == 0 and ", 8 text, 8 latents samples, 0 error rows" in both.stdout, both.stdout
     again = run_cli("sam-1024", *models, "what=latents")
     assert again.returncode == 0 and "sam: 2 shards, 2 already committed, 0 to run" in again.stdout, again.stdout
     out = os.path.join(captioned, "features", "sam", "latents", "1024-ms")
