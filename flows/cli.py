@@ -124,20 +124,32 @@ def extract(
 def train(
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. data.caption_set=<name>")]
     = None,
-    stage: Annotated[int | None, typer.Option(help="1, 2 or 3: the stage's preset (stage1, stage2, stage3-512) when "
-                                                   "--config is not given.")] = None,
-    config: Annotated[str | None, typer.Option(help="Preset under configs/train/ (stage1, stage2, stage3-512, "
-                                                    "stage3-1024, tiny-stage1..3) or a YAML path.")] = None,
-    init: Annotated[str | None, typer.Option(help="Previous stage's export or checkpoint, or a DiT (stage 2).")]
+    stage: Annotated[int | None, typer.Option(help="1, 2 or 3: the stage's preset (stage1, stage2; stage 3 with "
+                                                   "--step) when --config is not given.")] = None,
+    step: Annotated[str | None, typer.Option(help="Stage 3's step, each its own run from the previous one's "
+                                                  "weights, in this order: hq256 (stage3-256: 90K steps at 256, "
+                                                  "from stage 2), hq512 (stage3-512: 100K at 512), ms1024 "
+                                                  "(stage3-1024: 16K at 1024 multi-scale).")] = None,
+    config: Annotated[str | None, typer.Option(help="Preset under configs/train/ (stage1, stage2, stage3-256, "
+                                                    "stage3-512, stage3-1024, tiny-stage1..3) or a YAML path.")]
+    = None,
+    init: Annotated[str | None, typer.Option(help="Previous stage's run directory (its latest committed "
+                                                  "checkpoint), checkpoint or export, or a DiT (stage 2); "
+                                                  "init_weights=model|ema picks the checkpoint's weights.")]
     = None,
 ) -> None:
-    """Train one PixArt-alpha stage (locally, or on Ray Train with executor=ray); a re-run resumes the run."""
-    from flows.train_stage import load_train_config, run_training
+    """Train one PixArt-alpha stage (locally, or on Ray Train with executor=ray); a re-run resumes the run. Stage 3
+    is three steps, named with --step: `--stage 3` alone is refused, listing them."""
+    from flows.train_stage import load_train_config, run_training, stage_preset
 
     if config is None and stage not in (1, 2, 3):
-        _fail("give --stage 1|2|3 or --config <preset or YAML>")
-    config = config or {1: "stage1", 2: "stage2", 3: "stage3-512"}[stage]
-    extra = [*(overrides or []), *([f"stage={stage}"] if stage is not None else [])]
+        _fail("give --stage 1|2|3 (stage 3 with --step hq256|hq512|ms1024) or --config <preset or YAML>")
+    try:
+        config = config or stage_preset(stage, step)
+    except PipelineError as e:
+        _fail(str(e))
+    extra = [*(overrides or []), *([f"stage={stage}"] if stage is not None else []),
+             *([f"stage_step={step}"] if step is not None else [])]
     try:
         cfg = load_train_config(config, extra, init)
         summary = run_training(cfg, log=typer.echo, progress=lambda m: typer.echo(
@@ -148,7 +160,8 @@ def train(
     except OSError as e:  # a full disk or a lost mount outside a checkpoint save (metrics, samples)
         _fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
     typer.echo(f"{summary['run']}: {summary['steps']} steps, final loss {summary['final_loss']}, "
-               f"{summary['gpu_hours']:.3f} GPU-hours (paper stage {summary['stage']}: "
+               f"{summary['gpu_hours']:.3f} GPU-hours (paper stage {summary['stage']}"
+               f"{' ' + summary['stage_step'] if summary.get('stage_step') else ''}: "
                f"{summary['paper_v100_days']} V100-days)")
 
 
@@ -158,7 +171,7 @@ def _checkpoint_of(path: str) -> str:
 
     p = Path(path)
     if (p / "checkpoints").is_dir():
-        found = checkpoint.list_checkpoints(str(p.parent.parent), p.name)
+        found = checkpoint.run_checkpoints(str(p))
         if not found:
             _fail(f"run {path} has no committed checkpoint yet")
         return found[-1][1]
@@ -251,7 +264,8 @@ def demo(
     vae: Annotated[str | None, typer.Option(help="AutoencoderKL id or dir; default: a tiny one.")] = None,
 ) -> None:
     """Sample SA-1B, JourneyDB and ImageNet shards from real photos -> manifests -> LLaVA captions -> T5 features and
-    VAE latents (256 px, and 1024 px in aspect-ratio buckets) -> the three training stages on tiny models -> export.
+    VAE latents (256 and 512 px, and 1024 px in aspect-ratio buckets) -> the three training stages on tiny models
+    (stage 3 in its three steps, hq256 -> hq512 -> ms1024) -> export.
 
     Without --caption-model the captions come from a tiny random LLaVA built on the spot (no downloads), so
     they are noise: the demo shows the pipeline and its outputs, not caption quality. The same holds for the tiny
@@ -286,10 +300,12 @@ def demo(
     vae_model = vae or make_tiny_vae(root / "models" / "tiny-vae")
     features = {}
     models = [f"output_root={out}", f"t5_model={t5_model}", f"vae_model={vae_model}"]
-    for preset, extra in (("sam-256", [f"caption_set={captions['sam']['caption_set']}"]),
-                          ("sam-1024", [f"caption_set={captions['sam']['caption_set']}", "what=latents"]),
-                          ("imagenet-256", [])):
-        features[preset] = _run(ExtractStage(), preset, [*models, *extra], force=True)
+    sam_set = f"caption_set={captions['sam']['caption_set']}"
+    for name, preset, extra in (("sam-256", "sam-256", [sam_set]),
+                                ("sam-512", "sam-256", [sam_set, "what=latents", "base_size=512"]),  # stage 3 hq512
+                                ("sam-1024", "sam-1024", [sam_set, "what=latents"]),
+                                ("imagenet-256", "imagenet-256", [])):
+        features[name] = _run(ExtractStage(), preset, [*models, *extra], force=True)
     trained = _demo_training(out, captions["sam"]["caption_set"], t5_model, vae_model)
     typer.echo(f"\nmanifests under {out}/manifests:")
     for dataset in runs:
@@ -306,28 +322,39 @@ def demo(
         typer.echo(f"  {preset:<13} {feature_counts(res['ok_by_kind'])}, {res['num_error']} error rows")
     typer.echo(f"training runs under {out}/runs (metrics.jsonl, loss.png, samples/, checkpoints/):")
     for name, res in trained.items():
-        typer.echo(f"  {name:<11} {res['steps']} steps, final loss {res['final_loss']:.4f}")
+        typer.echo(f"  {name:<14} {res['steps']} steps, final loss {res['final_loss']:.4f}")
     typer.echo(f"export (PixArtAlphaPipeline.from_pretrained): {out}/export")
 
 
 def _demo_training(out: str, caption_set: str, t5_model: str, vae_model: str) -> dict:
-    """The three stages on tiny models: a class-conditional DiT on ImageNet latents; PixArt at 256 re-parameterised
-    from it; PixArt-MS at 1024 in aspect-ratio buckets from that; then the export."""
+    """The training chain of the full presets on tiny models, each run started from the previous run's directory
+    (its latest checkpoint, trained weights): a class-conditional DiT on ImageNet latents (stage 1); PixArt at 256
+    re-parameterised from it (stage 2); stage 3's three steps, hq256 at 256, hq512 at 512 and ms1024 (PixArt-MS at
+    1024 in aspect-ratio buckets), on the SAM features (the demo extracts no JourneyDB features); then the
+    export."""
     from flows.train_stage import load_train_config, run_training
     from pixart import checkpoint
     from pixart.export import export as export_checkpoint
+    from storage.layout import run_dir
 
     common = [f"output_root={out}", f"t5_model={t5_model}", f"vae_model={vae_model}"]
     text = [f"data.caption_set={caption_set}"]
-    stages = {"stage 1": ("tiny-stage1", "demo-stage1", [], None),
-              "stage 2": ("tiny-stage2", "demo-stage2", text, "demo-stage1"),
-              "stage 3": ("tiny-stage3", "demo-stage3", [*text, "data.base_size=1024"], "demo-stage2")}
-    results = {}
-    for name, (preset, run, extra, previous) in stages.items():
-        init = checkpoint.latest(out, previous) if previous else None
-        cfg = load_train_config(preset, [*common, *extra, f"run={run}"], init)
+
+    def single(size: int) -> list[str]:
+        return [f"data.base_size={size}", "data.multi_scale=false", "model.multi_scale=false"]
+
+    stages = {"stage 1": ("tiny-stage1", "demo-stage1", []),
+              "stage 2": ("tiny-stage2", "demo-stage2", text),
+              "stage 3 hq256": ("tiny-stage3", "demo-stage3-hq256", [*text, "stage_step=hq256", *single(256)]),
+              "stage 3 hq512": ("tiny-stage3", "demo-stage3-hq512", [*text, "stage_step=hq512", *single(512)]),
+              "stage 3 ms1024": ("tiny-stage3", "demo-stage3-ms1024", [*text, "stage_step=ms1024",
+                                                                       "data.base_size=1024"])}
+    results, previous = {}, None
+    for name, (preset, run, extra) in stages.items():
+        cfg = load_train_config(preset, [*common, *extra, f"run={run}"], run_dir(out, previous) if previous else None)
         results[name] = run_training(cfg, log=lambda m: None)
-    export_checkpoint(checkpoint.latest(out, "demo-stage3"), f"{out}/export", force=True)
+        previous = run
+    export_checkpoint(checkpoint.latest(out, previous), f"{out}/export", force=True)
     return results
 
 

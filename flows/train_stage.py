@@ -17,9 +17,9 @@ from typing import Any
 
 from pixart.monitor import metrics_url
 from pixart.prepare import check_run, prepare_conditions, write_config
-from pixart.train_config import TrainConfig
+from pixart.train_config import STAGE_PRESETS, TrainConfig
 from storage.configio import load_config
-from storage.errors import PipelineError, ShardBusyError
+from storage.errors import ConfigError, PipelineError, ShardBusyError
 from storage.layout import run_dir
 from storage.lease import Lease
 from storage.urls import join, open_url
@@ -27,6 +27,22 @@ from storage.urls import join, open_url
 
 class RunBusyError(PipelineError):
     """Another live process is running a run of the same name."""
+
+
+def stage_preset(stage: int | None, step: str | None = None) -> str:
+    """The preset of `pixart train --stage N [--step S]` (`STAGE_PRESETS`). Stage 3 is three runs, each from the
+    one before, so it must name its step; stages 1 and 2 have none."""
+    steps = ", ".join(f"{s} ({p})" for (n, s), p in STAGE_PRESETS.items() if n == 3)
+    if stage == 3 and step is None:
+        raise ConfigError(f"stage 3 is three steps, each its own run from the previous one's weights: give --step, "
+                          f"one of {steps}, in that order")
+    if stage in (1, 2) and step is not None:
+        raise ConfigError(f"--step {step}: only stage 3 has steps ({steps}); stage {stage} has none")
+    preset = STAGE_PRESETS.get((stage, step)) if stage is not None else None
+    if preset is None:
+        raise ConfigError(f"no preset for --stage {stage}{f' --step {step}' if step else ''}: give --stage 1|2, or "
+                          f"--stage 3 --step with one of {steps}")
+    return preset
 
 
 def load_train_config(config: str, overrides: list[str] | None = None, init: str | None = None) -> TrainConfig:

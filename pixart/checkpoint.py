@@ -44,15 +44,21 @@ def checkpoints_url(root: str, run: str) -> str:
 
 def list_checkpoints(root: str, run: str) -> list[tuple[int, str]]:
     """Committed checkpoints of a run as (step, url), oldest first."""
-    fs, path = filesystem(checkpoints_url(root, run))
+    return [(step, checkpoint_url(root, run, step)) for step, _ in run_checkpoints(run_dir(root, run))]
+
+
+def run_checkpoints(run_url: str) -> list[tuple[int, str]]:
+    """Committed checkpoints under a run directory (`<root>/runs/<run>`, or a copy of one anywhere) as (step, url),
+    oldest first."""
+    url = join(run_url.rstrip("/"), "checkpoints")
+    fs, path = filesystem(url)
     if not fs.exists(path):
         return []
     out = []
     for p in fs.ls(path, detail=False):
         name = p.rstrip("/").rsplit("/", 1)[-1]
         if name.startswith("step-") and name.endswith(DONE_SUFFIX):
-            step = int(name[len("step-"):-len(DONE_SUFFIX)])
-            out.append((step, checkpoint_url(root, run, step)))
+            out.append((int(name[len("step-"):-len(DONE_SUFFIX)]), join(url, name[:-len(DONE_SUFFIX)])))
     return sorted(out)
 
 

@@ -22,8 +22,8 @@ from storage.commit import write_atomic
 from storage.layout import run_dir
 from storage.urls import exists, join, open_url
 
-# Paper Table 4: V100-days per stage (stage 3 = HQ 256 + 512 + 1024 multi-scale)
-PAPER_V100_DAYS = {1: 88, 2: 672, 3: 416 + 320 + 160}
+# Paper Table 4: V100-days per stage, and per step of stage 3 (the whole stage 3: HQ 256 + 512 + 1024 multi-scale)
+PAPER_V100_DAYS = {1: 88, 2: 672, 3: 416 + 320 + 160, "hq256": 416, "hq512": 320, "ms1024": 160}
 
 
 def metrics_url(root: str, run: str) -> str:
@@ -46,20 +46,23 @@ class MetricsLog:
     def flush(self) -> None:
         write_atomic(self.url, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rows).encode())
 
-    def finish(self, stage: int) -> dict[str, Any]:
+    def finish(self, stage: int, stage_step: str | None = None) -> dict[str, Any]:
         self.flush()
         write_atomic(join(run_dir(self.root, self.run), "loss.png"), loss_curve_png(self.rows))
-        summary = cost_summary(self.rows, stage)
+        summary = cost_summary(self.rows, stage, stage_step)
         write_atomic(join(run_dir(self.root, self.run), "summary.json"), json.dumps(summary, indent=1).encode())
         return summary
 
 
-def cost_summary(rows: list[dict[str, Any]], stage: int) -> dict[str, Any]:
+def cost_summary(rows: list[dict[str, Any]], stage: int, stage_step: str | None = None) -> dict[str, Any]:
+    """The run's cost next to the paper's for its stage (or, in stage 3, its step)."""
     last = rows[-1] if rows else {}
+    paper = PAPER_V100_DAYS[stage_step or stage]
     rates = [r["samples_per_s"] for r in rows[len(rows) // 10:]] if rows else []  # skip warm-up steps
-    return {"stage": stage, "steps": last.get("step", 0), "gpu_hours": last.get("gpu_hours", 0.0),
-            "final_loss": last.get("loss"), "mean_samples_per_s": sum(rates) / len(rates) if rates else None,
-            "paper_v100_days": PAPER_V100_DAYS[stage], "paper_v100_hours": PAPER_V100_DAYS[stage] * 24}
+    return {"stage": stage, "stage_step": stage_step, "steps": last.get("step", 0),
+            "gpu_hours": last.get("gpu_hours", 0.0), "final_loss": last.get("loss"),
+            "mean_samples_per_s": sum(rates) / len(rates) if rates else None,
+            "paper_v100_days": paper, "paper_v100_hours": paper * 24}
 
 
 def loss_curve_png(rows: list[dict[str, Any]], width: int = 640, height: int = 360) -> bytes:

@@ -55,4 +55,4 @@ def train_worker(cfg: TrainConfig, rank: int = 0, world_size: int = 1, *, device
     save_samples(trainer, trainer.step)
     if log is None:
         return last
-    return {**log.finish(cfg.stage), "run": cfg.run}
+    return {**log.finish(cfg.stage, cfg.stage_step), "run": cfg.run}

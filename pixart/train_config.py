@@ -1,5 +1,10 @@
-"""Config of the training stages. Presets live in `configs/train/` (stage1, stage2, stage3-512, stage3-1024 and
-tiny variants); any key can be overridden with `key=value`.
+"""Config of the training stages. Presets live in `configs/train/` (stage1, stage2, and stage 3's three steps
+stage3-256, stage3-512, stage3-1024, plus tiny variants); any key can be overridden with `key=value`.
+
+Stage 3 is three steps (paper Table 4), each its own run initialised from the one before: hq256 (90K steps at 256
+on the high-aesthetics data, from stage 2; the official PixArt_xl2_img256_internal), hq512 (100K steps at 512) and
+ms1024 (16K steps at 1024 multi-scale). A stage-3 config names its step (`stage_step`), so none is skipped silently:
+`pixart train --stage 3` needs `--step hq256|hq512|ms1024` (`STAGE_PRESETS`).
 
 Learning rate and batch size. PixArt-alpha's configs write lr 2e-5 and inherit `auto_lr = dict(rule="sqrt")`,
 which multiplies it by sqrt(global_batch / 256) before building the optimizer (176 x 64 GPUs: x6.6, ~1.3e-4); the
@@ -19,6 +24,15 @@ from storage.configio import StrictModel
 
 DEFAULT_T5 = "DeepFloyd/t5-v1_1-xxl"
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
+
+
+# Stage 3's steps in the paper's order: the resolution each trains at and whether it must be multi-scale
+# (hq256 and hq512 may also run multi-scale, as the official *_internalms configs do; ms1024 must).
+STAGE3_STEPS: dict[str, tuple[int, bool]] = {"hq256": (256, False), "hq512": (512, False), "ms1024": (1024, True)}
+# `pixart train --stage N [--step S]` -> preset under configs/train/
+STAGE_PRESETS: dict[tuple[int, str | None], str] = {(1, None): "stage1", (2, None): "stage2",
+                                                    (3, "hq256"): "stage3-256", (3, "hq512"): "stage3-512",
+                                                    (3, "ms1024"): "stage3-1024"}
 
 
 class DataConfig(StrictModel):
@@ -70,6 +84,14 @@ class ScheduleConfig(StrictModel):
     cfg_scale: float = Field(4.5, ge=1, description="Classifier-free guidance scale of the sample grids.")
 
 
+class LossConfig(StrictModel):
+    """The IDDPM hybrid loss (pixart/diffusion.py)."""
+
+    decoder_cdf: Literal["tanh", "exact"] = Field(
+        "tanh", description="Normal CDF of the t = 0 decoder term (the discretised Gaussian likelihood): tanh, the "
+        "official code's approximation (default); exact, the true CDF, which moves the t = 0 VB term by 0.5-1 %.")
+
+
 class RayTrainConfig(StrictModel):
     """Ray Train execution (the `train` flow and `pixart train executor=ray`)."""
 
@@ -89,16 +111,26 @@ class RayTrainConfig(StrictModel):
 
 class TrainConfig(StageConfig):
     """One training stage: PixArt-alpha stage 1 (class-conditional DiT on ImageNet), 2 (text-image alignment on
-    SAM) or 3 (high aesthetics at 512, then 1024 multi-scale). Outputs go to `<output_root>/runs/<run>/`."""
+    SAM) or one step of 3 (high aesthetics at 256, then 512, then 1024 multi-scale). Outputs go to
+    `<output_root>/runs/<run>/`."""
 
     stage: Literal[1, 2, 3] = Field(description="1: DiT on ImageNet classes; 2 and 3: PixArt on T5 features.")
+    stage_step: Literal["hq256", "hq512", "ms1024"] | None = Field(
+        None, description="Stage 3's step (required there, empty for stages 1 and 2), run in this order, each from "
+        "the previous one's weights: hq256 (90K steps at 256, from stage 2), hq512 (100K at 512), ms1024 (16K at "
+        "1024 multi-scale). It must agree with data.base_size (and ms1024 with data.multi_scale).")
     run: str = Field(description="Run name: runs/<run>/ under output_root. A re-run of the same name resumes.")
     model: ModelConfig
     data: DataConfig
     init: str | None = Field(None, description="Start from: a run's checkpoint dir, an export, a diffusers "
                              "transformer dir or id, or (stage 2) a DiT to re-parameterise. None: random init.")
     init_kind: Literal["auto", "checkpoint", "pixart", "dit"] = Field(
-        "auto", description="How to read init; auto: a checkpoint if it holds trainer.json, else by its config.")
+        "auto", description="How to read init; auto: a checkpoint if it holds trainer.json, a run directory "
+        "(runs/<run>) as its latest committed checkpoint, else by its config.")
+    init_weights: Literal["model", "ema"] = Field(
+        "model", description="Which weights of an init checkpoint start this stage: model (the trained weights, "
+        "as the official load_from does) or ema. An export holds one of the two (its pixart_export.json says "
+        "which): it must be the one named here. The run's log and trainer.json name the files loaded.")
     reparam_t: int = Field(500, ge=0, lt=1000, description="DiT -> PixArt re-param matching timestep (paper: 500).")
     caption_dropout: float = Field(0.1, ge=0, lt=1, description="Share of captions (stage 1: labels) replaced by "
                                    "the null caption (class) for classifier-free guidance.")
@@ -110,6 +142,7 @@ class TrainConfig(StageConfig):
                                                                "on CPU.")
     executor: Literal["local", "ray"] = Field("local", description="local: this process; ray: Ray Train workers.")
     optim: OptimConfig = Field(default_factory=OptimConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
     schedule: ScheduleConfig
     ray: RayTrainConfig = Field(default_factory=RayTrainConfig)
 
@@ -128,6 +161,17 @@ class TrainConfig(StageConfig):
             raise ValueError("stage 1 trains on class labels: leave data.caption_set empty")
         if self.stage > 1 and not self.data.caption_set:
             raise ValueError(f"stage {self.stage} needs data.caption_set (the T5 features of a caption set)")
+        if self.stage == 3 and self.stage_step is None:
+            raise ValueError("stage 3 is three steps: set stage_step to hq256 (256 px, from stage 2), hq512 (512 px) "
+                             "or ms1024 (1024 multi-scale); presets stage3-256, stage3-512, stage3-1024")
+        if self.stage != 3 and self.stage_step is not None:
+            raise ValueError(f"stage_step={self.stage_step} is a step of stage 3; stage {self.stage} has none")
+        if self.stage_step is not None:
+            size, multi_scale = STAGE3_STEPS[self.stage_step]
+            if self.data.base_size != size or (multi_scale and not self.data.multi_scale):
+                what = f"{size}{' multi-scale' if multi_scale else ''}"
+                raise ValueError(f"stage_step={self.stage_step} trains at {what}, but data.base_size="
+                                 f"{self.data.base_size}, data.multi_scale={self.data.multi_scale}")
         if self.model.multi_scale != self.data.multi_scale:
             raise ValueError(f"model.multi_scale={self.model.multi_scale} but data.multi_scale="
                              f"{self.data.multi_scale}: multi-scale latents need the micro-condition embedders")
