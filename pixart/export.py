@@ -15,7 +15,8 @@ Only committed checkpoints (with their .done marker) are exported. The directory
 sibling, its transformer (and bundled VAE) loaded back in full there (readable safetensors, exactly the tensors
 its config describes, finite: `pixart.weights.check_model_dir`), and only then renamed into place, so a reader
 sees no export or a whole one that loads; an existing export of something else is replaced only with force
-(`--force`; a directory that is not an export never). The trainer takes an export as `init`.
+(`--force`; a directory that is not an export never). The trainer takes an export as `init` when its weights are
+the run's `init_weights` (pixart_export.json's `weights`: ema, or transformer for the trained weights).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 1. `check_run`: everything that can be checked without building a model, before anything of the run is written:
    the features exist and agree with the stage preset (latent size = resolution / 8, T5 width = the model's
    caption channels, a class label on every sample for stage 1), every worker gets a full batch per epoch, and
-   the init exists with readable safetensors headers; else a clear error;
+   the init exists (a run directory: a committed checkpoint), holds the weights `init_weights` names, with
+   readable safetensors headers; else a clear error;
 2. the null caption and the sample prompts are encoded with the run's T5 (pixart/conditions.py), whose width must
    be the features' width (the same T5 made them); with executor=ray this step runs in a Ray task instead
    (flows/_ray_train.py), so the driver never loads T5;

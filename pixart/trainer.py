@@ -2,14 +2,16 @@
 
     prepare_run(cfg)                          # once, on the driver: checks features, encodes the null caption
     trainer = Trainer(cfg, rank, world_size)  # model (init or re-param), AdamW, warm-up, EMA, loader
-    trainer.resume()                          # from the run's latest checkpoint, if there is one
+    trainer.resume(log=print)                 # from the run's latest checkpoint, if there is one; else says
+                                              # which weights of cfg.init (init_weights) started it
     for metrics in trainer.fit(): ...         # steps up to schedule.max_steps; checkpoints, samples, metrics
 
 One step: latents and padded T5 from the loader (with data.finish=device the posterior is sampled and the T5 rows
 padded here, on the training device), t ~ U{0..999}, noise, q_sample, the model, the IDDPM hybrid loss
-(pixart/diffusion.py), backward, clip at 0.01, AdamW, warm-up schedule, EMA. Stage 1 drops 10 % of the
-labels to the null class 1000; stages 2-3 drop 10 % of the captions to the null caption (T5("") and its mask,
-what diffusers' PixArtAlphaPipeline uses as the negative prompt, so guidance at sampling matches training).
+(pixart/diffusion.py; loss.decoder_cdf picks the t = 0 term's normal CDF), backward, clip at 0.01, AdamW, warm-up
+schedule, EMA. Stage 1 drops 10 % of the labels to the null class 1000; stages 2-3 drop 10 % of the captions to the
+null caption (T5("") and its mask, what diffusers' PixArtAlphaPipeline uses as the negative prompt, so guidance at
+sampling matches training).
 
 Determinism. Everything random in a step (t, noise, dropout) comes from a generator seeded by (seed, step, rank),
 and the loader's batch for (step, rank) is fixed by its plan, so a run stopped and resumed from a checkpoint
@@ -44,7 +46,7 @@ from pixart.finish import pad_text, sample_posterior
 from pixart.models import build_dit, build_pixart, dit_forward, init_like_pixart, pixart_forward
 from pixart.prefetch import Prefetch
 from pixart.train_config import TrainConfig
-from pixart.weights import load_init, load_weights
+from pixart.weights import InitSource, load_init, load_weights
 from storage.configio import config_hash, dump_yaml
 from storage.errors import ConfigError, PipelineError
 
@@ -95,6 +97,8 @@ class Trainer:
         if cfg.stage > 1 and self.conditions is None:
             raise PipelineError(f"run {cfg.run}: no null caption / sample prompts encoded by {cfg.t5_model} "
                                 "(runs/<run>/conditions.safetensors); prepare_run(cfg) writes them before training")
+        self.init_source: InitSource | None = None  # where cfg.init's weights came from (set by _build)
+        self.init_record: dict[str, Any] | None = None  # the same for trainer.json (a resume keeps the checkpoint's)
         self.model = self._init_model().to(self.device).train()
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval() if cfg.optim.ema_decay else None
         self.model_cls = type(self.model)  # before sharding, which swaps in a subclass
@@ -112,7 +116,7 @@ class Trainer:
         from diffusers.optimization import get_constant_schedule_with_warmup
 
         self.scheduler = get_constant_schedule_with_warmup(self.optimizer, cfg.optim.warmup_steps)
-        self.diffusion = IDDPM()
+        self.diffusion = IDDPM(decoder_cdf=cfg.loss.decoder_cdf)
         self.step, self.gpu_hours, self.samples_seen = 0, 0.0, 0
         self.changes: list[dict[str, Any]] = []  # hyperparameters changed at a resume: {step, key, was, now}
 
@@ -137,8 +141,17 @@ class Trainer:
             model = build_pixart(cfg.model, cfg.resolution, caption_channels=self.conditions.width)
             init_like_pixart(model)
         if cfg.init:
-            load_init(model, cfg, caption_channels=self.conditions.width if self.conditions else None)
+            self.init_source = load_init(model, cfg, caption_channels=self.conditions.width if self.conditions
+                                         else None)
+            self.init_record = self.init_source.record(cfg.init)
         return model
+
+    def init_note(self) -> str | None:
+        """What the run's log says about the weights it started from: which (model or EMA) and the files."""
+        if self.init_source is None:
+            return None
+        files = self.init_source.files()
+        return f"{self.init_source.note}{': ' + ', '.join(files) if files else ''}"
 
     # -- data ---------------------------------------------------------------------------------------------------------
 
@@ -293,7 +306,7 @@ class Trainer:
                 "loader": loader_state(self.step, self.steps_per_epoch, self.cfg.data.seed),
                 "optimizer": self.hyperparameters(), "changes": list(self.changes),
                 "gpu_hours": self.gpu_hours, "samples_seen": self.samples_seen,
-                "config_hash": config_hash(self.cfg), "strategy": self.strategy}
+                "config_hash": config_hash(self.cfg), "strategy": self.strategy, "init": self.init_record}
 
     def hyperparameters(self) -> dict[str, Any]:
         """The optimizer's settings in use (lr: the peak, after lr_scaling), from the optimizer itself."""
@@ -352,6 +365,8 @@ class Trainer:
         here on and said through `log`."""
         url = url or checkpoint.latest(self.cfg.output_root, self.cfg.run)
         if url is None:
+            if log is not None and self.init_note():
+                log(self.init_note())  # a fresh run: say which weights start it
             return False
         state = checkpoint.trainer_state(url)
         seed = state.get("loader", {}).get("seed", self.cfg.data.seed)
@@ -392,6 +407,7 @@ class Trainer:
         self.step, self.gpu_hours = int(state["step"]), float(state["gpu_hours"])
         self.samples_seen = int(state["samples_seen"])
         self.changes = list(state.get("changes", []))
+        self.init_record = state.get("init", self.init_record)  # what the run really started from
         self._apply_hyperparameters(state, url, log)
         return True
 

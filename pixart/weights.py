@@ -1,5 +1,11 @@
 """Moving weights into a model being trained: resume from our own checkpoints, or initialise a stage from the
-previous one (a checkpoint, an export, a diffusers transformer, or a DiT to re-parameterise).
+previous one (a run directory, meaning its latest committed checkpoint; a checkpoint; an export; a diffusers
+transformer; or a DiT to re-parameterise).
+
+Which weights: `init_weights=model` (the default) starts from a checkpoint's trained weights (`transformer/`), as
+the official `load_from` does; `ema` from its EMA (`ema/`). An export holds one of the two (`pixart_export.json`),
+which must be the one asked for. `resolve_init` says which and where (`InitSource.note`, and the files), for the
+run's log and trainer.json.
 
 Only safetensors are read. Every mismatch is an error that names it: architecture, config keys, tensor shapes,
 missing or unexpected tensors; a file that is not readable safetensors (torn, a header too large, offsets out of
@@ -13,6 +19,7 @@ anything of a run is written; `check_model_dir` loads a model directory in full 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from pixart.checkpoint import TRAINER_STATE, run_checkpoints
 from pixart.encoders import ModelLoadError
 from pixart.models import ModelMismatchError, load_transformer
 from pixart.reparam import dit_to_pixart
@@ -116,46 +124,120 @@ def transfer(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str
     model.load_state_dict(state, strict=False)
 
 
-def _source(init: str, kind: str) -> tuple[str, str | None, str]:
-    """(path or id, subfolder, class name) of the transformer an init points at."""
+@dataclass(frozen=True)
+class InitSource:
+    """Where cfg.init's weights are read from: `path` (a directory, or a hub id) and `subfolder` as
+    `load_transformer` takes them, the transformer class its config names, which weights they are (`model`, `ema`,
+    or None where nothing records it: a diffusers transformer or pipeline) and a sentence for the run's log."""
+
+    path: str
+    subfolder: str | None
+    cls: str
+    weights: str | None
+    note: str
+
+    def files(self) -> list[str]:
+        directory = Path(self.path) / (self.subfolder or "")
+        return [str(f) for f in sorted(directory.glob("*.safetensors"))] if directory.is_dir() else []
+
+    def record(self, init: str) -> dict[str, object]:
+        """What trainer.json keeps of it."""
+        return {"init": init, "weights": self.weights, "path": str(Path(self.path) / (self.subfolder or "")),
+                "files": self.files()}
+
+
+def resolve_init(init: str, kind: str, weights: str = "model") -> InitSource:
+    """The transformer cfg.init points at. A run directory (`runs/<run>`) means its latest committed checkpoint; of
+    a checkpoint, `weights` picks transformer/ (model) or ema/; an export holds one of the two (pixart_export.json),
+    which must be `weights`."""
     path = Path(init).expanduser()
     if not path.exists():
         if init.startswith(("/", ".", "~")) or init.count("/") != 1:
-            raise PipelineError(f"init {init!r} does not exist (a checkpoint, export or transformer directory, or "
-                                "a hub id)")
-        return init, "transformer", ""  # a hub pipeline id: its transformer/ folder
-    if kind == "checkpoint" or (kind == "auto" and (path / "trainer.json").exists()):
-        path = path / "transformer"
+            raise PipelineError(f"init {init!r} does not exist (a checkpoint, run, export or transformer directory, "
+                                "or a hub id)")
+        return InitSource(init, "transformer", "", None, f"init: the transformer of hub pipeline {init!r} (released "
+                          "weights: which of model or EMA they are is not recorded, init_weights does not apply)")
+    origin = ""
+    if kind in ("auto", "checkpoint") and not (path / TRAINER_STATE).exists() and (path / "checkpoints").is_dir():
+        found = run_checkpoints(str(path))
+        if not found:
+            raise PipelineError(f"init {init!r}: run directory without a committed checkpoint yet "
+                                f"({path / 'checkpoints'} holds no step-NNNNNNNNN.done)")
+        origin = f", the latest committed checkpoint of run directory {path}"
+        path = Path(found[-1][1])
+    if kind == "checkpoint" or (kind == "auto" and (path / TRAINER_STATE).exists()):
+        sub = "transformer" if weights == "model" else "ema"
+        if weights == "ema" and not (path / "ema").is_dir():
+            raise PipelineError(f"init {init!r}: checkpoint {path} has no ema/ (its run kept no EMA): set "
+                                "init_weights=model")
+        note = (f"init: {'the trained (model)' if weights == 'model' else 'the EMA'} weights of checkpoint {path}"
+                f"{origin} ({sub}/; init_weights={weights})")
+        path, held = path / sub, weights
     elif (path / "model_index.json").exists():
+        info = _export_info(path)
+        if info is None:
+            held = None
+            note = (f"init: the transformer of diffusers pipeline {path} (which of model or EMA weights it holds is "
+                    "not recorded; init_weights does not apply)")
+        else:
+            held = "ema" if info.get("weights") == "ema" else "model"
+            if held != weights:
+                source = info.get("source", "?")
+                raise PipelineError(
+                    f"init {init!r}: this export holds the {'EMA' if held == 'ema' else 'trained (model)'} weights "
+                    f"of {source} (pixart_export.json), and init_weights={weights}. Start from that checkpoint or "
+                    f"its run directory (init_weights picks its {weights} weights), or from an export made "
+                    f"{'with --no-ema' if weights == 'model' else 'with the EMA'}, or set init_weights={held}")
+            note = (f"init: the {'EMA' if held == 'ema' else 'trained (model)'} weights of export {path} (step "
+                    f"{info.get('step')} of {info.get('source')}; init_weights={weights})")
         path = path / "transformer"
+    else:
+        held = None
+        note = (f"init: transformer directory {path} (which of model or EMA weights it holds is not recorded; "
+                "init_weights does not apply)")
     config = path / "config.json"
     if not config.is_file():
         raise PipelineError(f"init {init!r}: no transformer config at {config}")
-    return str(path), None, json.loads(config.read_text()).get("_class_name", "")
+    try:
+        cls = json.loads(config.read_text()).get("_class_name", "")
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"init {init!r}: {config} is not a readable config ({one_line(e)})") from None
+    return InitSource(str(path), None, cls, held, note)
+
+
+def _export_info(path: Path) -> dict | None:
+    try:
+        info = json.loads((path / "pixart_export.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
 
 
 def check_init(cfg: TrainConfig) -> None:
-    """What can be checked of cfg.init without reading weights: it exists, holds a transformer config, and (local)
-    its safetensors headers are readable. `load_init` checks the rest while loading."""
+    """What can be checked of cfg.init without reading weights: it exists (a run directory has a committed
+    checkpoint), holds a transformer config and the weights init_weights asks for, and (local) its safetensors
+    headers are readable. `load_init` checks the rest while loading."""
     if not cfg.init:
         return
-    src, subfolder, _ = _source(cfg.init, cfg.init_kind)
-    directory = Path(src) / (subfolder or "")
+    src = resolve_init(cfg.init, cfg.init_kind, cfg.init_weights)
+    directory = Path(src.path) / (src.subfolder or "")
     if directory.is_dir():
         for f in _weight_files(directory):
             safetensors_shapes(f)
 
 
-def load_init(model: torch.nn.Module, cfg: TrainConfig, caption_channels: int | None) -> None:
-    """Initialise `model` (built from cfg.model) from cfg.init; stage 2 from a DiT goes through the re-param."""
+def load_init(model: torch.nn.Module, cfg: TrainConfig, caption_channels: int | None) -> InitSource:
+    """Initialise `model` (built from cfg.model) from cfg.init; stage 2 from a DiT goes through the re-param.
+    Returns where the weights came from (its `note` is what the run's log says)."""
     try:
-        _load_init(model, cfg, caption_channels)
+        return _load_init(model, cfg, caption_channels)
     except (SafetensorError, OSError) as e:  # from_pretrained on a torn file: name the init
         raise WeightsError(f"init {cfg.init!r}: its weights cannot be read ({one_line(e)})") from None
 
 
-def _load_init(model: torch.nn.Module, cfg: TrainConfig, caption_channels: int | None) -> None:
-    src, subfolder, cls = _source(cfg.init, cfg.init_kind)
+def _load_init(model: torch.nn.Module, cfg: TrainConfig, caption_channels: int | None) -> InitSource:
+    source = resolve_init(cfg.init, cfg.init_kind, cfg.init_weights)
+    src, subfolder, cls = source.path, source.subfolder, source.cls
     is_dit = cls == "DiTTransformer2DModel" or cfg.init_kind == "dit"
     arch = {k: model.config[k] for k in ARCH_KEYS}
     if cfg.stage == 1 or is_dit:
@@ -164,14 +246,15 @@ def _load_init(model: torch.nn.Module, cfg: TrainConfig, caption_channels: int |
                                subfolder=subfolder)
         if cfg.stage == 1:
             transfer(model, dit.state_dict(), src)
-            return
+            return source
         converted = dit_to_pixart(dit, caption_channels=caption_channels, t_match=cfg.reparam_t)
         if converted.config.sample_size != model.config.sample_size:
             raise ModelMismatchError(f"{src}: a DiT at latent size {converted.config.sample_size} cannot start a "
                                      f"stage at {cfg.resolution} px (latent size {model.config.sample_size})")
         transfer(model, converted.state_dict(), f"{src} (re-parameterised at t={cfg.reparam_t})")
-        return
+        return source
     loaded = load_transformer(src, "pixart", expect={**arch, "caption_channels": caption_channels},
                               subfolder=subfolder)
     allow = MICRO_CONDITIONS if cfg.model.multi_scale and not loaded.config.use_additional_conditions else ()
     transfer(model, loaded.state_dict(), src, allow_missing=allow)
+    return source

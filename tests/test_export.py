@@ -20,6 +20,7 @@ from pixart.models import ModelConfig, build_pixart
 from pixart.prepare import prepare_run
 from pixart.sampling import make_scheduler, sample_text, save_samples
 from pixart.trainer import Trainer
+from storage.errors import PipelineError
 from tests.test_train import config
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -98,10 +99,32 @@ def test_exported_transformer_is_the_ema_or_the_model(stage2, tmp_path):
         assert (info["t5_model"], info["vae_model"]) == (trainer.cfg.t5_model, trainer.cfg.vae_model)
         assert "interpolation_scale 1.0" in (Path(out) / "README.md").read_text()
     assert all(torch.equal(v, ema[k]) for k, v in trainer.ema.state_dict().items())
-    cfg = trainer.cfg.model_copy(update={"run": "export-init", "init": str(tmp_path / "ema-True")})
-    prepare_run(cfg)
-    started = Trainer(cfg).model.state_dict()  # an export is a valid init: the next stage starts from the EMA
-    assert all(torch.equal(v, ema[k]) for k, v in started.items())
+
+
+def test_an_export_starts_the_next_stage_only_with_the_weights_asked_for(stage2, tmp_path):
+    """init_weights=model (default, the official load_from) from an EMA export is refused, naming the checkpoint
+    to start from; with init_weights=ema it starts from the EMA; an export made with --no-ema starts a default run
+    from the trained weights. The run's log names the weights and the file."""
+    trainer, ckpt = stage2
+    ema, raw = (load_file(f"{ckpt}/{d}/{WEIGHTS}") for d in ("ema", "transformer"))
+    outs = {w: export(ckpt, str(tmp_path / w), use_ema=(w == "ema")) for w in ("ema", "model")}
+
+    def started(out: str, *update: tuple[str, str]) -> tuple[dict, list[str]]:
+        cfg = trainer.cfg.model_copy(update={"run": f"export-init-{len(update)}", "init": out, **dict(update)})
+        prepare_run(cfg)
+        nxt, said = Trainer(cfg), []
+        nxt.resume(log=said.append)
+        return nxt.model.state_dict(), said
+
+    with pytest.raises(PipelineError, match=f"holds the EMA weights of {ckpt}.*init_weights=model"):
+        started(outs["ema"])  # refused by the driver's check, before anything is written
+    for out, update, want, what in ((outs["ema"], [("init_weights", "ema")], ema, "the EMA weights of export"),
+                                    (outs["model"], [], raw, "the trained (model) weights of export")):
+        state, said = started(out, *update)
+        assert all(torch.equal(v, want[k]) for k, v in state.items())
+        assert len(said) == 1 and what in said[0] and f"{out}/transformer/{WEIGHTS}" in said[0], said
+    with pytest.raises(PipelineError, match="holds the trained \\(model\\) weights"):
+        started(outs["model"], ("init_weights", "ema"))
 
 
 def test_save_samples_writes_a_deterministic_grid(stage2, monkeypatch):

@@ -290,3 +290,79 @@ def test_stage1_runs_are_deterministic(features):
         runs.append(losses(trainer))
     assert runs[0] == runs[1]
     assert all(b.norm1.emb.class_embedder.dropout_prob == 0 for b in trainer.model.transformer_blocks)
+
+
+# -- which weights start the next stage (init, init_weights) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("weights", ["model", "ema"])
+def test_init_from_a_run_directory_takes_its_latest_checkpoint_and_says_which_weights(features, tiny_t5_encoder,
+                                                                                      weights):
+    from safetensors.torch import load_file
+
+    src = config(features, "tiny-stage2", f"init-src-{weights}", t5=tiny_t5_encoder)  # checkpoints at 2 and 4
+    prepare_run(src)
+    list(Trainer(src).fit())
+    run_directory = Path(features) / "runs" / f"init-src-{weights}"
+    sub = {"model": "transformer", "ema": "ema"}[weights]
+    file = run_directory / "checkpoints" / "step-000000004" / sub / "diffusion_pytorch_model.safetensors"
+    older = load_file(str(run_directory / "checkpoints" / "step-000000002" / sub / file.name))
+    want, other = load_file(str(file)), load_file(str(file).replace(f"/{sub}/", "/ema/" if sub == "transformer"
+                                                                      else "/transformer/"))
+    assert any(not torch.equal(want[k], other[k]) for k in want)  # 4 steps at EMA decay 0.99: the two differ
+    assert any(not torch.equal(want[k], older[k]) for k in want)
+
+    cfg = config(features, "tiny-stage2", f"from-run-dir-{weights}", f"init={run_directory}",
+                 f"init_weights={weights}", "schedule.max_steps=1", t5=tiny_t5_encoder)
+    prepare_run(cfg)  # the driver's check takes the run directory too
+    trainer = Trainer(cfg)
+    got = trainer.model.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)  # the latest checkpoint's, the weights asked for
+    said = []
+    assert trainer.resume(log=said.append) is False
+    assert len(said) == 1 and str(file) in said[0], said
+    assert ("trained (model) weights" if weights == "model" else "EMA weights") in said[0]
+    list(trainer.fit())
+    record = json.loads(open(checkpoint.latest(features, f"from-run-dir-{weights}") + ".done").read())["init"]
+    assert record == {"init": str(run_directory), "weights": weights, "path": str(file.parent), "files": [str(file)]}
+
+
+def test_the_readmes_stage2_from_a_stage1_run_directory_works(features, tiny_t5_encoder, tiny_vae):
+    """README: `pixart train --stage 2 --init /data/pixart/runs/stage1-imagenet-256 ...` (was: no transformer
+    config): the run directory's latest committed checkpoint, its trained weights, re-parameterised."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    common = [f"output_root={features}", f"vae_model={tiny_vae}"]
+    first = CliRunner().invoke(app, ["train", "--stage", "1", "--config", "tiny-stage1", *common, "run=readme-s1",
+                                     "schedule.max_steps=2"])
+    assert first.exit_code == 0, first.output
+    run_directory = Path(features) / "runs" / "readme-s1"
+    second = CliRunner().invoke(app, ["train", "--stage", "2", "--config", "tiny-stage2", "--init", str(run_directory),
+                                      *common, "run=readme-s2", "data.caption_set=tiny",
+                                      f"t5_model={tiny_t5_encoder}", "schedule.max_steps=1"])
+    assert second.exit_code == 0, second.output
+    file = run_directory / "checkpoints" / "step-000000002" / "transformer" / "diffusion_pytorch_model.safetensors"
+    said = [line[line.index("init: "):] for line in second.output.splitlines() if "init: " in line]
+    assert len(said) == 1 and "trained (model) weights" in said[0] and str(file) in said[0], second.output
+    assert "readme-s2: 1 steps" in second.output
+    empty = Path(features) / "runs" / "readme-empty" / "checkpoints"
+    empty.mkdir(parents=True)
+    third = CliRunner().invoke(app, ["train", "--config", "tiny-stage2", "--init", str(empty.parent), *common,
+                                     "run=readme-s2b", "data.caption_set=tiny", f"t5_model={tiny_t5_encoder}"])
+    assert third.exit_code == 2 and "without a committed checkpoint" in third.output, third.output
+
+
+def test_the_t0_decoder_cdf_is_a_config_key_passed_to_the_loss(features, tiny_t5_encoder):
+    from storage.configio import dump_yaml
+
+    default = config(features, "tiny-stage2", "cdf-tanh", t5=tiny_t5_encoder)
+    assert default.loss.decoder_cdf == "tanh"  # the official formula
+    exact = config(features, "tiny-stage2", "cdf-exact", "loss.decoder_cdf=exact", t5=tiny_t5_encoder)
+    prepare_run(exact)
+    assert Trainer(exact).diffusion.decoder_cdf == "exact"
+    assert "decoder_cdf: exact" in (Path(features) / "runs" / "cdf-exact" / "config.yaml").read_text()
+    assert "decoder_cdf: tanh" in dump_yaml(default)
+    with pytest.raises(ConfigError, match="decoder_cdf"):
+        config(features, "tiny-stage2", "cdf-bad", "loss.decoder_cdf=erf", t5=tiny_t5_encoder)

@@ -377,7 +377,7 @@ def test_corrupt_stored_conditions_are_named_or_encoded_again(features, tiny_t5_
     assert all(torch.equal(a, b) for a, b in zip(vars(again).values(), vars(before).values(), strict=True))
 
 
-# -- pixart sample on a corrupt checkpoint: one line naming the file ---------------------------------------------------
+# -- pixart sample on a corrupt checkpoint: one line naming the file --------------------------------------------------
 
 
 @pytest.mark.parametrize("damage", ["torn", "git-lfs-pointer", "wrong-shape", "missing-tensor"])
