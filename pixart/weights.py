@@ -158,14 +158,14 @@ def resolve_init(init: str, kind: str, weights: str = "model") -> InitSource:
         return InitSource(init, "transformer", "", None, f"init: the transformer of hub pipeline {init!r} (released "
                           "weights: which of model or EMA they are is not recorded, init_weights does not apply)")
     origin = ""
-    if kind in ("auto", "checkpoint") and not (path / TRAINER_STATE).exists() and (path / "checkpoints").is_dir():
+    if not (path / TRAINER_STATE).exists() and (path / "checkpoints").is_dir():
         found = run_checkpoints(str(path))
         if not found:
             raise PipelineError(f"init {init!r}: run directory without a committed checkpoint yet "
                                 f"({path / 'checkpoints'} holds no step-NNNNNNNNN.done)")
         origin = f", the latest committed checkpoint of run directory {path}"
         path = Path(found[-1][1])
-    if kind == "checkpoint" or (kind == "auto" and (path / TRAINER_STATE).exists()):
+    if kind == "checkpoint" or (path / TRAINER_STATE).exists():  # init_kind pixart/dit: the model it holds
         sub = "transformer" if weights == "model" else "ema"
         if weights == "ema" and not (path / "ema").is_dir():
             raise PipelineError(f"init {init!r}: checkpoint {path} has no ema/ (its run kept no EMA): set "
