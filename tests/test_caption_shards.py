@@ -171,10 +171,8 @@ def test_ray_data_path_on_local_ray(sam_root, tiny_llava, tiny_t5):
 
 
 def test_caption_flow_publishes_artifacts(prefect_server, sam_root, tiny_llava, tiny_t5):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
     from flows.caption import caption
+    from tests.artifacts import run_artifacts
 
     overrides = [f"output_root={sam_root}", f"model={tiny_llava}", f"t5_tokenizer={tiny_t5}",
                  "generation.max_new_tokens=10", "batch_size=2"]
@@ -183,9 +181,7 @@ def test_caption_flow_publishes_artifacts(prefect_server, sam_root, tiny_llava, 
     out = state.result()
     assert out["captions"] == 6 and out["errors"] == 2 and out["exactly_once"] and out["failed"] == []
     keys = ["caption-sam-progress", "caption-sam-samples", "caption-sam-quality"]
-    with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
-    arts = {a.key: a for a in found}
+    arts = run_artifacts(state, keys)
     assert set(arts) == set(keys)
     assert "noun figures unavailable" in arts["caption-sam-quality"].data
     again = caption(config="sam", overrides=overrides, return_state=True).result()

@@ -186,19 +186,15 @@ def test_extract_command_estimates_runs_and_skips(captioned, tiny_t5_encoder, ti
 
 
 def test_extract_flow_publishes_the_bucket_histogram(prefect_server, captioned, tiny_t5_encoder, tiny_vae):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
     from flows.extract import extract
+    from tests.artifacts import run_artifacts
 
     state = extract(config="imagenet-256", overrides=[f"output_root={captioned}", f"vae_model={tiny_vae}"],
                     force=True, return_state=True)
     assert state.is_completed(), state.message
     assert state.result()["num_ok"] == 8
     keys = ["extract-imagenet-buckets", "extract-imagenet-progress"]
-    with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
-    assert {a.key for a in found} == set(keys)
+    assert set(run_artifacts(state, keys)) == set(keys)
 
 
 def assert_same_encoding(batched: np.ndarray, single: np.ndarray) -> None:

@@ -5,19 +5,11 @@ import sys
 
 import pytest
 import yaml
-from prefect.client.orchestration import get_client
 
 import flows.ingest as ingest_flow_mod
 from flows.ingest import ingest
 from storage.manifest import committed_manifests, read_dataset
-
-
-def _artifacts(keys: list[str]) -> dict[str, str]:
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
-    with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
-    return {a.key: a.data for a in found}
+from tests.artifacts import run_artifacts
 
 
 def test_flow_ingests_all_three_datasets(prefect_server, samples, tmp_path):
@@ -25,17 +17,19 @@ def test_flow_ingests_all_three_datasets(prefect_server, samples, tmp_path):
     runs = {"sam": [f"source={samples['sam']}"],
             "journeydb": [f"source={samples['journeydb']}", f"annotations={samples['journeydb_annotations']}"],
             "imagenet": [f"source={samples['imagenet']}", f"synset_mapping={samples['synset_mapping']}"]}
+    states = {}
     for preset, overrides in runs.items():
-        state = ingest(config=preset, overrides=[*overrides, f"output_root={out}"], return_state=True)
+        state = states[preset] = ingest(config=preset, overrides=[*overrides, f"output_root={out}"],
+                                        return_state=True)
         assert state.is_completed(), state.message
         outcome = state.result()
         assert outcome["num_ok"] == 8 and outcome["num_error"] == 0 and outcome["failed"] == []
         assert len(committed_manifests(out, preset)) == outcome["shards"]
         resolved = yaml.safe_load((tmp_path / "manifests" / preset / "config.resolved.yaml").read_text())
         assert resolved["dataset"] == preset and resolved["output_root"] == out
-    arts = _artifacts(["ingest-sam-summary", "ingest-sam-shards"])
-    assert "samples: 8 ok, 0 error rows" in arts["ingest-sam-summary"]
-    assert "sa_000001" in str(arts["ingest-sam-shards"])
+    arts = run_artifacts(states["sam"], ["ingest-sam-summary", "ingest-sam-shards"])
+    assert "samples: 8 ok, 0 error rows" in arts["ingest-sam-summary"].data
+    assert "sa_000001" in str(arts["ingest-sam-shards"].data)
 
 
 def test_flow_rerun_skips_and_force_redoes(prefect_server, samples, tmp_path):

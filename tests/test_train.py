@@ -150,10 +150,8 @@ def test_batches_cross_epochs_in_plan_order_while_read_ahead(features, tiny_t5_e
 
 
 def test_train_flow_trains_and_publishes_samples_and_cost(prefect_server, features, tiny_t5_encoder, tiny_vae):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
     from flows.train import train
+    from tests.artifacts import run_artifacts
 
     overrides = [f"output_root={features}", "run=flow-s2", "data.caption_set=tiny", f"t5_model={tiny_t5_encoder}",
                  f"vae_model={tiny_vae}", "schedule.max_steps=2"]
@@ -162,9 +160,7 @@ def test_train_flow_trains_and_publishes_samples_and_cost(prefect_server, featur
     summary = state.result()
     assert summary["steps"] == 2 and summary["paper_v100_days"] == 672
     keys = ["train-flow-s2-samples", "train-flow-s2-cost", "train-flow-s2-progress"]
-    with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
-    assert {a.key for a in found} == set(keys)
+    assert set(run_artifacts(state, keys)) == set(keys)
     bad = train(config="tiny-stage2", overrides=[*overrides, "model.preset=pixart-xl-2"], return_state=True)
     assert bad.is_failed() and "caption_channels 4096" in bad.message  # refused before any model is built
 
