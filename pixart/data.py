@@ -16,16 +16,24 @@ rank's shards (in index order) are dealt to its `num_workers` DataLoader workers
 share a shard and a rank's samples do not depend on its worker count. Each (rank, worker) is one stream: its shards
 come in an order permuted by (seed, epoch), and within a shard the keys are shuffled (seed, epoch, shard). Each
 stream fills one buffer per bucket and emits a batch whenever a buffer reaches `batch_size`, as PixArt's
-AspectRatioBatchSampler does; with drop_last the leftovers are dropped, so a stream yields the same number of
-batches every epoch (`batches_per_rank` counts them). A rank's batches are its streams' taken in turn, skipping a
-stream that has run out: what a DataLoader over `dataset()` delivers, and what iterating the loader gives. Text and
-latents are joined by key (a key missing or in error on either side is skipped); a key listed twice in an index
-is an error.
+AspectRatioBatchSampler does. With drop_last (the default) a bucket's leftovers at an epoch's end (fewer than a
+batch) are carried into the next epoch, where they open that bucket's buffer, as the official sampler keeps them
+(its per-bucket lists are never cleared): nothing is dropped, and a bucket with fewer than `batch_size` samples
+per stream is still trained on, its samples collected over epochs (so repeated in its batch, as officially). An
+epoch's leftovers are recomputed from the indexes (`carried`: a pure function of seed and epoch, at most
+`batch_size` earlier epochs' orders), so an epoch's plan does not depend on what ran before it. A bucket of n
+samples per stream yields (e + 1) * n // batch_size batches over epochs 0..e: a stream's count per epoch follows
+from the indexes alone (`batches_in_epoch`, `batches_per_rank(epoch=e)`), and epoch 0, with nothing carried in,
+has the fewest. Without drop_last the partial batches come at the epoch's end and nothing is carried. A rank's
+batches are its streams' taken in turn, skipping a stream that has run out: what a DataLoader over `dataset()`
+delivers, and what iterating the loader gives. Text and latents are joined by key (a key missing or in error on
+either side is skipped); a key listed twice in an index is an error.
 
 Resume. `state_dict` records the epoch, the worker count, each stream's batches consumed and the stream next in
 turn; `load_state_dict` then replays exactly the remaining batches in the uninterrupted order (a DataLoader's
-worker w reads the stream w places after the next one). A state saved mid-epoch with another worker count is
-refused: its streams hold other shards.
+worker w reads the stream w places after the next one), leftovers carried into the epoch included, since the plan
+is a function of (seed, epoch). A state saved mid-epoch with another worker count is refused: its streams hold
+other shards.
 
 What is checked. Errors are `FeatureError`s naming the tar (or index) and the key; a corrupt sample stops the epoch
 like any other read error (the loader never skips or casts data it cannot vouch for). Every sample's range must lie
@@ -57,7 +65,7 @@ import hashlib
 import json
 import math
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,8 +83,8 @@ from storage.parquet import read_rows
 from storage.urls import filesystem
 from storage.wds import load_npy, npy_layout, sample_members
 
-__all__ = ["BucketedLoader", "Entry", "FeatureError", "FeatureShard", "batches_per_rank", "feature_shards", "peek",
-           "shard_entries"]
+__all__ = ["BucketedLoader", "Entry", "FeatureError", "FeatureShard", "batches_in_epoch", "batches_per_rank",
+           "feature_shards", "peek", "shard_entries"]
 
 FEATURE_DTYPE = np.dtype("<f2")  # every feature array (pixart/features.py writes float16, little-endian)
 LATENT_CHANNELS = 8  # the SD VAE's 4 channels: posterior mean then std
@@ -132,12 +140,26 @@ def _rng(*parts: Any) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
+def batches_in_epoch(bucket_counts: Iterable[int], batch_size: int, epoch: int) -> int:
+    """Full batches a stream yields in `epoch` (drop_last, leftovers carried): per bucket of n samples in the stream,
+    epochs 0..e together yield (e + 1) * n // batch_size of them, so epoch e yields
+    (e + 1) * n // batch_size - e * n // batch_size: n // batch_size, or one more when the leftovers carried in fill
+    a batch. Epoch 0 (nothing carried in) has the fewest."""
+    return sum((epoch + 1) * n // batch_size - epoch * n // batch_size for n in bucket_counts)
+
+
+def _left(n: int, batch_size: int, epoch: int) -> int:
+    """Samples of a bucket of n (per pass over the stream) left over at the end of `epoch` (none before epoch 0)."""
+    return (epoch + 1) * n % batch_size if epoch >= 0 else 0
+
+
 def batches_per_rank(shards: list[FeatureShard], batch_size: int, world_size: int, num_workers: int = 1,
-                     threads: int = 16) -> list[int]:
-    """Full batches (drop_last) that each rank's loader yields per epoch with `num_workers` DataLoader workers, the
-    same in every epoch: per rank, the sum over its streams and their buckets of (samples of that bucket in the
-    stream's shards) // batch_size, since each bucket's buffer carries across a stream's shards. Every index is read
-    once, `threads` at a time (object stores answer in parallel)."""
+                     threads: int = 16, epoch: int = 0) -> list[int]:
+    """Full batches (drop_last) that each rank's loader yields in `epoch` with `num_workers` DataLoader workers:
+    per rank, the sum over its streams and their buckets of `batches_in_epoch` (each bucket's buffer carries across
+    a stream's shards, and its leftovers into the next epoch). Epoch 0 gives every rank its fewest batches of any
+    epoch: a step count taken from it (the trainer's steps_per_epoch, min over ranks) is there in every epoch. Every
+    index is read once, `threads` at a time (object stores answer in parallel)."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max(1, min(threads, len(shards)))) as pool:
@@ -150,7 +172,7 @@ def batches_per_rank(shards: list[FeatureShard], batch_size: int, world_size: in
             stream: Counter = Counter()
             for i in loader.stream_shards(worker):
                 stream.update(counts[i])
-            total += sum(n // batch_size for n in stream.values())
+            total += batches_in_epoch(stream.values(), batch_size, epoch)
         out.append(total)
     return out
 
@@ -244,27 +266,75 @@ class BucketedLoader:
         if epoch != self.epoch:
             self.epoch, self.consumed, self.next = epoch, {}, 0
 
-    def stream_shards(self, worker: int = 0) -> list[int]:
-        """This rank's stream `worker`: its shards in this epoch's order. Which shards a stream gets is fixed (rank
-        i mod world_size, then every num_workers-th of the rank's), only their order changes by epoch: so every
-        epoch gives each rank the same number of batches (`batches_per_rank`), and equal step counts across ranks
-        hold in every epoch."""
-        order = _rng(self.seed, self.epoch).permutation(len(self.shards)).tolist()
+    def stream_shards(self, worker: int = 0, epoch: int | None = None) -> list[int]:
+        """This rank's stream `worker`: its shards in this epoch's order (or `epoch`'s). Which shards a stream gets
+        is fixed (rank i mod world_size, then every num_workers-th of the rank's), only their order changes by
+        epoch: so each rank's batch count per epoch follows from the indexes alone (`batches_per_rank`)."""
+        order = _rng(self.seed, self.epoch if epoch is None else epoch).permutation(len(self.shards)).tolist()
         mine = set(range(self.rank, len(self.shards), self.world_size)[worker::self.num_workers])
         return [i for i in order if i in mine]
 
+    def _entries(self, worker: int) -> dict[int, list[Entry]]:
+        """The entries of stream `worker`'s shards, {shard: entries in index order}; indexes read in parallel."""
+        mine = sorted(self.stream_shards(worker))
+        if len(mine) <= 1:
+            return {i: shard_entries(i, self.shards[i]) for i in mine}
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(16, len(mine))) as pool:
+            return dict(zip(mine, pool.map(lambda i: shard_entries(i, self.shards[i]), mine), strict=True))
+
+    def _pass(self, worker: int, epoch: int, entries: dict[int, list[Entry]]) -> Iterator[Entry]:
+        """One pass over the stream in `epoch`'s order: shards permuted by (seed, epoch), keys by (seed, epoch,
+        shard)."""
+        for i in self.stream_shards(worker, epoch):
+            shard = entries[i]
+            for j in _rng(self.seed, epoch, self.shards[i].name).permutation(len(shard)).tolist():
+                yield shard[j]
+
+    def carried(self, worker: int = 0, epoch: int | None = None,
+                entries: dict[int, list[Entry]] | None = None) -> dict[str, list[Entry]]:
+        """Each bucket's leftovers that epoch `epoch` (default: this one) of stream `worker` starts with: what the
+        previous epoch's plan left in its buffers, a pure function of (seed, epoch) recomputed from the indexes.
+        Per bucket of n samples per pass, (epoch * n) % batch_size of them: the tail of the bucket's samples in
+        the last epoch where it filled a batch, then all of its samples of the epochs after (a bucket with fewer
+        than batch_size samples per pass collects them over epochs, repeats included, as the official sampler
+        does). Only those epochs' orders are recomputed: at most batch_size of them, one for a bucket that fills a
+        batch every epoch. None without drop_last (nothing is left over)."""
+        epoch = self.epoch if epoch is None else epoch
+        if not self.drop_last or epoch <= 0:
+            return {}
+        entries = self._entries(worker) if entries is None else entries
+        b = self.batch_size
+        counts = Counter(e.bucket for shard in entries.values() for e in shard)
+        since: dict[str, int] = {}  # bucket -> the last epoch before `epoch` in which it filled a batch (-1: none)
+        for bucket, n in counts.items():
+            if _left(n, b, epoch - 1):
+                k = epoch - 1
+                while k >= 0 and _left(n, b, k - 1) + n < b:
+                    k -= 1
+                since[bucket] = k
+        out: dict[str, list[Entry]] = {bucket: [] for bucket in since}
+        for k in range(max(0, min(since.values(), default=epoch)), epoch):
+            seen: dict[str, list[Entry]] = {bucket: [] for bucket, first in since.items() if first <= k}
+            for e in self._pass(worker, k, entries):
+                if e.bucket in seen:
+                    seen[e.bucket].append(e)
+            for bucket, got in seen.items():
+                out[bucket] += got[len(got) - _left(counts[bucket], b, k):] if k == since[bucket] else got
+        return out
+
     def plan(self, worker: int = 0) -> Iterator[list[Entry]]:
-        """The batches of one stream this epoch, in order, from the indexes alone."""
-        buffers: dict[str, list[Entry]] = {}
-        for i in self.stream_shards(worker):
-            entries = shard_entries(i, self.shards[i])
-            for j in _rng(self.seed, self.epoch, self.shards[i].name).permutation(len(entries)).tolist():
-                e = entries[j]
-                buf = buffers.setdefault(e.bucket, [])
-                buf.append(e)
-                if len(buf) == self.batch_size:
-                    yield buf
-                    buffers[e.bucket] = []
+        """The batches of one stream this epoch, in order, from the indexes alone: each bucket's buffer starts
+        with the leftovers carried from the previous epoch (`carried`), then takes this epoch's pass."""
+        entries = self._entries(worker)
+        buffers = {bucket: list(left) for bucket, left in self.carried(worker, entries=entries).items()}
+        for e in self._pass(worker, self.epoch, entries):
+            buf = buffers.setdefault(e.bucket, [])
+            buf.append(e)
+            if len(buf) == self.batch_size:
+                yield buf
+                buffers[e.bucket] = []
         if not self.drop_last:
             yield from (buf for _, buf in sorted(buffers.items()) if buf)
 
@@ -480,7 +550,7 @@ class BucketedLoader:
                              f"would repeat some samples and skip others: resume with {saved} workers, or from an "
                              "epoch's start")
         self.epoch, self.consumed = int(state["epoch"]), consumed
-        self.next = int(state.get("next", 0)) % self.num_workers
+        self.next = int(state.get("next", 0)) % self.num_workers if consumed else 0  # nothing taken: the start
 
 
 class _Batch:

@@ -129,20 +129,46 @@ def test_ranks_and_dataloader_workers_split_without_duplicates_or_losses(feature
     assert sorted(k for b in dl for k in b["keys"]) == everything
 
 
-def test_each_rank_gets_the_same_number_of_batches_in_every_epoch(features):
+def test_each_rank_gets_the_counted_number_of_batches_in_every_epoch(features):
     """Training runs steps_per_epoch = min over ranks of batches_per_rank; a rank that got fewer batches in some
-    epoch would stall the others (its loader runs dry while they wait in the all-reduce)."""
+    epoch would stall the others (its loader runs dry while they wait in the all-reduce). With leftovers carried
+    into the next epoch the count can grow by a batch per bucket after epoch 0, never shrink below epoch 0's."""
     from pixart.data import batches_per_rank
 
     shards = feature_shards(features, "sam", 512, multi_scale=True, caption_set="tiny")
     shards = shards + shards[:1]  # three shards over two ranks: uneven on purpose
     for world, batch_size in ((2, 1), (2, 2), (3, 1)):
-        expected = batches_per_rank(shards, batch_size, world)
+        first = batches_per_rank(shards, batch_size, world)
         for epoch in range(4):
+            expected = batches_per_rank(shards, batch_size, world, epoch=epoch)
+            assert all(n >= f for n, f in zip(expected, first, strict=True))
             for rank in range(world):
                 loader = BucketedLoader(shards, batch_size=batch_size, rank=rank, world_size=world, seed=epoch)
                 loader.set_epoch(epoch)
                 assert sum(1 for _ in loader.plan()) == expected[rank], (world, batch_size, epoch, rank)
+
+
+def test_leftovers_carried_into_the_next_epoch_are_read_like_any_batch(features):
+    """Batch 3 over the 512-ms buckets (8 samples, most buckets smaller than a batch): leftovers are carried, every
+    key is trained within three epochs, the counts are batches_per_rank's, and a key a small bucket repeats in one
+    batch (collected over epochs, as the official sampler does) reads the same rows each time."""
+    from pixart.data import batches_per_rank
+
+    shards = feature_shards(features, "sam", 512, multi_scale=True, caption_set="tiny")
+    everything = {r["key"] for s in shards for r in read_rows(s.latents) if r["status"] == "ok"}
+    served = set()
+    for epoch in range(3):
+        loader = BucketedLoader(shards, batch_size=3, seed=2)
+        loader.set_epoch(epoch)
+        batches = all_batches(loader)
+        assert len(batches) == batches_per_rank(shards, 3, 1, epoch=epoch)[0]
+        for b in batches:
+            assert len(b["keys"]) == 3 and len(set(b["aspect_ratio"].tolist())) == 1
+            for i, key in enumerate(b["keys"]):
+                j = b["keys"].index(key)
+                assert torch.equal(b["latents"][i], b["latents"][j]) and torch.equal(b["text"][i], b["text"][j])
+            served.update(b["keys"])
+    assert served == everything
 
 
 def test_resume_mid_epoch_replays_exactly_the_remaining_batches(features):

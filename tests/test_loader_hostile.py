@@ -300,7 +300,7 @@ def rank_batches(shards, rank, world, workers, **kw) -> list[list[str]]:
 def test_ranks_and_workers_split_every_key_exactly_once_and_counts_are_right(index_shards):
     """4 ranks x 2 workers gave [6, 6, 6, 0] batches against the computed [6, 6, 3, 3]: a rank with nothing would
     hang DDP. Every (ranks, workers) up to (4, 2): every key once per epoch, and batches_per_rank is what each rank's
-    loader yields, in every epoch."""
+    loader yields, in every epoch (leftovers carried in included)."""
     everything = all_keys(index_shards)
     for world, workers in itertools.product((1, 2, 3, 4), (1, 2)):
         seen = [k for rank in range(world) for b in rank_batches(index_shards, rank, world, workers, drop_last=False)
@@ -309,6 +309,7 @@ def test_ranks_and_workers_split_every_key_exactly_once_and_counts_are_right(ind
         expected = batches_per_rank(index_shards, 2, world, num_workers=workers)
         assert min(expected) > 0, (world, workers, expected)
         for epoch in range(3):
+            expected = batches_per_rank(index_shards, 2, world, num_workers=workers, epoch=epoch)
             got = []
             for rank in range(world):
                 ld = KeysOnly(index_shards, 2, seed=5, rank=rank, world_size=world, num_workers=workers)
