@@ -73,3 +73,18 @@ out = {"rows": {r["key"]: [r["status"], r["error"]] for r in rows},
 
 def ingest_measured(**cfg) -> dict:
     return run_measured(_INGEST, json.dumps(cfg))
+
+
+def edit_index(monkeypatch, suffix: str, edit) -> None:
+    """The loader sees the rows of the index whose URL ends with `suffix` as `edit(rows)` leaves them."""
+    import pixart.data as data
+
+    real = data.read_rows
+
+    def edited(url, columns=None):
+        rows = real(url, columns)
+        if url.endswith(suffix):
+            edit(rows)
+        return rows
+
+    monkeypatch.setattr(data, "read_rows", edited)

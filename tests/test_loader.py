@@ -11,6 +11,7 @@ from pixart.data import BucketedLoader, feature_shards
 from pixart.features import latent_urls
 from storage.manifest import committed_manifests
 from storage.parquet import read_rows
+from tests.hostile import edit_index
 
 
 def all_batches(loader):
@@ -197,17 +198,7 @@ def test_imagenet_batches_carry_class_labels(features):
 def edit_text_index(monkeypatch, edit, suffix="/text/tiny/sa_000000.parquet"):
     """Make the loader see the rows of the index whose URL ends with `suffix` (default: shard sa_000000's text
     index) as `edit(rows)` leaves them."""
-    import pixart.data as data
-
-    real = data.read_rows
-
-    def edited(url, columns=None):
-        rows = real(url, columns)
-        if url.endswith(suffix):
-            edit(rows)
-        return rows
-
-    monkeypatch.setattr(data, "read_rows", edited)
+    edit_index(monkeypatch, suffix, edit)
 
 
 def test_a_key_without_text_features_is_skipped(features, monkeypatch):

@@ -18,6 +18,7 @@ import torch
 from pixart.data import BucketedLoader, FeatureShard, batches_per_rank, feature_shards
 from pixart.features import INDEX_SCHEMA
 from storage.parquet import read_rows, write_table
+from tests.hostile import edit_index
 
 # ---------------------------------------------------------------------------------------------------------------------
 # helpers: a private copy of the features, members located with tarfile, .npy headers rewritten in place
@@ -89,21 +90,6 @@ def read_all(shards: list[FeatureShard], **kw) -> list[dict]:
 def assert_named(err: BaseException, path: Path | str, key: str) -> None:
     text = str(err)
     assert str(path) in text and key in text, text
-
-
-def edit_index(monkeypatch, suffix: str, edit) -> None:
-    """The loader sees the rows of the index whose URL ends with `suffix` as `edit(rows)` leaves them."""
-    import pixart.data as data
-
-    real = data.read_rows
-
-    def edited(url, columns=None):
-        rows = real(url, columns)
-        if url.endswith(suffix):
-            edit(rows)
-        return rows
-
-    monkeypatch.setattr(data, "read_rows", edited)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
