@@ -82,10 +82,10 @@ from captioning.config import CaptionConfig  # noqa: E402
 from captioning.records import ensure_caption_set  # noqa: E402
 from captioning.runner import CaptionRunner  # noqa: E402
 from captioning.text import T5TokenCounter  # noqa: E402
-from storage.config import IngestConfig  # noqa: E402
-from storage.ingest import ingest_shard, list_shards  # noqa: E402
+from storage.ingest.config import IngestConfig  # noqa: E402
+from storage.ingest.samples import photo_variants, write_sa1b_tar  # noqa: E402
+from storage.ingest.shard import ingest_shard, list_shards  # noqa: E402
 from storage.manifest import committed_manifests  # noqa: E402
-from storage.samples import photo_variants, write_sa1b_tar  # noqa: E402
 
 GiB = 2**30
 

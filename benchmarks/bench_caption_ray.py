@@ -28,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from captioning.config import CaptionConfig  # noqa: E402
 from captioning.records import ensure_caption_set  # noqa: E402
-from storage.config import IngestConfig  # noqa: E402
-from storage.ingest import ingest_shard, list_shards  # noqa: E402
+from storage.ingest.config import IngestConfig  # noqa: E402
+from storage.ingest.samples import photo_variants, write_sa1b_tar  # noqa: E402
+from storage.ingest.shard import ingest_shard, list_shards  # noqa: E402
 from storage.manifest import committed_manifests  # noqa: E402
-from storage.samples import photo_variants, write_sa1b_tar  # noqa: E402
 
 
 def run(root: Path, model: str, t5: str, replicas: int, args: argparse.Namespace) -> tuple[float, int]:

@@ -1,8 +1,8 @@
-"""Throughput of feature pre-extraction (`pixart.features`) against a per-image loop in the style of PixArt-alpha's
-`tools/extract_features.py`: the same models, data and machine, measured in the same run.
+"""Throughput of feature pre-extraction (`pixart.features.extract`) against a per-image loop in the style of
+PixArt-alpha's `tools/extract_features.py`: the same models, data and machine, measured in the same run.
 
 Setup (untimed): SA-1B-format shards (`sa_NNNNNN.tar`, real photos from scikit-image cropped to varied aspect
-ratios, short side --short-side px: 1500 by default, the size SA-1B ships) are ingested with `storage.ingest`; a
+ratios, short side --short-side px: 1500 by default, the size SA-1B ships) are ingested with `storage.ingest.shard`; a
 caption set "bench" is written directly (CAPTION_SCHEMA rows with LLaVA-like captions of 20-60 words, done markers,
 caption_set.yaml): no captioner runs. The JPEGs are also extracted to a folder, the layout the official script
 reads.
@@ -162,7 +162,7 @@ class WidthStub:
 def text_bytes_at_width(data: dict, cfg, tokenizer, d_model: int, tmp: Path) -> tuple[int, int]:
     """(project, official) text bytes at `d_model`, both written in their real formats: extract_text_shard with
     `WidthStub`, and the official .npz of fp32 [1, 120, d_model] + int64 mask."""
-    from pixart.features import extract_text_shard
+    from pixart.features.extract import extract_text_shard
     from storage.layout import text_features_dir
 
     root = tmp / "width"
@@ -225,9 +225,9 @@ def main(argv: list[str] | None = None) -> None:
     batch_sizes = args.image_batch_size or ([16] if args.device == "cuda" else [4, 16])
     quiet()
 
-    from pixart.config import ExtractConfig
-    from pixart.encoders import LatentEncoder, TextEncoder, resolve_dtype
-    from pixart.features import extract_latent_shard, extract_text_shard
+    from pixart.features.config import ExtractConfig
+    from pixart.features.encoders import LatentEncoder, TextEncoder, resolve_dtype
+    from pixart.features.extract import extract_latent_shard, extract_text_shard
     from storage.layout import latents_dir, text_features_dir
 
     device = torch.device(args.device)

@@ -1,4 +1,4 @@
-"""Throughput of SA-1B ingest (`storage.ingest.ingest_shard`) against reading the same tars with `tarfile` alone.
+"""Throughput of SA-1B ingest (`storage.ingest.shard.ingest_shard`) against reading the same tars with `tarfile` alone.
 
 Builds SA-1B-format shards (`sa_NNNNNN.tar` with `sa_<id>.jpg` + `sa_<id>.json`, short side 1500 px like the real
 data) in a temp dir, warms the page cache, then times, interleaved and --repeats times each:
@@ -33,10 +33,11 @@ from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
-from storage.config import DecodeConfig, IngestConfig
+from storage.config import DecodeConfig
 from storage.hashing import content_hash
-from storage.ingest import ShardResult, ingest_shard, ingest_shard_record, list_shards
-from storage.samples import photo_variants, write_sa1b_tar
+from storage.ingest.config import IngestConfig
+from storage.ingest.samples import photo_variants, write_sa1b_tar
+from storage.ingest.shard import ShardResult, ingest_shard, ingest_shard_record, list_shards
 
 GOAL = 0.6  # ingest with default settings must reach this fraction of the raw tarfile read's throughput
 

@@ -41,11 +41,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from bench_loader import build_features  # noqa: E402
 
-from pixart.conditions import Conditions  # noqa: E402
-from pixart.finish import pad_text, sample_posterior  # noqa: E402
+from pixart.data.finish import pad_text, sample_posterior  # noqa: E402
 from pixart.models import pixart_forward  # noqa: E402
-from pixart.train_config import TrainConfig  # noqa: E402
-from pixart.trainer import Trainer  # noqa: E402
+from pixart.train.conditions import Conditions  # noqa: E402
+from pixart.train.config import TrainConfig  # noqa: E402
+from pixart.train.trainer import Trainer  # noqa: E402
 
 GOAL = 0.95
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16 (SXM), by device name

@@ -41,7 +41,7 @@ from collections import Counter
 import numpy as np
 
 from pixart.buckets import assign, bucket_table
-from pixart.data import BucketedLoader, Entry, FeatureShard, batches_in_epoch
+from pixart.data.loader import BucketedLoader, Entry, FeatureShard, batches_in_epoch
 
 # (h/w, weight): the formats of each mix; the rest of the weight goes to free crops (TAILS)
 MIXES = {

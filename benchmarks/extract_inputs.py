@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from storage.samples import photo_variants, write_sa1b_tar
+from storage.ingest.samples import photo_variants, write_sa1b_tar
 
 MAX_TOKENS = 120  # PixArt-alpha's T5 length
 
@@ -87,8 +87,8 @@ def build_data(tmp: Path, images: int, shards: int, short_side: int, seed: int) 
     from captioning.config import CaptionConfig
     from captioning.records import CAPTION_SCHEMA, ensure_caption_set
     from storage.commit import write_done
-    from storage.config import IngestConfig
-    from storage.ingest import ingest_shard, list_shards, prepare
+    from storage.ingest.config import IngestConfig
+    from storage.ingest.shard import ingest_shard, list_shards, prepare
     from storage.layout import caption_url
     from storage.manifest import committed_manifests
     from storage.parquet import read_rows, write_table

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pixart.buckets import apply_crop, assign, fixed_bucket  # noqa: E402
 from storage.decode import decode_image  # noqa: E402
-from storage.samples import jpeg_bytes, load_photo  # noqa: E402
+from storage.ingest.samples import jpeg_bytes, load_photo  # noqa: E402
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle", "immunohistochemistry")
 SETTINGS = (("256", 256, False), ("512", 512, False), ("512 multi-scale", 512, True), ("1024 multi-scale", 1024, True))
@@ -28,7 +28,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--short-side", type=int, default=1500)
     args = ap.parse_args()
-    print(f"| setting | photos | mean abs diff (levels) | worst photo's mean | max abs diff |")
+    print("| setting | photos | mean abs diff (levels) | worst photo's mean | max abs diff |")
     print("|---|---|---|---|---|")
     for label, base, ms in SETTINGS:
         means, maxes = [], []

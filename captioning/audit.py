@@ -50,7 +50,7 @@ class AuditConfig(StrictModel):
 
     def check(self) -> None:
         """Refuse unknown datasets and caption sets (and any name that would leave the output root)."""
-        from storage.sources import source_names
+        from storage.ingest.sources import source_names
 
         if self.dataset not in source_names():
             raise ConfigError(f"unknown dataset {self.dataset!r}; datasets: {', '.join(source_names())}")

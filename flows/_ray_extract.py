@@ -1,7 +1,7 @@
 """Ray Data glue for feature extraction: CPU tasks read, decode and crop images into bucket groups; one actor pool
 of T5 encoders and one of VAE encoders (one replica per GPU each, optionally on different GPU types) encode; the
 driver hands the results to each shard's `TextShard` / `LatentShard`, which write and commit exactly as the local
-loop does (`pixart/features.py`).
+loop does (`pixart/features/extract.py`).
 
     text:    caption chunks (driver)          -> T5 actors (map_batches)  -> TextShard.accept -> finish
     latents: manifest rows -> bucket_groups (flat_map, CPU tasks) -> VAE actors -> LatentShard.accept -> finish
@@ -21,9 +21,9 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from flows._ray import ray_session
-from pixart.config import ExtractConfig
-from pixart.encoders import LatentEncoder, TextEncoder
-from pixart.features import LatentShard, TextShard, bucket_groups, npy_bytes
+from pixart.features.config import ExtractConfig
+from pixart.features.encoders import LatentEncoder, TextEncoder
+from pixart.features.extract import LatentShard, TextShard, bucket_groups, npy_bytes
 from storage.errors import PipelineError
 
 

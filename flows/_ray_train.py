@@ -1,5 +1,5 @@
-"""Ray Train glue: the same `pixart.run.train_worker` on N workers under `TorchTrainer` (DDP by default, FSDP2 as an
-option: `ray.strategy=fsdp`, `pixart/sharding.py`). Each worker streams its own share of the feature shards (the
+"""Ray Train glue: the same `pixart.train.run.train_worker` on N workers under `TorchTrainer` (DDP by default, FSDP2 as an
+option: `ray.strategy=fsdp`, `pixart/train/sharding.py`). Each worker streams its own share of the feature shards (the
 loader splits by rank), checkpoints go to the run directory under output_root (rank 0), and
 `FailureConfig(max_failures)` restarts the worker group after a failure: every worker then resumes from the run's
 latest checkpoint. A re-run of the same run name resumes too.
@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from flows._ray import ray_session
-from pixart.prepare import check_features, prepare_conditions
-from pixart.train_config import TrainConfig
+from pixart.train.config import TrainConfig
+from pixart.train.prepare import check_features, prepare_conditions
 from storage.errors import PipelineError
 from storage.urls import filesystem, protocol_of
 
@@ -28,7 +28,7 @@ def _loop(config: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
-    from pixart.run import train_worker
+    from pixart.train.run import train_worker
 
     cfg = TrainConfig.model_validate(config["cfg"])
     ctx = ray.train.get_context()
@@ -49,7 +49,7 @@ def _loop(config: dict[str, Any]) -> None:
 
     def wrap(model: torch.nn.Module) -> torch.nn.Module:
         if world > 1 and cfg.ray.strategy == "fsdp":
-            from pixart.sharding import shard
+            from pixart.train.sharding import shard
 
             return shard(model)  # FSDP2 in place; the Trainer gathers the shards for checkpoints and samples
         return ray.train.torch.prepare_model(model, parallel_strategy="ddp" if world > 1 else None)

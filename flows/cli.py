@@ -20,10 +20,10 @@ from typing import Annotated
 import typer
 
 from captioning.config import CaptionConfig
-from pixart.config import ExtractConfig
-from pixart.train_config import TrainConfig
-from storage.config import IngestConfig
+from pixart.features.config import ExtractConfig
+from pixart.train.config import TrainConfig
 from storage.errors import PipelineError
+from storage.ingest.config import IngestConfig
 
 app = typer.Typer(help="PixArt-alpha data and training pipeline.", no_args_is_help=True, add_completion=False)
 
@@ -167,7 +167,7 @@ def train(
 
 def _checkpoint_of(path: str) -> str:
     """A checkpoint directory as given, or a run directory's latest checkpoint."""
-    from pixart import checkpoint
+    from pixart.train import checkpoint
 
     p = Path(path)
     if (p / "checkpoints").is_dir():
@@ -190,7 +190,7 @@ def sample(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
     """Sample a grid from a training checkpoint (EMA weights when present) with the T5 and VAE it names."""
-    from pixart.sampling import sample_checkpoint
+    from pixart.train.sampling import sample_checkpoint
 
     try:
         image = sample_checkpoint(_checkpoint_of(checkpoint_dir), prompt, class_id, steps=steps,
@@ -228,7 +228,7 @@ def audit(
     one caption or error row; exit 1 if not."""
     from captioning.audit import AuditConfig, audit_caption_set
     from storage.configio import load_config
-    from storage.dedupe import duplicate_report
+    from storage.ingest.dedupe import duplicate_report
 
     try:
         cfg = load_config(AuditConfig, None, args)
@@ -274,8 +274,8 @@ def demo(
     from flows.caption_stage import CaptionStage
     from flows.extract_stage import ExtractStage, feature_counts
     from flows.ingest_stage import IngestStage
+    from storage.ingest.samples import build_samples
     from storage.manifest import read_dataset
-    from storage.samples import build_samples
 
     root = root.resolve()
     raw = build_samples(root / "raw", short_side=short_side)
@@ -333,8 +333,8 @@ def _demo_training(out: str, caption_set: str, t5_model: str, vae_model: str) ->
     1024 in aspect-ratio buckets), on the SAM features (the demo extracts no JourneyDB features); then the
     export."""
     from flows.train_stage import load_train_config, run_training
-    from pixart import checkpoint
     from pixart.export import export as export_checkpoint
+    from pixart.train import checkpoint
     from storage.layout import run_dir
 
     common = [f"output_root={out}", f"t5_model={t5_model}", f"vae_model={vae_model}"]

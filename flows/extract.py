@@ -20,7 +20,8 @@ def extract(config: str = "extract/sam-256", overrides: list[str] | None = None,
     """Extract features into `<output_root>/features/<dataset>/`.
 
     Args:
-        config: preset name (`sam-256`, `sam-1024`, `journeydb-256`, `journeydb-512`, `journeydb-1024`, `imagenet-256`) or a YAML path.
+        config: preset name (`sam-256`, `sam-1024`, `journeydb-256`, `journeydb-512`, `journeydb-1024`,
+            `imagenet-256`) or a YAML path.
         overrides: `key=value` strings applied after the preset, e.g. `caption_set=<name>`.
         force: redo shards that are already committed.
     """

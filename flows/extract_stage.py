@@ -1,4 +1,4 @@
-"""The extract stage: T5 text features of a caption set and VAE latents of a dataset (`pixart.features`).
+"""The extract stage: T5 text features of a caption set and VAE latents of a dataset (`pixart.features.extract`).
 
 Prefect-free; run by `pixart extract` (LocalRuntime) and by the `extract` Prefect flow (`flows/extract.py`).
 Shards are caption shards (text) and manifest shards (latents); both kinds run through the same skeleton, with the
@@ -11,10 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 from flows._stage import Shard, Stage, StageOutcome, failure_message, manifests_to_read
-from pixart.bucket_report import bucket_histogram, histogram_png
-from pixart.config import ExtractConfig
-from pixart.estimate import estimate, t5_width
-from pixart.features import extract_latent_shard, extract_text_shard, latent_urls, text_urls
+from pixart.features.bucket_report import bucket_histogram, histogram_png
+from pixart.features.config import ExtractConfig
+from pixart.features.estimate import estimate, t5_width
+from pixart.features.extract import extract_latent_shard, extract_text_shard, latent_urls, text_urls
 from storage.commit import commit_shard, is_done, write_atomic
 from storage.configio import load_config
 from storage.errors import PipelineError
@@ -63,7 +63,7 @@ class ExtractStage(Stage):
         return shards
 
     def open(self, cfg: ExtractConfig) -> None:
-        from pixart.encoders import LatentEncoder, TextEncoder
+        from pixart.features.encoders import LatentEncoder, TextEncoder
 
         if cfg.executor == "ray":  # the encoders load inside the Ray actors
             return

@@ -5,7 +5,8 @@
 The work is `flows/ingest_stage.py` on the stage kit (`flows/_stage.py`), the same code `pixart ingest` runs
 locally without a Prefect server. At most `workers` shard tasks run at a time; committed shards are skipped unless
 `force`; transient failures are retried twice, permanent ones fail the shard at once; a failed shard, or one that
-another live run still holds, fails the run at the end (naming it), after every other shard. Artifacts: `ingest-<dataset>-shards` (table), `-summary`, `-progress`.
+another live run still holds, fails the run at the end (naming it), after every other shard.
+Artifacts: `ingest-<dataset>-shards` (table), `-summary`, `-progress`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The ingest stage: source shards -> parquet manifests (`storage.ingest`), then dataset-wide duplicate marking.
+"""The ingest stage: source shards -> parquet manifests (`storage.ingest.shard`), then dataset-wide duplicate marking.
 
 Prefect-free; run by `pixart ingest` (LocalRuntime) and by the `ingest` Prefect flow (`flows/ingest.py`).
 """
@@ -10,10 +10,10 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 from flows._stage import Shard, Stage, StageOutcome, failure_message
-from storage.config import IngestConfig
 from storage.configio import load_config
-from storage.dedupe import mark_duplicates
-from storage.ingest import ingest_shard, ingest_shard_record, list_shards, prepare
+from storage.ingest.config import IngestConfig
+from storage.ingest.dedupe import mark_duplicates
+from storage.ingest.shard import ingest_shard, ingest_shard_record, list_shards, prepare
 from storage.layout import manifest_dir
 from storage.shard import ShardResult
 from storage.urls import check_output_root

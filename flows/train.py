@@ -28,7 +28,7 @@ from prefect.artifacts import (
 from prefect.states import Completed, Failed
 
 from flows.train_stage import load_train_config, run_training
-from pixart.monitor import metrics_url
+from pixart.train.monitor import metrics_url
 from storage.errors import PipelineError
 from storage.layout import run_dir
 from storage.urls import exists, filesystem, join, open_url

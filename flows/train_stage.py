@@ -15,9 +15,9 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from pixart.monitor import metrics_url
-from pixart.prepare import check_run, prepare_conditions, write_config
-from pixart.train_config import STAGE_PRESETS, TrainConfig
+from pixart.train.config import STAGE_PRESETS, TrainConfig
+from pixart.train.monitor import metrics_url
+from pixart.train.prepare import check_run, prepare_conditions, write_config
 from storage.configio import load_config
 from storage.errors import ConfigError, PipelineError, ShardBusyError
 from storage.layout import run_dir
@@ -58,7 +58,7 @@ def run_lease(cfg: TrainConfig) -> Lease:
 def run_training(cfg: TrainConfig, log: Callable[[str], None] = print,
                  progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train `cfg` to schedule.max_steps (resuming a run of the same name); returns the cost summary."""
-    from pixart import checkpoint
+    from pixart.train import checkpoint
 
     lease = run_lease(cfg)
     try:
@@ -85,8 +85,8 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = print,
 
 def _run_local(cfg: TrainConfig, found: dict[str, Any], log: Callable[[str], None],
                progress: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
-    from pixart.run import train_worker
-    from pixart.trainer import Trainer
+    from pixart.train.run import train_worker
+    from pixart.train.trainer import Trainer
 
     conditions = prepare_conditions(cfg, found["text_width"], save=False)  # in memory until the run can start
     trainer = Trainer(cfg, conditions=conditions)

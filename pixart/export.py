@@ -5,7 +5,7 @@
     export(ckpt, "exports/stage2-full", bundle=True)                         # T5 + VAE copied in: loads alone
 
     transformer/         the EMA weights (or transformer/ without an EMA or with use_ema=False), safetensors
-    scheduler/           DPM-Solver++ 2M on the training schedule (pixart/sampling.py: make_scheduler)
+    scheduler/           DPM-Solver++ 2M on the training schedule (pixart/train/sampling.py: make_scheduler)
     model_index.json     PixArtAlphaPipeline (stage 1: DiTPipeline); unbundled components are [null, null], what
                          diffusers itself writes for an absent component, so they must be passed to from_pretrained
     pixart_export.json   T5 and VAE names, step, source checkpoint, config hash: what the export was made from
@@ -13,7 +13,7 @@
 
 Only committed checkpoints (with their .done marker) are exported. The directory is built under a temporary
 sibling, its transformer (and bundled VAE) loaded back in full there (readable safetensors, exactly the tensors
-its config describes, finite: `pixart.weights.check_model_dir`), and only then renamed into place, so a reader
+its config describes, finite: `pixart.train.weights.check_model_dir`), and only then renamed into place, so a reader
 sees no export or a whole one that loads; an existing export of something else is replaced only with force
 (`--force`; a directory that is not an export never). The trainer takes an export as `init` when its weights are
 the run's `init_weights` (pixart_export.json's `weights`: ema, or transformer for the trained weights).
@@ -32,9 +32,9 @@ from typing import Any
 
 import yaml
 
-from pixart import checkpoint
-from pixart.sampling import make_scheduler
-from pixart.weights import check_model_dir
+from pixart.train import checkpoint
+from pixart.train.sampling import make_scheduler
+from pixart.train.weights import check_model_dir
 from storage.commit import TMP_MARK, read_done, sweep_stale
 from storage.errors import PipelineError
 from storage.urls import absolute_url, exists, filesystem

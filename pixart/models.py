@@ -33,7 +33,7 @@ import torch
 from pydantic import Field, field_validator
 from safetensors import SafetensorError, safe_open
 
-from pixart.encoders import ModelLoadError
+from pixart.features.encoders import ModelLoadError
 from storage.configio import StrictModel
 
 if TYPE_CHECKING:

@@ -6,7 +6,7 @@ import io
 import tarfile
 from pathlib import Path
 
-from storage.samples import sa1b_json
+from storage.ingest.samples import sa1b_json
 
 
 def file_member(name: str, data: bytes) -> tuple[tarfile.TarInfo, bytes]:

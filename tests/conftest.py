@@ -9,7 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
-from storage.samples import build_samples  # noqa: E402
+from storage.ingest.samples import build_samples  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -63,8 +63,8 @@ def captioned(samples, tmp_path_factory, tiny_llava, tiny_t5):
     from captioning.records import ensure_caption_set
     from captioning.runner import caption_shard
     from captioning.text import T5TokenCounter
-    from storage.config import IngestConfig
-    from storage.ingest import ingest_shard, list_shards, prepare
+    from storage.ingest.config import IngestConfig
+    from storage.ingest.shard import ingest_shard, list_shards, prepare
     from storage.manifest import committed_manifests
 
     root = str(tmp_path_factory.mktemp("features-root"))
@@ -86,9 +86,9 @@ def captioned(samples, tmp_path_factory, tiny_llava, tiny_t5):
 @pytest.fixture(scope="session")
 def features(captioned, tiny_t5_encoder, tiny_vae):
     """`captioned` plus features by the tiny T5 and VAE: sam text + 256 and 512-ms latents, imagenet 256."""
-    from pixart.config import ExtractConfig
-    from pixart.encoders import LatentEncoder, TextEncoder
-    from pixart.features import extract_latent_shard, extract_text_shard
+    from pixart.features.config import ExtractConfig
+    from pixart.features.encoders import LatentEncoder, TextEncoder
+    from pixart.features.extract import extract_latent_shard, extract_text_shard
     from storage.layout import caption_url
     from storage.manifest import committed_manifests
 

@@ -9,8 +9,8 @@ import sys
 import tarfile
 from pathlib import Path
 
-from storage.config import IngestConfig
-from storage.ingest import ingest_shard, list_shards, prepare
+from storage.ingest.config import IngestConfig
+from storage.ingest.shard import ingest_shard, list_shards, prepare
 from storage.manifest import read_dataset
 from tests import images
 
@@ -58,8 +58,8 @@ def run_measured(code: str, *args: str) -> dict:
 
 _INGEST = """
 import json, sys
-from storage.config import IngestConfig
-from storage.ingest import ingest_shard, list_shards, prepare
+from storage.ingest.config import IngestConfig
+from storage.ingest.shard import ingest_shard, list_shards, prepare
 from storage.manifest import read_dataset
 cfg = IngestConfig(**json.loads(sys.argv[1]))
 ctx = prepare(cfg)
@@ -77,7 +77,7 @@ def ingest_measured(**cfg) -> dict:
 
 def edit_index(monkeypatch, suffix: str, edit) -> None:
     """The loader sees the rows of the index whose URL ends with `suffix` as `edit(rows)` leaves them."""
-    import pixart.data as data
+    import pixart.data.loader as data
 
     real = data.read_rows
 

@@ -9,7 +9,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from storage.samples import load_photo
+from storage.ingest.samples import load_photo
 
 
 def encode(im: Image.Image, fmt: str = "JPEG", **kw) -> bytes:

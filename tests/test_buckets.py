@@ -5,8 +5,8 @@ import io
 import pytest
 from PIL import Image
 
-from pixart.bucket_report import bucket_histogram, histogram_png
 from pixart.buckets import BucketError, apply_crop, assign, bucket_table, fixed_bucket
+from pixart.features.bucket_report import bucket_histogram, histogram_png
 
 # The official ASPECT_RATIO_1024 (PixArt-alpha diffusion/data/datasets/utils.py), typed from the reference notes.
 OFFICIAL_1024 = {
@@ -101,7 +101,7 @@ SIZES = [(600, 900), (900, 600), (333, 500), (427, 640), (301, 451), (512, 512),
 
 @pytest.fixture(scope="module")
 def photos():
-    from storage.samples import load_photo
+    from storage.ingest.samples import load_photo
 
     base = [load_photo(name) for name in ("astronaut", "coffee", "chelsea")]
     return {(h, w): base[i % 3].resize((w, h), Image.LANCZOS) for i, (h, w) in enumerate(SIZES)}

@@ -18,11 +18,11 @@ from captioning.config import CaptionConfig
 from captioning.records import caption_set_dir, ensure_caption_set
 from captioning.runner import caption_shard
 from captioning.text import T5TokenCounter
-from storage.config import IngestConfig
 from storage.errors import ConfigError
-from storage.ingest import ingest_shard, list_shards, prepare
+from storage.ingest.config import IngestConfig
+from storage.ingest.samples import add_member, jpeg_bytes, photo_variants, sa1b_json
+from storage.ingest.shard import ingest_shard, list_shards, prepare
 from storage.manifest import committed_manifests
-from storage.samples import add_member, jpeg_bytes, photo_variants, sa1b_json
 
 
 def ingest(cfg: IngestConfig) -> str:

@@ -7,7 +7,7 @@ from PIL import Image
 from captioning.captioner import Captioner
 from captioning.config import PAPER_PROMPT, CaptionConfig
 from captioning.text import T5TokenCounter, clean_caption, degenerate_reason, is_repetition_loop
-from storage.samples import photo_variants
+from storage.ingest.samples import photo_variants
 
 
 @pytest.fixture(scope="module")

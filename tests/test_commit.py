@@ -7,10 +7,10 @@ import time
 import pytest
 import webdataset as wds
 
-from storage import ingest as ingest_mod
 from storage.commit import commit_shard, is_done, read_done, write_done
-from storage.config import IngestConfig
-from storage.ingest import ingest_shard, list_shards
+from storage.ingest.config import IngestConfig
+from storage.ingest.shard import ingest_shard, list_shards
+from storage.ingest import shard as ingest_mod
 from storage.manifest import committed_manifests, read_manifest
 from storage.wds import EmptyShardError, ShardTarWriter
 
@@ -81,7 +81,7 @@ def test_rerun_skips_committed_shards_unless_forced(samples, tmp_path, monkeypat
     def must_not_read(*a, **k):
         raise AssertionError("a committed shard was read again")
 
-    from storage.sources.sa1b import SA1B
+    from storage.ingest.sources.sa1b import SA1B
 
     monkeypatch.setattr(SA1B, "iter_samples", must_not_read)
     again = [ingest_shard(s, cfg) for s in list_shards(cfg)]

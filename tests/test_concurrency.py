@@ -17,9 +17,9 @@ from captioning.shard import CaptionShard
 from captioning.text import T5TokenCounter
 from flows._stage import LocalRuntime, call_with_retries, run_stage
 from flows.ingest_stage import IngestStage
-from storage.config import IngestConfig
 from storage.errors import ShardBusyError, SourceError, TransientSourceError
-from storage.ingest import ingest_shard, list_shards, prepare
+from storage.ingest.config import IngestConfig
+from storage.ingest.shard import ingest_shard, list_shards, prepare
 from storage.layout import safe_name
 from storage.manifest import committed_manifests, read_dataset
 from storage.shard import PartitionedShard, ShardResult

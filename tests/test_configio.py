@@ -3,9 +3,9 @@
 import pytest
 import yaml
 
-from storage.config import IngestConfig
 from storage.configio import config_hash, dump_yaml, load_config, parse_overrides
 from storage.errors import ConfigError
+from storage.ingest.config import IngestConfig
 
 
 def test_overrides_parse_yaml_values_and_nest():
@@ -70,7 +70,7 @@ def test_misspelled_keys_get_a_did_you_mean_at_every_level():
 
 
 def test_own_validator_messages_read_as_written():
-    from pixart.train_config import TrainConfig
+    from pixart.train.config import TrainConfig
 
     with pytest.raises(ConfigError) as info:
         load_config(TrainConfig, "stage1", ["stage=2"], kind="train")
@@ -80,8 +80,8 @@ def test_own_validator_messages_read_as_written():
 
 def test_every_training_preset_has_the_extraction_preset_its_features_need():
     """A paper stage whose features no extraction preset makes cannot be run from presets alone."""
-    from pixart.config import ExtractConfig
-    from pixart.train_config import TrainConfig
+    from pixart.features.config import ExtractConfig
+    from pixart.train.config import TrainConfig
     from storage.configio import CONFIG_DIR
 
     made = set()

@@ -8,10 +8,10 @@ import tarfile
 
 import pytest
 
-from storage.config import IngestConfig
-from storage.ingest import ingest_shard, list_shards, prepare
+from storage.ingest.config import IngestConfig
+from storage.ingest.samples import add_member
+from storage.ingest.shard import ingest_shard, list_shards, prepare
 from storage.manifest import read_dataset
-from storage.samples import add_member
 from tests import images
 from tests.archives import file_member, sa1b_pair, special_member, write_tar
 

@@ -1,4 +1,4 @@
-"""pixart.diffusion against closed forms written here from the textbook, not from the module under test."""
+"""pixart.train.diffusion against closed forms written here from the textbook, not from the module under test."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pixart.diffusion import IDDPM
+from pixart.train.diffusion import IDDPM
 
 T = 1000
 BETAS = np.linspace(1e-4, 0.02, T, dtype=np.float64)
@@ -188,7 +188,7 @@ def test_decoder_likelihood_keeps_digits_in_the_tails():
     IDDPM's floor, log 1e-12, with finite (zero) gradients."""
     from functools import partial
 
-    from pixart.diffusion import discretized_gaussian_log_likelihood
+    from pixart.train.diffusion import discretized_gaussian_log_likelihood
 
     logp = partial(discretized_gaussian_log_likelihood, cdf="exact")
     offsets = torch.tensor([0.0, 0.02, 0.04, 0.05, 0.06, 0.10])  # in units of σ = 0.01: 0, 2, 4, 5, 6, 10

@@ -21,8 +21,8 @@ from captioning.runner import caption_shard
 from captioning.text import T5TokenCounter
 from storage.configio import load_config
 from storage.errors import ConfigError
+from storage.ingest.samples import photo_variants
 from storage.manifest import committed_manifests
-from storage.samples import photo_variants
 from tests import test_caption_shards as shard_tests
 from tests import test_captioner as captioner_tests
 from tests.test_caption_shards import sam_root  # noqa: F401 - fixture, for the shard tests below

@@ -13,13 +13,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from pixart import checkpoint
-from pixart.diffusion import IDDPM
 from pixart.export import ExportError, export
 from pixart.models import ModelConfig, build_pixart
-from pixart.prepare import prepare_run
-from pixart.sampling import make_scheduler, sample_text, save_samples
-from pixart.trainer import Trainer
+from pixart.train import checkpoint
+from pixart.train.diffusion import IDDPM
+from pixart.train.prepare import prepare_run
+from pixart.train.sampling import make_scheduler, sample_text, save_samples
+from pixart.train.trainer import Trainer
 from storage.errors import PipelineError
 from tests.test_train import config
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from captioning.records import CAPTION_SCHEMA
-from pixart.config import ExtractConfig
-from pixart.encoders import TextEncoder
-from pixart.features import LatentShard, TextShard, extract_text_shard, text_urls
+from pixart.features.config import ExtractConfig
+from pixart.features.encoders import TextEncoder
+from pixart.features.extract import LatentShard, TextShard, extract_text_shard, text_urls
 from storage.commit import write_done
 from storage.errors import PipelineError
 from storage.layout import caption_url, manifest_url

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from pixart.buckets import assign
-from pixart.config import ExtractConfig
-from pixart.encoders import LatentEncoder, TextEncoder
-from pixart.features import extract_latent_shard, extract_text_shard, latent_urls, text_urls
+from pixart.features.config import ExtractConfig
+from pixart.features.encoders import LatentEncoder, TextEncoder
+from pixart.features.extract import extract_latent_shard, extract_text_shard, latent_urls, text_urls
 from storage.layout import caption_url
 from storage.manifest import committed_manifests
 from storage.parquet import read_rows
@@ -122,7 +122,7 @@ def test_imagenet_latents_carry_the_class(captioned, tiny_vae):
 
 
 def test_the_drop_policy_turns_extreme_ratios_into_error_rows(captioned, tiny_vae, monkeypatch):
-    import pixart.features as features
+    import pixart.features.extract as features
 
     cfg = ExtractConfig(dataset="sam", what="latents", output_root=captioned, vae_model=tiny_vae, base_size=512,
                         multi_scale=True, bucket_policy="drop", force=True)
@@ -210,7 +210,7 @@ def assert_same_encoding(batched: np.ndarray, single: np.ndarray) -> None:
 
 
 def test_caption_cleaning_as_pixart_does_before_encoding(captioned, tiny_t5_encoder):
-    from pixart.features import clean_caption
+    from pixart.features.extract import clean_caption
 
     assert clean_caption("A CAT on https://x.org/a.jpg <b>sofa</b>") == "a cat on sofa"
     cfg = ExtractConfig(dataset="sam", what="text", caption_set="tiny", output_root=captioned, clean_caption=True,
@@ -281,9 +281,9 @@ def test_ray_data_path_writes_the_same_features_as_the_local_one(captioned, tiny
 def test_latent_images_are_decoded_in_full_unless_jpeg_draft_is_asked_for():
     """The official transform decodes the whole JPEG; the reduced-scale decode is an opt-in speed setting."""
     from pixart.buckets import apply_crop, fixed_bucket
-    from pixart.features import prepare_image
+    from pixart.features.extract import prepare_image
     from storage.decode import decode_image
-    from storage.samples import jpeg_bytes, load_photo
+    from storage.ingest.samples import jpeg_bytes, load_photo
 
     photo = load_photo("astronaut").resize((1350, 900))
     data = jpeg_bytes(photo)
@@ -318,7 +318,7 @@ def test_captions_are_cleaned_by_default_as_training_and_inference_clean_them():
 
     from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import PixArtAlphaPipeline
 
-    from pixart.features import clean_caption
+    from pixart.features.extract import clean_caption
 
     assert ExtractConfig(dataset="sam", caption_set="x", output_root="/unused").clean_caption is True
     # What the exported pipeline does to a prompt (encode_prompt -> _text_preprocessing(clean_caption=True)).

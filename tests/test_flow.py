@@ -40,7 +40,7 @@ def test_flow_rerun_skips_and_force_redoes(prefect_server, samples, tmp_path):
 
 
 def test_one_failing_shard_does_not_stop_the_others(prefect_server, samples, tmp_path, monkeypatch):
-    from storage.sources.sa1b import SA1B
+    from storage.ingest.sources.sa1b import SA1B
 
     real = SA1B.iter_samples
 

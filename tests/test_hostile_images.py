@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from storage.config import IngestConfig
 from storage.decode import decode_image, probe_image
 from storage.errors import ImageDecodeError
-from storage.samples import jpeg_bytes, photo_variants
+from storage.ingest.config import IngestConfig
+from storage.ingest.samples import jpeg_bytes, photo_variants
 from tests import images
 from tests.archives import sa1b_pair
 from tests.hostile import GOOD, RSS_LIMIT, errors, ingest_rows, ok_keys, run_measured, write_gnu_tar

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from storage.config import IngestConfig
 from storage.errors import SourceError
-from storage.ingest import ingest_shard, list_shards
+from storage.ingest.config import IngestConfig
+from storage.ingest.shard import ingest_shard, list_shards
 from storage.manifest import read_dataset
 
 

@@ -185,8 +185,8 @@ def pixart(*args: str):
 
 @pytest.fixture
 def sam_root(samples, tmp_path):
-    from storage.config import IngestConfig
-    from storage.ingest import ingest_shard, list_shards
+    from storage.ingest.config import IngestConfig
+    from storage.ingest.shard import ingest_shard, list_shards
 
     cfg = IngestConfig(dataset="sam", source=samples["sam"], output_root=str(tmp_path / "root"))
     for s in list_shards(cfg):
@@ -227,7 +227,7 @@ def test_kill_9_during_extraction_then_an_immediate_rerun_is_complete(captioned_
 
     args = ["extract", "sam-256", f"output_root={captioned_copy}", "caption_set=tiny", f"t5_model={tiny_t5_encoder}",
             f"vae_model={tiny_vae}"]
-    run_until_paused_then_kill(args, "pixart.features", "_Output", "write")
+    run_until_paused_then_kill(args, "pixart.features.extract", "_Output", "write")
     assert lease_files(captioned_copy), "the kill should leave the shard's lease behind"
     again = pixart(*args)  # at once: no waiting for the dead run's lease
     assert again.exit_code == 0, again.output
@@ -361,8 +361,8 @@ def test_busy_shards_on_the_ray_executor_end_the_run_incomplete(captioned, tiny_
     import flows._ray_extract
     from flows._stage import LocalRuntime, run_stage
     from flows.extract_stage import ExtractStage
-    from pixart.config import ExtractConfig
-    from pixart.features import latent_urls
+    from pixart.features.config import ExtractConfig
+    from pixart.features.extract import latent_urls
     from storage.configio import load_config
 
     monkeypatch.setattr(flows._ray_extract, "ray_session", lambda address: contextlib.nullcontext())  # no work left

@@ -11,8 +11,8 @@ from collections import Counter
 
 import pytest
 
-from pixart.data import BucketedLoader, FeatureShard, batches_per_rank
-from pixart.features import INDEX_SCHEMA
+from pixart.data.loader import BucketedLoader, FeatureShard, batches_per_rank
+from pixart.features.extract import INDEX_SCHEMA
 from storage.parquet import write_table
 
 BATCH = 3
@@ -55,7 +55,7 @@ class KeysOnly(BucketedLoader):
 def stream_keys(shards, rank=0, world=1, workers=1) -> dict[str, str]:
     """{key: bucket} of every sample a rank reads (all its streams)."""
     ld = BucketedLoader(shards, BATCH, rank=rank, world_size=world, num_workers=workers)
-    from pixart.data import shard_entries
+    from pixart.data.loader import shard_entries
 
     return {e.key: e.bucket for w in range(workers) for i in ld.stream_shards(w)
             for e in shard_entries(i, shards[i])}
@@ -166,9 +166,9 @@ def test_the_trainer_resumes_exactly_across_epochs_that_start_with_carried_lefto
     (trainer.py: min over ranks of epoch 0's batches), so 4 steps cross three epoch boundaries, and buckets smaller
     than a batch are trained only from leftovers carried over epochs. Stopped at step 2 and resumed from its
     checkpoint: the same batches and bit-identical losses as the uninterrupted run."""
-    from pixart.prepare import prepare_run
-    from pixart.train_config import TrainConfig
-    from pixart.trainer import Trainer
+    from pixart.train.config import TrainConfig
+    from pixart.train.prepare import prepare_run
+    from pixart.train.trainer import Trainer
     from storage.configio import load_config
 
     def config(run, *extra):

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from pixart.config import ExtractConfig
-from pixart.data import BucketedLoader, feature_shards
-from pixart.features import latent_urls
+from pixart.data.loader import BucketedLoader, feature_shards
+from pixart.features.config import ExtractConfig
+from pixart.features.extract import latent_urls
 from storage.manifest import committed_manifests
 from storage.parquet import read_rows
 from tests.hostile import edit_index
@@ -20,7 +20,7 @@ def all_batches(loader):
 
 def padded(batch):
     """The batch with "text" and "mask" whichever way the loader delivered the text (pad_text True or False)."""
-    from pixart.finish import pad_text
+    from pixart.data.finish import pad_text
 
     if "text_rows" not in batch:
         return batch
@@ -70,7 +70,7 @@ def test_latents_are_sampled_from_the_stored_posterior(features):
 
 
 def test_the_posterior_can_be_handed_over_for_sampling_on_the_device(features):
-    from pixart.finish import sample_posterior
+    from pixart.data.finish import sample_posterior
 
     shards = feature_shards(features, "sam", 512, multi_scale=True, caption_set="tiny")
     sampled = all_batches(BucketedLoader(shards, batch_size=2, seed=4, drop_last=False))
@@ -85,7 +85,7 @@ def test_the_posterior_can_be_handed_over_for_sampling_on_the_device(features):
 def test_text_rows_padded_on_the_device_equal_the_loaders_padding(features):
     """pad_text=False: the valid rows back to back plus n_tokens; pad_text() gives the loader's padded text and mask
     exactly, for square and multi-scale batches, and a held batch keeps its rows while later ones load."""
-    from pixart.finish import pad_text
+    from pixart.data.finish import pad_text
 
     for size, ms in ((256, False), (512, True)):
         shards = feature_shards(features, "sam", size, multi_scale=ms, caption_set="tiny")
@@ -134,7 +134,7 @@ def test_each_rank_gets_the_counted_number_of_batches_in_every_epoch(features):
     """Training runs steps_per_epoch = min over ranks of batches_per_rank; a rank that got fewer batches in some
     epoch would stall the others (its loader runs dry while they wait in the all-reduce). With leftovers carried
     into the next epoch the count can grow by a batch per bucket after epoch 0, never shrink below epoch 0's."""
-    from pixart.data import batches_per_rank
+    from pixart.data.loader import batches_per_rank
 
     shards = feature_shards(features, "sam", 512, multi_scale=True, caption_set="tiny")
     shards = shards + shards[:1]  # three shards over two ranks: uneven on purpose
@@ -153,7 +153,7 @@ def test_leftovers_carried_into_the_next_epoch_are_read_like_any_batch(features)
     """Batch 3 over the 512-ms buckets (8 samples, most buckets smaller than a batch): leftovers are carried, every
     key is trained within three epochs, the counts are batches_per_rank's, and a key a small bucket repeats in one
     batch (collected over epochs, as the official sampler does) reads the same rows each time."""
-    from pixart.data import batches_per_rank
+    from pixart.data.loader import batches_per_rank
 
     shards = feature_shards(features, "sam", 512, multi_scale=True, caption_set="tiny")
     everything = {r["key"] for s in shards for r in read_rows(s.latents) if r["status"] == "ok"}
@@ -213,8 +213,8 @@ def test_the_three_read_paths_give_identical_batches(features, monkeypatch, pad)
     """Arrays read straight into the batch at the index's array_offset (one read, headers checked), located by their
     headers in the sample's first bytes (indexes written before array_offset existed), and the sample's range read
     whole and parsed (shards from other tar writers): the same batches."""
-    import pixart.data as data
-    import pixart.tar_reads as tar_reads
+    import pixart.data.loader as data
+    import pixart.data.tar_reads as tar_reads
 
     shards = feature_shards(features, "sam", 512, multi_scale=True, caption_set="tiny")
     load = lambda: [padded(b) for b in BucketedLoader(shards, batch_size=2, seed=5, drop_last=False,  # noqa: E731
@@ -263,7 +263,7 @@ def test_an_array_offset_that_points_elsewhere_falls_back_to_the_range(features,
         rows[2]["array_offset"] = -512
         rows[3]["array_offset"] = 1 << 40  # past the end: a short read
 
-    import pixart.tar_reads as tar_reads
+    import pixart.data.tar_reads as tar_reads
 
     edit_text_index(monkeypatch, scramble_text)
     edit_text_index(monkeypatch, scramble_latents, suffix="/latents/256/sa_000000.parquet")
@@ -296,7 +296,7 @@ def test_a_token_count_the_headers_contradict_is_an_error_naming_file_and_key(fe
 
 
 def test_text_arrays_are_reused_only_once_nothing_holds_them():
-    from pixart.tar_reads import ArrayPool
+    from pixart.data.tar_reads import ArrayPool
 
     pool = ArrayPool(limit=3)
     ptr = lambda arr: arr.__array_interface__["data"][0]  # noqa: E731
@@ -334,7 +334,7 @@ def test_an_index_pointing_at_the_wrong_bytes_is_a_clear_error(features, monkeyp
 
 
 def test_prefetch_keeps_order_and_hands_errors_to_the_consumer():
-    from pixart.prefetch import Prefetch
+    from pixart.data.prefetch import Prefetch
 
     def source():
         for i in range(5):

@@ -1,4 +1,4 @@
-"""The feature loader (`pixart/data.py`) on feature shards held in S3 (moto on 127.0.0.1, tests/s3server.py)."""
+"""The feature loader (`pixart/data/loader.py`) on feature shards held in S3 (moto on 127.0.0.1, tests/s3server.py)."""
 
 from pathlib import Path
 
@@ -6,7 +6,7 @@ import pytest
 import s3fs
 import torch
 
-from pixart.data import BucketedLoader, feature_shards
+from pixart.data.loader import BucketedLoader, feature_shards
 from storage.errors import SourceError
 from tests.s3server import BUCKET, clear_s3fs_cache
 
@@ -26,7 +26,7 @@ def test_the_loader_reads_feature_shards_from_s3(features, s3_endpoint, s3_clien
     remote = feature_shards(f"s3://{BUCKET}/loader", "sam", 512, multi_scale=True, caption_set="tiny")
     assert [s.name for s in remote] == [s.name for s in local] and remote[0].latents.startswith("s3://")
 
-    import pixart.tar_reads as tar_reads
+    import pixart.data.tar_reads as tar_reads
 
     fetches, gets = [], []
     real_fetch, real_get = tar_reads.TarReader.fetch, s3fs.S3FileSystem._cat_file
@@ -47,7 +47,7 @@ def test_the_loader_reads_feature_shards_from_s3(features, s3_endpoint, s3_clien
     samples = sum(len(b["keys"]) for b in got)
     assert fetches[-len(got):] == [2 * len(b["keys"]) for b in got]  # per batch: latent + text range of each
     assert len(gets) == 2 * samples  # exact range requests, nothing else read
-    from pixart.finish import pad_text
+    from pixart.data.finish import pad_text
 
     rows = list(BucketedLoader(remote, batch_size=2, seed=2, drop_last=False, pad_text=False))  # rows for the GPU
     for x, y in zip(want, rows, strict=True):

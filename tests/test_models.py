@@ -9,7 +9,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from pixart.encoders import ModelLoadError
+from pixart.features.encoders import ModelLoadError
 from pixart.models import (
     PRESETS,
     ModelConfig,

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pixart.prepare import prepare_run
+from pixart.train.prepare import prepare_run
 from storage.layout import run_dir
 from tests.test_train import config
 
@@ -22,7 +22,7 @@ def test_two_workers_resume_after_a_failure_with_identical_losses(features, tiny
     import ray
 
     from flows._ray_train import encode_conditions, run_ray
-    from pixart.conditions import conditions_url
+    from pixart.train.conditions import conditions_url
     from storage.errors import ConfigError
     from storage.urls import exists
 
@@ -70,8 +70,8 @@ def assert_checkpoint_is_plain(root, run, cfg):
     import torch
     from diffusers import PixArtTransformer2DModel
 
-    from pixart.checkpoint import latest
-    from pixart.trainer import Trainer
+    from pixart.train.checkpoint import latest
+    from pixart.train.trainer import Trainer
     from storage.errors import PipelineError
 
     ckpt = latest(root, run)

@@ -5,12 +5,12 @@ import shutil
 import tarfile
 
 import pytest
+from storage.ingest.sources.journeydb import strip_midjourney_flags
 
-from storage.config import IngestConfig
 from storage.errors import SourceError
-from storage.ingest import ingest_shard, list_shards, prepare
+from storage.ingest.config import IngestConfig
+from storage.ingest.shard import ingest_shard, list_shards, prepare
 from storage.manifest import read_dataset
-from storage.sources.journeydb import strip_midjourney_flags
 
 
 def ingest_all(cfg: IngestConfig) -> list[dict]:

@@ -10,7 +10,7 @@ import torch
 from diffusers import DiTTransformer2DModel
 
 from pixart.models import PRESETS, ModelConfig, build_dit, dit_forward, pixart_forward, unify_dit_embedders
-from pixart.reparam import dit_to_pixart
+from pixart.train.reparam import dit_to_pixart
 
 CAPTION = 32
 BATCH = 3

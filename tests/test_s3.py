@@ -20,11 +20,11 @@ import s3fs
 from PIL import Image
 
 from storage.commit import DONE_SUFFIX, TMP_MARK, commit_shard, is_done
-from storage.config import IngestConfig
 from storage.errors import SourceError
-from storage.ingest import ingest_shard, list_shards
+from storage.ingest.config import IngestConfig
+from storage.ingest.samples import build_samples
+from storage.ingest.shard import ingest_shard, list_shards
 from storage.manifest import STATUS_OK, manifest_url, read_dataset, read_manifest
-from storage.samples import build_samples
 from storage.urls import exists, filesystem
 from tests.s3server import ACCESS_KEY, BUCKET, clear_s3fs_cache
 
@@ -225,7 +225,7 @@ def test_missing_source_is_a_source_error(sa1b_bucket, source):
 
 def test_missing_shard_object_is_a_source_error(sa1b_bucket):
     """A listed shard whose object vanished before it was read (or a bad URL in a links file)."""
-    from storage.sources.base import SourceShard
+    from storage.ingest.sources.base import SourceShard
 
     url = f"s3://{BUCKET}/raw/sa1b/sa_424242.tar"
     cfg = IngestConfig(dataset="sam", source=RAW, output_root=f"s3://{BUCKET}/out-missing")
@@ -265,8 +265,9 @@ def test_rejected_credentials_are_one_line_source_error(rejected_credentials):
 
 def test_rejected_credentials_when_reading_a_shard(rejected_credentials):
     """Opening a listed shard with refused credentials: the reader ingest_shard streams from raises SourceError."""
-    from storage.sources import sa1b
-    from storage.sources.base import SourceShard
+    from storage.ingest.sources.base import SourceShard
+
+    from storage.ingest.sources import sa1b
 
     _, secret = rejected_credentials
     url = f"{RAW}/sa_000000.tar"
@@ -317,7 +318,7 @@ def test_journeydb_index_and_ingest_on_s3(sa1b_bucket, s3_client, tmp_path):
     clear_s3fs_cache()
     cfg = IngestConfig(dataset="journeydb", source=f"s3://{BUCKET}/raw/jdb/imgs",
                        annotations=f"s3://{BUCKET}/raw/jdb/anno.jsonl.tgz", output_root=f"s3://{BUCKET}/jdb-out")
-    from storage.ingest import prepare
+    from storage.ingest.shard import prepare
 
     assert prepare(cfg)["num_records"] == 4
     for shard in list_shards(cfg):

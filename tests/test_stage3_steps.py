@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pixart.train_config import STAGE_PRESETS, TrainConfig
+from pixart.train.config import STAGE_PRESETS, TrainConfig
 from storage.configio import load_config
 from storage.errors import ConfigError
 
@@ -91,7 +91,7 @@ def test_train_stage3_step_runs_that_steps_preset(step, tmp_path, monkeypatch):
 
 
 def test_the_cost_summary_is_the_papers_for_the_step():
-    from pixart.monitor import cost_summary
+    from pixart.train.monitor import cost_summary
 
     rows = [{"step": 1, "loss": 0.1, "gpu_hours": 0.5, "samples_per_s": 1.0}]
     for step, (_, _, _, days) in PAPER.items():
@@ -135,8 +135,8 @@ def test_the_readme_cost_table_counts_what_the_presets_run():
 
 def test_the_demo_runs_stage3_as_its_three_steps_each_from_the_previous_run(tmp_path, monkeypatch):
     import flows.train_stage
-    import pixart.checkpoint
     import pixart.export
+    import pixart.train.checkpoint
     from flows.cli import _demo_training
 
     seen = []
@@ -146,7 +146,7 @@ def test_the_demo_runs_stage3_as_its_three_steps_each_from_the_previous_run(tmp_
         return {"steps": 4, "final_loss": 0.5}
 
     monkeypatch.setattr(flows.train_stage, "run_training", run_training)
-    monkeypatch.setattr(pixart.checkpoint, "latest", lambda root, run: f"{root}/runs/{run}/checkpoints/step-4")
+    monkeypatch.setattr(pixart.train.checkpoint, "latest", lambda root, run: f"{root}/runs/{run}/checkpoints/step-4")
     exported = []
     monkeypatch.setattr(pixart.export, "export", lambda url, out, **kw: exported.append(url))
     out = str(tmp_path)

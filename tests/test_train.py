@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pixart import checkpoint
-from pixart.prepare import prepare_run
-from pixart.train_config import TrainConfig
-from pixart.trainer import NonFiniteLossError, Trainer
+from pixart.train import checkpoint
+from pixart.train.config import TrainConfig
+from pixart.train.prepare import prepare_run
+from pixart.train.trainer import NonFiniteLossError, Trainer
 from storage.configio import load_config
 from storage.errors import ConfigError, PipelineError
 
@@ -129,7 +129,7 @@ def test_resume_refuses_a_different_worker_count(features, tiny_t5_encoder):
 
 def test_batches_cross_epochs_in_plan_order_while_read_ahead(features, tiny_t5_encoder):
     """The prefetching reader runs ahead of the steps; across epoch boundaries it must still follow the plan."""
-    from pixart.data import BucketedLoader
+    from pixart.data.loader import BucketedLoader
 
     cfg = config(features, "tiny-stage2", "epochs", "data.prefetch=2", t5=tiny_t5_encoder)
     prepare_run(cfg)
@@ -185,8 +185,8 @@ def test_cli_train_resumes_and_reports(features, tiny_t5_encoder, tiny_vae):
 
 
 def test_caption_dropout_swaps_a_tenth_of_captions_for_the_null_caption(features, tiny_t5_encoder):
-    from pixart.conditions import Conditions
-    from pixart.trainer import step_generator
+    from pixart.train.conditions import Conditions
+    from pixart.train.trainer import step_generator
 
     cfg = config(features, "tiny-stage2", "dropout", t5=tiny_t5_encoder)
     prepare_run(cfg)
@@ -225,10 +225,10 @@ def test_a_sharded_dit_trains_like_the_plain_one(features, tmp_path):
 
     import torch.distributed as dist
 
-    from pixart.checkpoint import latest
-    from pixart.sharding import shard
-    from pixart.trainer import Trainer
-    from pixart.weights import load_weights
+    from pixart.train.checkpoint import latest
+    from pixart.train.sharding import shard
+    from pixart.train.trainer import Trainer
+    from pixart.train.weights import load_weights
 
     runs, plain = {}, None
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from flows.train_stage import run_training
-from pixart import checkpoint
-from pixart.prepare import prepare_run
-from pixart.trainer import Trainer
+from pixart.train import checkpoint
+from pixart.train.prepare import prepare_run
+from pixart.train.trainer import Trainer
 from storage.errors import ConfigError, PipelineError
 from storage.layout import run_dir
 from tests.test_train import config
@@ -268,8 +268,8 @@ def test_a_full_disk_during_a_checkpoint_save_is_one_line(features, cli_run, mon
 
 
 def test_a_nan_loss_names_the_step_the_progress_shows_and_the_batch(features, cli_run, monkeypatch):
-    from pixart.data import feature_shards, shard_entries
-    from pixart.diffusion import IDDPM
+    from pixart.data.loader import feature_shards, shard_entries
+    from pixart.train.diffusion import IDDPM
 
     real, calls = IDDPM.training_losses, []
 
@@ -302,7 +302,7 @@ def test_a_nan_loss_names_the_step_the_progress_shows_and_the_batch(features, cl
 
 _KILLER = '''
 import os, signal, sys
-from pixart import checkpoint
+from pixart.train import checkpoint
 
 point, at = sys.argv[1], int(sys.argv[2])
 real_done, real_optimizer = checkpoint.write_done, checkpoint.save_optimizer
@@ -362,7 +362,7 @@ def test_kill_9_around_checkpoints_then_a_rerun_is_complete_and_identical(featur
 
 
 def test_corrupt_stored_conditions_are_named_or_encoded_again(features, tiny_t5_encoder, tiny_vae):
-    from pixart.conditions import Conditions, ConditionsError, conditions_url
+    from pixart.train.conditions import Conditions, ConditionsError, conditions_url
 
     cfg = config(features, "tiny-stage2", "torn-conditions", "schedule.max_steps=1", t5=tiny_t5_encoder,
                  vae=tiny_vae)

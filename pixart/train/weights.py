@@ -27,14 +27,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from pixart.checkpoint import TRAINER_STATE, run_checkpoints
-from pixart.encoders import ModelLoadError
+from pixart.features.encoders import ModelLoadError
 from pixart.models import ModelMismatchError, load_transformer
-from pixart.reparam import dit_to_pixart
+from pixart.train.checkpoint import TRAINER_STATE, run_checkpoints
+from pixart.train.reparam import dit_to_pixart
 from storage.errors import PipelineError, one_line
 
 if TYPE_CHECKING:
-    from pixart.train_config import TrainConfig
+    from pixart.train.config import TrainConfig
 
 MICRO_CONDITIONS = ("adaln_single.emb.resolution_embedder.", "adaln_single.emb.aspect_ratio_embedder.")
 ARCH_KEYS = ("num_layers", "num_attention_heads", "attention_head_dim", "patch_size", "in_channels", "out_channels")

@@ -1,4 +1,4 @@
-"""The fixed text conditions of a run, encoded once by T5 before training (`pixart.prepare.prepare_conditions`: in
+"""The fixed text conditions of a run, encoded once by T5 before training (`pixart.train.prepare.prepare_conditions`: in
 the driver's process locally, in a Ray task on a GPU worker with executor=ray) and read by every worker:
 
 - the null caption, T5("") with its mask: captions dropped for classifier-free guidance are replaced by it, and
@@ -26,7 +26,7 @@ from storage.layout import run_dir
 from storage.urls import exists, join, open_url
 
 if TYPE_CHECKING:
-    from pixart.train_config import TrainConfig
+    from pixart.train.config import TrainConfig
 
 
 def conditions_url(cfg: TrainConfig) -> str:
@@ -72,7 +72,7 @@ class Conditions:
                 found = None
             if found is not None:
                 return found
-        from pixart.encoders import TextEncoder
+        from pixart.features.encoders import TextEncoder
 
         encoder = TextEncoder(cfg.t5_model, max_tokens=cfg.data.max_tokens, device=cfg.device)
         found = Conditions.from_features(encoder.encode([""] + list(cfg.schedule.sample_prompts)), cfg.data.max_tokens)

@@ -31,7 +31,7 @@ from storage.errors import SourceError
 from storage.layout import index_dir, safe_name, shard_name_of
 from storage.parquet import read_rows
 from storage.shard import source_identity
-from storage.sources.base import Source, SourceSample, SourceShard, list_archives, register
+from storage.ingest.sources.base import Source, SourceSample, SourceShard, list_archives, register
 from storage.tarstream import iter_tar, member_stem, normalize_member_name
 from storage.urls import filesystem, open_url, to_url
 

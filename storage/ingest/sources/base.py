@@ -1,6 +1,6 @@
 """The source protocol and registry, what every source reader yields, and how archives are found.
 
-A source is one module under `storage/sources/` defining a `Source` subclass registered under its dataset name:
+A source is one module under `storage/ingest/sources/` defining a `Source` subclass registered under its dataset name:
 
     @register
     class MySource(Source):
@@ -9,7 +9,8 @@ A source is one module under `storage/sources/` defining a `Source` subclass reg
         def prepare(self, cfg): ...                     # dataset-wide work done once -> JSON-able context
         def iter_samples(self, shard, cfg, ctx): ...    # -> SourceSample per sample (errors included)
 
-Adding a dataset means that module (imported in `storage/sources/__init__.py`) and a preset in `configs/ingest/`.
+Adding a dataset means that module (imported in `storage/ingest/sources/__init__.py`) and a preset in
+`configs/ingest/`.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def register(cls: type[Source]) -> type[Source]:
 
 
 def source_names() -> list[str]:
-    import storage.sources  # noqa: F401 - importing the package registers every source
+    import storage.ingest.sources  # noqa: F401 - importing the package registers every source
 
     return sorted(_REGISTRY)
 

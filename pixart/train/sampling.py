@@ -157,7 +157,7 @@ def _sample_vae(trainer: Any) -> AutoencoderKL:
     if vae is None:
         from diffusers import AutoencoderKL
 
-        from pixart.encoders import ModelLoadError
+        from pixart.features.encoders import ModelLoadError
 
         try:
             vae = AutoencoderKL.from_pretrained(trainer.cfg.vae_model, low_cpu_mem_usage=False)
@@ -207,10 +207,10 @@ def sample_checkpoint(url: str, prompts: list[str] | None = None, classes: list[
     import yaml
     from diffusers import AutoencoderKL
 
-    from pixart import checkpoint
-    from pixart.conditions import pad_features
-    from pixart.encoders import TextEncoder, resolve_device
+    from pixart.features.encoders import TextEncoder, resolve_device
     from pixart.models import load_transformer
+    from pixart.train import checkpoint
+    from pixart.train.conditions import pad_features
 
     checkpoint.trainer_state(url)  # a committed checkpoint, or a clear error
     local, cleanup = checkpoint.local_copy(url)

@@ -1,4 +1,4 @@
-"""Reading feature tars for the loader (`pixart/data.py`): one stream's open tars (`TarReader`) and the pool its
+"""Reading feature tars for the loader (`pixart/data/loader.py`): one stream's open tars (`TarReader`) and the pool its
 batch arrays come from (`ArrayPool`).
 
 Local tars are read with os.preadv: an array whose offset the index gives lands straight in its slot of the batch,

@@ -1,9 +1,9 @@
 """Ingest one source shard into a parquet manifest: the per-shard function that the `ingest` stage maps.
 
-    shards = list_shards(cfg)                    # from the dataset's source (storage/sources/), names checked
+    shards = list_shards(cfg)                    # from the dataset's source (storage/ingest/sources/), names checked
     ctx = prepare(cfg)                           # dataset-wide work once (JourneyDB: the annotation index)
     result = ingest_shard(shards[0], cfg, ctx)   # -> ShardResult; manifest + done marker committed
-    mark_duplicates(cfg.output_root, cfg.dataset)   # after all shards: keys seen in two shards (storage.dedupe)
+    mark_duplicates(cfg.output_root, cfg.dataset)   # after all shards: keys seen in two shards (storage.ingest.dedupe)
 
 Every sample ends as exactly one row: `ok` with size, hash and metadata, or `error` with a reason. Only an
 unreadable source (missing, access denied, network) raises, so the orchestrator can fail or retry the shard.
@@ -16,16 +16,16 @@ from collections.abc import Callable
 from typing import Any
 
 from storage.commit import commit_shard, is_done, write_done
-from storage.config import IngestConfig
 from storage.configio import config_dict, config_hash
 from storage.decode import probe_image
 from storage.errors import ImageDecodeError
 from storage.hashing import content_hash
+from storage.ingest.config import IngestConfig
+from storage.ingest.sources import SourceSample, SourceShard, get_source
 from storage.layout import check_unique, manifest_url
 from storage.lease import Lease
 from storage.manifest import STATUS_ERROR, STATUS_OK, write_manifest
 from storage.shard import ShardResult, lineage, skipped
-from storage.sources import SourceSample, SourceShard, get_source
 from storage.urls import absolute_url
 
 _FIELDS = ("label", "wnid", "prompt", "prompt_raw", "caption")

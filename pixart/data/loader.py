@@ -6,9 +6,9 @@
     for batch in loader:            # {"latents" [B,4,h,w] fp32, "text" [B,120,d] fp16, "mask" [B,120], "img_hw" [B,2],
         ...                         #  "aspect_ratio" [B], "keys", (+ "cls" [B] for ImageNet)}
     # sample_posterior=False: "posterior" [B,8,h,w] fp16 and "noise_seed" [B] instead of "latents", for
-    # pixart.finish.sample_posterior(batch["posterior"].cuda(), batch["noise_seed"]) on the GPU
+    # pixart.data.finish.sample_posterior(batch["posterior"].cuda(), batch["noise_seed"]) on the GPU
     # pad_text=False: "text_rows" [sum of n_tokens, d] fp16 (the valid rows, sample after sample) and "n_tokens" [B]
-    # instead of "text" and "mask", for pixart.finish.pad_text(batch["text_rows"].cuda(), batch["n_tokens"])
+    # instead of "text" and "mask", for pixart.data.finish.pad_text(batch["text_rows"].cuda(), batch["n_tokens"])
     state = loader.state_dict()     # resume mid-epoch: load_state_dict(state) replays exactly the remaining batches
 
 How a batch is planned. Only the parquet indexes are read to plan: shard i goes to rank i mod world_size, and a
@@ -73,10 +73,10 @@ import numpy as np
 import torch
 
 from pixart.buckets import bucket_table
-from pixart.config import ExtractConfig
-from pixart.features import latent_urls, text_urls
-from pixart.finish import SCALING_FACTOR, sample_posterior
-from pixart.tar_reads import READ_ERRORS, ArrayPool, FeatureError, LocatedArray, TarReader, named, naming
+from pixart.data.finish import SCALING_FACTOR, sample_posterior
+from pixart.data.tar_reads import READ_ERRORS, ArrayPool, FeatureError, LocatedArray, TarReader, named, naming
+from pixart.features.config import ExtractConfig
+from pixart.features.extract import latent_urls, text_urls
 from storage.commit import is_done
 from storage.layout import latents_dir
 from storage.parquet import read_rows
@@ -86,7 +86,7 @@ from storage.wds import load_npy, npy_layout, sample_members
 __all__ = ["BucketedLoader", "Entry", "FeatureError", "FeatureShard", "batches_in_epoch", "batches_per_rank",
            "feature_shards", "peek", "shard_entries"]
 
-FEATURE_DTYPE = np.dtype("<f2")  # every feature array (pixart/features.py writes float16, little-endian)
+FEATURE_DTYPE = np.dtype("<f2")  # every feature array (pixart/features/extract.py writes float16, little-endian)
 LATENT_CHANNELS = 8  # the SD VAE's 4 channels: posterior mean then std
 VAE_FACTOR = 8  # latent pixels per image pixel, each side
 RANGE_SLACK = 1 << 20  # a sample's range beyond its array's data: tar headers, the .npy header, json, class

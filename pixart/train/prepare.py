@@ -5,7 +5,7 @@
    caption channels, a class label on every sample for stage 1), every worker gets a full batch per epoch, and
    the init exists (a run directory: a committed checkpoint), holds the weights `init_weights` names, with
    readable safetensors headers; else a clear error;
-2. the null caption and the sample prompts are encoded with the run's T5 (pixart/conditions.py), whose width must
+2. the null caption and the sample prompts are encoded with the run's T5 (pixart/train/conditions.py), whose width must
    be the features' width (the same T5 made them); with executor=ray this step runs in a Ray task instead
    (flows/_ray_train.py), so the driver never loads T5;
 3. the resolved config is saved beside the run (runs/<run>/config.yaml).
@@ -19,11 +19,11 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from pixart.conditions import Conditions
-from pixart.data import FeatureShard, batches_per_rank, feature_shards, peek
+from pixart.data.loader import FeatureShard, batches_per_rank, feature_shards, peek
 from pixart.models import PRESETS
-from pixart.train_config import TrainConfig
-from pixart.weights import check_init
+from pixart.train.conditions import Conditions
+from pixart.train.config import TrainConfig
+from pixart.train.weights import check_init
 from storage.commit import write_atomic
 from storage.configio import dump_yaml
 from storage.errors import ConfigError
@@ -72,7 +72,7 @@ def check_features(cfg: TrainConfig) -> dict[str, Any]:
 def _unlabelled(shard: FeatureShard) -> tuple[int, int, str | None]:
     """(ok samples, samples without a class label, the first such key) of one latent shard. The index's label
     column says it; a row without one (an index older than the column) is looked up in the tar (`.cls` member)."""
-    from pixart.tar_reads import TarReader
+    from pixart.data.tar_reads import TarReader
     from storage.wds import sample_members
 
     rows = [r for r in read_rows(shard.latents) if r["status"] == "ok"]

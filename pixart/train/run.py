@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from pixart.monitor import MetricsLog
-from pixart.train_config import TrainConfig
-from pixart.trainer import Trainer
+from pixart.train.config import TrainConfig
+from pixart.train.monitor import MetricsLog
+from pixart.train.trainer import Trainer
 
 
 def train_worker(cfg: TrainConfig, rank: int = 0, world_size: int = 1, *, device: torch.device | None = None,
@@ -32,7 +32,7 @@ def train_worker(cfg: TrainConfig, rank: int = 0, world_size: int = 1, *, device
     metrics.jsonl is flushed before each checkpoint is saved, so a committed checkpoint's steps are always logged;
     a crash after the flush and before the commit leaves lines past the latest checkpoint, which the resumed run
     drops (`MetricsLog`) and logs again as it redoes those steps."""
-    from pixart.sampling import save_samples
+    from pixart.train.sampling import save_samples
 
     if trainer is None:
         trainer = Trainer(cfg, rank, world_size, device=device, wrap=wrap, all_reduce_mean=all_reduce_mean)

@@ -36,7 +36,7 @@ STAGE_PRESETS: dict[tuple[int, str | None], str] = {(1, None): "stage1", (2, Non
 
 
 class DataConfig(StrictModel):
-    """Which committed feature shards to stream (see `pixart.data.feature_shards`)."""
+    """Which committed feature shards to stream (see `pixart.data.loader.feature_shards`)."""
 
     dataset: str = Field(description="Feature dataset: imagenet (stage 1), sam (stage 2), journeydb (stage 3).")
     caption_set: str | None = Field(None, description="Caption set of the text features; None for imagenet.")
@@ -85,7 +85,7 @@ class ScheduleConfig(StrictModel):
 
 
 class LossConfig(StrictModel):
-    """The IDDPM hybrid loss (pixart/diffusion.py)."""
+    """The IDDPM hybrid loss (pixart/train/diffusion.py)."""
 
     decoder_cdf: Literal["tanh", "exact"] = Field(
         "tanh", description="Normal CDF of the t = 0 decoder term (the discretised Gaussian likelihood): tanh, the "

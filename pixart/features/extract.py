@@ -30,8 +30,8 @@ import numpy as np
 import pyarrow as pa
 
 from pixart.buckets import Bucket, BucketError, apply_crop, assign, fixed_bucket
-from pixart.config import ExtractConfig
-from pixart.encoders import LatentEncoder, TextEncoder
+from pixart.features.config import ExtractConfig
+from pixart.features.encoders import LatentEncoder, TextEncoder
 from storage.commit import commit_shard, write_done
 from storage.configio import config_dict, config_hash
 from storage.decode import decode_image

@@ -8,7 +8,7 @@
 
 One step: latents and padded T5 from the loader (with data.finish=device the posterior is sampled and the T5 rows
 padded here, on the training device), t ~ U{0..999}, noise, q_sample, the model, the IDDPM hybrid loss
-(pixart/diffusion.py; loss.decoder_cdf picks the t = 0 term's normal CDF), backward, clip at 0.01, AdamW, warm-up
+(pixart/train/diffusion.py; loss.decoder_cdf picks the t = 0 term's normal CDF), backward, clip at 0.01, AdamW, warm-up
 schedule, EMA. Stage 1 drops 10 % of the labels to the null class 1000; stages 2-3 drop 10 % of the captions to the
 null caption (T5("") and its mask, what diffusers' PixArtAlphaPipeline uses as the negative prompt, so guidance at
 sampling matches training).
@@ -37,16 +37,16 @@ from typing import Any
 
 import torch
 
-from pixart import checkpoint, sharding
-from pixart.conditions import Conditions
-from pixart.data import BucketedLoader, batches_per_rank, feature_shards, shard_entries
-from pixart.diffusion import IDDPM
-from pixart.encoders import resolve_device
-from pixart.finish import pad_text, sample_posterior
+from pixart.data.finish import pad_text, sample_posterior
+from pixart.data.loader import BucketedLoader, batches_per_rank, feature_shards, shard_entries
+from pixart.data.prefetch import Prefetch
+from pixart.features.encoders import resolve_device
 from pixart.models import build_dit, build_pixart, dit_forward, init_like_pixart, pixart_forward
-from pixart.prefetch import Prefetch
-from pixart.train_config import TrainConfig
-from pixart.weights import InitSource, load_init, load_weights
+from pixart.train import checkpoint, sharding
+from pixart.train.conditions import Conditions
+from pixart.train.config import TrainConfig
+from pixart.train.diffusion import IDDPM
+from pixart.train.weights import InitSource, load_init, load_weights
 from storage.configio import config_hash, dump_yaml
 from storage.errors import ConfigError, PipelineError
 

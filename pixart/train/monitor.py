@@ -5,7 +5,7 @@
     runs/<run>/loss.png         loss per step (and its running mean)
     runs/<run>/summary.json     steps, samples seen, GPU-hours, and the paper's figure for the stage
 
-metrics.jsonl is flushed before every checkpoint is saved (pixart/run.py), so the steps of a committed checkpoint
+metrics.jsonl is flushed before every checkpoint is saved (pixart/train/run.py), so the steps of a committed checkpoint
 are always in it. On resume, lines past the resumed step are dropped: a run that crashed after logging steps it
 never checkpointed redoes them, and the file stays the history of the weights that exist, each step once.
 """

@@ -1,0 +1,2 @@
+"""Feature pre-extraction: T5 text features of a caption shard and VAE latents of a manifest shard, written as
+webdataset tars with a parquet index (`format.py` owns that format; `extract.py` builds the samples)."""

@@ -1,0 +1,10 @@
+"""Source readers: stream samples out of SA-1B, JourneyDB and ImageNet shards without extracting archives.
+
+Importing this package registers every source (`storage.ingest.sources.base.register`); a new dataset adds its module
+to the import below.
+"""
+
+from storage.ingest.sources import imagenet, journeydb, sa1b  # noqa: F401 - registers the sources
+from storage.ingest.sources.base import Source, SourceSample, SourceShard, get_source, source_names
+
+__all__ = ["Source", "SourceSample", "SourceShard", "get_source", "source_names"]
