@@ -36,7 +36,9 @@ from storage.manifest import committed_manifests  # noqa: E402
 
 def run(root: Path, model: str, t5: str, replicas: int, args: argparse.Namespace) -> tuple[float, int]:
     """Caption every shard under `root` with `replicas` actors; returns (steady-state images/s, images)."""
-    import flows._ray_caption as glue
+    from flows._ray_stage import run_on_ray
+    from flows._stage import Shard
+    from flows.caption_stage import CaptionStage
 
     cfg = CaptionConfig(dataset="sam", output_root=str(root), model=model, t5_tokenizer=t5, force=True,
                         batch_size=args.batch_size, generation={"max_new_tokens": args.max_new_tokens},
@@ -44,18 +46,16 @@ def run(root: Path, model: str, t5: str, replicas: int, args: argparse.Namespace
                         ray={"num_replicas": replicas, "num_gpus_per_replica": 0, "num_cpus_per_decoder": 0.5})
     ensure_caption_set(cfg)
     arrivals: list[tuple[float, int]] = []
-    real = glue._outcome
+    shards = [Shard(u.rsplit("/", 1)[-1][:-8], u) for u in committed_manifests(str(root), "sam")]
+    pipeline = CaptionStage().ray_pipelines(cfg, shards)[0]
+    real = pipeline.accept
 
-    def timed(batch, i):  # the driver sees each batch once: record when and how big
-        if i == 0:
-            arrivals.append((time.perf_counter(), len(batch["key"])))
-        return real(batch, i)
+    def timed(shard, rows):  # the driver sees each batch's rows of a shard once: record when and how many
+        arrivals.append((time.perf_counter(), len(rows)))
+        return real(shard, rows)
 
-    glue._outcome = timed
-    try:
-        failed = glue.caption_on_ray(committed_manifests(str(root), "sam"), cfg, lambda result: None)
-    finally:
-        glue._outcome = real
+    pipeline.accept = timed
+    failed = run_on_ray([pipeline], None, lambda name, result: None)
     if failed:
         raise SystemExit(f"shards failed: {json.dumps(failed)}")
     # from the first delivered batch to the last: replicas start together, so this leaves out start-up only

@@ -1,13 +1,13 @@
 """Throughput of the bucketed training loader (`pixart.data.loader.BucketedLoader`) on one CPU core, against stock
 webdataset and a raw read of the same tar bytes, measured in the same run.
 
-Setup (untimed): --samples feature samples over --shards shards, written in the project's exact format by the
-project's own code: a caption set (parquet + done markers) encoded by `extract_text_shard` with a stub encoder that
-returns random fp16 [n_tokens, 4096] arrays (T5-XXL's width; n_tokens uniform in --min-tokens..--max-tokens), and
-latent shards written by `pixart.features.extract.LatentShard` (accept + finish, as `extract_latent_shard` does after the
-VAE) from synthetic manifests: random fp16 [8, h/8, w/8] posterior mean+std with the json metadata. Default: the
-fixed 256 px bucket (8x32x32), so every batch fills; `--base-size 1024 --multi-scale` spreads samples over a few
-common SA-1B aspect-ratio buckets instead (8x128x128 and similar). The page cache is warmed before timing.
+Setup (untimed): --samples feature samples over --shards shards, written in the project's exact format by the project's
+own code: a caption set (parquet + done markers) encoded by `extract_text_shard` with a stub encoder that returns
+random fp16 [n_tokens, 4096] arrays (T5-XXL's width; n_tokens uniform in --min-tokens..--max-tokens), and latent shards
+written by `pixart.features.extract.LatentShard` (accept + finish, as `extract_latent_shard` does after the VAE) from
+synthetic manifests: random fp16 [8, h/8, w/8] posterior mean+std with the json metadata. Default: the fixed 256 px
+bucket (8x32x32), so every batch fills; `--base-size 1024 --multi-scale` spreads samples over a few common SA-1B
+aspect-ratio buckets instead (8x128x128 and similar). The page cache is warmed before timing.
 
 Cases, one process, torch.set_num_threads(1), interleaved (order rotated each round), best of --repeats after an
 untimed warm-up round:
@@ -31,8 +31,8 @@ untimed warm-up round:
                        noise seeds instead of latents, for sampling in the training step on the GPU (half of what
                        data.finish=auto does on a GPU); the noise is not drawn on this core
     loader, GPU finishes    sample_posterior=False and pad_text=False: also the valid T5 rows back to back with
-                       n_tokens instead of padded text + mask (no padding to zero; pixart.data.finish.pad_text pads on the
-                       device): what data.finish=auto does in GPU training
+                       n_tokens instead of padded text + mask (no padding to zero; pixart.data.finish.pad_text
+                       pads on the device): what data.finish=auto does in GPU training
 
 Stock webdataset only decodes; the loader also joins text and latents by key, samples the posterior, pads the text
 to 120 tokens and collates batches, so it does strictly more work per sample. Bytes/s count the bytes each case
@@ -66,7 +66,7 @@ from pixart.data.finish import SCALING_FACTOR, sample_posterior  # noqa: E402
 from pixart.data.loader import BucketedLoader, feature_shards, shard_entries  # noqa: E402
 from pixart.data.tar_reads import ArrayPool  # noqa: E402
 from pixart.features.config import ExtractConfig  # noqa: E402
-from pixart.features.extract import LatentShard, bucket_of, extract_text_shard, latent_urls, text_urls  # noqa: E402
+from pixart.features.extract import LatentShard, bucket_of, extract_text_shard, latent_files_of, text_files_of  # noqa: E402
 from storage.commit import write_done  # noqa: E402
 from storage.layout import caption_url, manifest_url  # noqa: E402
 from storage.manifest import write_manifest  # noqa: E402
@@ -81,7 +81,8 @@ MULTI_SCALE_MIX = ((0.75, 0.45), (0.67, 0.2), (1.0, 0.1), (1.33, 0.15), (0.56, 0
 
 
 class StubText:
-    """Duck-types `pixart.features.encoders.TextEncoder` for `extract_text_shard`: random fp16 features of the token count
+    """Duck-types `pixart.features.encoders.TextEncoder` for `extract_text_shard`: random fp16 features of the token
+    count
     the benchmark chose for each caption (the caption text carries it)."""
 
     def __init__(self, tokens: dict[str, int], seed: int) -> None:
@@ -151,8 +152,8 @@ def build_features(root: Path, samples: int, shards: int, min_tokens: int, max_t
         except BaseException as e:
             shard.abort(e)
             raise
-        shard.finish()
-        tars += [latent_urls(cfg, name)[0], text_urls(cfg, name)[0]]
+        shard.finalize()
+        tars += [latent_files_of(cfg, name).tar, text_files_of(cfg, name).tar]
     return tars, sum(tokens.values())
 
 

@@ -6,6 +6,7 @@ processor centre-crops; padding keeps the edges of wide SA-1B and JourneyDB imag
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -88,3 +89,8 @@ def iter_prepared(rows: list[dict[str, Any]], prep: ImagePrep) -> Iterator[dict[
             except ImageDecodeError as e:
                 error = f"image not decodable: {e}"
         yield {"key": row["key"], "image": image, "error": error}
+
+
+def prepared_rows(item: dict[str, Any], prep: ImagePrep) -> Iterator[dict[str, Any]]:
+    """`iter_prepared` over one shard's manifest rows given as JSON (item["rows"]): a Ray Data CPU task's work."""
+    yield from iter_prepared(json.loads(item["rows"]), prep)

@@ -89,7 +89,7 @@ class CaptionRunner:
 
     def _drop_warm(self) -> None:
         if self.warm is not None:
-            self.warm.shard.close()
+            self.warm.shard.abort()
             self.warm = None
 
     def _job(self, url: str) -> _Job:
@@ -116,6 +116,8 @@ class CaptionRunner:
         if skipped is not None:
             return skipped
         job = self._job(manifest_url)
+        if job.shard.done is not None:  # committed by another run since the check above
+            return job.shard.done
         try:
             job.fill()
             while job.pending:
@@ -137,7 +139,7 @@ class CaptionRunner:
                     progress(len(outcomes))
             return job.shard.finalize()
         except BaseException:
-            job.shard.close()
+            job.shard.abort()
             raise
 
 

@@ -96,9 +96,23 @@ class Stage:
     def run_shard(self, shard: Shard, cfg: Any, progress: Callable[[int], None]) -> dict[str, Any]:
         raise NotImplementedError
 
+    def ray_pipelines(self, cfg: Any, shards: list[Shard]) -> list:
+        """The stage's Ray Data pipelines (`flows._ray_stage.RayPipeline`), for executor=ray."""
+        raise PipelineError(f"{self.name} has no Ray executor")
+
     def run_all(self, cfg: Any, shards: list[Shard], runtime: Runtime, on_done) -> None:
-        """Run every pending shard; a stage with its own distribution (Ray Data) overrides this."""
-        runtime.run_shards(self, cfg, shards, on_done)
+        """Run every pending shard: on the runtime's executor (local threads or Prefect tasks), or, with
+        executor=ray, through the one Ray Data runtime (`flows/_ray_stage.py`) fed by `ray_pipelines`."""
+        if getattr(cfg, "executor", "local") != "ray":
+            return runtime.run_shards(self, cfg, shards, on_done)
+        from flows._ray_stage import run_on_ray
+
+        by_name = {s.name: s for s in shards}
+        failed = run_on_ray(self.ray_pipelines(cfg, shards), cfg.ray.address,
+                            lambda name, result: on_done(by_name[name], result, None),
+                            delays=getattr(runtime, "retry_delays", RETRY_DELAYS), log=runtime.log)
+        for name, err in failed.items():  # a ShardBusyError counts the shard as busy: the run is then incomplete
+            on_done(by_name[name], None, err)
 
     def finish(self, cfg: Any, outcome: StageOutcome, runtime: Runtime) -> str:
         """After every shard: dataset-wide steps, artifacts; returns the one-line success message."""

@@ -2,7 +2,8 @@
 
 Prefect-free; run by `pixart caption` (LocalRuntime) and by the `caption` Prefect flow (`flows/caption.py`).
 executor=local loads one model in this process and runs shard after shard (decoding the next one ahead);
-executor=ray streams every pending shard through a Ray Data actor pool (`flows/_ray_caption.py`). Both hand rows
+executor=ray streams every pending shard through a Ray Data actor pool (`ray_pipelines`, run by the one Ray
+runtime of `flows/_ray_stage.py`). Both hand rows
 to `captioning.shard.CaptionShard`, so every manifest key ends with exactly one caption or error row.
 """
 
@@ -13,9 +14,11 @@ from typing import Any
 
 from captioning.audit import audit_caption_set
 from captioning.config import CaptionConfig
+from captioning.images import prepared_rows
 from captioning.quality import QualityAccumulator, quality_markdown
 from captioning.records import ensure_caption_set
-from captioning.shard import pending_manifests
+from captioning.shard import CaptionShard, outcome_of, pending_manifests
+from flows._ray_stage import RayPipeline
 from flows._stage import Shard, Stage, StageOutcome, failure_message, manifests_to_read
 from storage.commit import is_done, write_atomic
 from storage.configio import load_config
@@ -71,20 +74,25 @@ class CaptionStage(Stage):
         upcoming = self.order[i + 1] if i + 1 < len(self.order) else None
         return self.runner.run(shard.item, progress, upcoming).to_dict()
 
-    def run_all(self, cfg: CaptionConfig, shards: list[Shard], runtime, on_done) -> None:
-        if cfg.executor == "local":
-            return super().run_all(cfg, shards, runtime, on_done)
-        from flows._ray_caption import caption_on_ray
+    def ray_pipelines(self, cfg: CaptionConfig, shards: list[Shard]) -> list[RayPipeline]:
+        """CPU tasks read and decode each shard's images; an actor pool of `Captioner` replicas generates."""
+        from captioning.captioner import Captioner, load_processor
+        from captioning.images import ImagePrep
+        from captioning.text import T5TokenCounter
 
-        by_name = {s.name: s for s in shards}
-        failed = caption_on_ray([s.item for s in shards], cfg, lambda r: on_done(by_name[r["shard"]], r, None))
-        for name, err in failed.items():  # a ShardBusyError counts the shard as busy: the run is then incomplete
-            on_done(by_name[name], None, err)
+        prep = ImagePrep.from_processor(load_processor(cfg.model), cfg.pad_to_square, cfg.decode)
+        counter = T5TokenCounter(cfg.t5_tokenizer)
+        return [RayPipeline("", [s.item for s in shards], open=lambda u: CaptionShard(u, cfg, counter),
+                            items=lambda s: [{"rows": json.dumps(s.todo, default=str)}] if s.todo else [],
+                            accept=lambda s, rows: s.accept([outcome_of(r) for r in rows]),
+                            read=prepared_rows, read_kwargs={"prep": prep}, num_cpus=cfg.ray.num_cpus_per_decoder,
+                            model=Captioner, model_kwargs={"cfg": cfg}, batch_size=cfg.batch_size,
+                            num_gpus=cfg.ray.num_gpus_per_replica, replicas=cfg.ray.num_replicas)]
 
     def finish(self, cfg: CaptionConfig, outcome: StageOutcome, runtime) -> str:
         name = cfg.resolved_caption_set()
         set_dir = caption_set_dir(cfg.output_root, cfg.dataset, name)
-        stats, rows = quality_of_set(set_dir, cfg.max_t5_tokens)
+        stats, rows = quality_of_set(set_dir, cfg.max_tokens)
         report = quality_markdown(stats, f"{cfg.dataset} / {name}")
         write_atomic(join(set_dir, "quality.md"), report.encode())
         write_atomic(join(set_dir, "quality.json"), json.dumps(stats, indent=1).encode())
@@ -101,10 +109,10 @@ class CaptionStage(Stage):
         return f"{stats['captions']} captions, {stats['errors']} error rows in {name}"
 
 
-def quality_of_set(set_dir: str, max_t5_tokens: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def quality_of_set(set_dir: str, max_tokens: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Quality statistics over every committed shard of the set (read shard by shard), and a few sample rows."""
     fs, path = filesystem(set_dir)
-    acc, sample = QualityAccumulator(max_t5_tokens), []
+    acc, sample = QualityAccumulator(max_tokens), []
     for p in sorted(fs.glob(f"{path}/*.parquet")):
         url = to_url(fs, p)
         if is_done(url):

@@ -8,13 +8,22 @@ beside the latents, and an artifact).
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+from flows._ray_stage import RayPipeline
 from flows._stage import Shard, Stage, StageOutcome, failure_message, manifests_to_read
 from pixart.features.bucket_report import bucket_histogram, histogram_png
 from pixart.features.config import ExtractConfig
 from pixart.features.estimate import estimate, t5_width
-from pixart.features.extract import extract_latent_shard, extract_text_shard, latent_urls, text_urls
+from pixart.features.extract import (
+    LatentShard,
+    TextShard,
+    extract_latent_shard,
+    extract_text_shard,
+    latent_group_rows,
+    pending,
+)
 from storage.commit import commit_shard, is_done, write_atomic
 from storage.configio import load_config
 from storage.errors import PipelineError
@@ -51,12 +60,10 @@ class ExtractStage(Stage):
         manifests = manifests_to_read(cfg)
         listed = []
         if cfg.what in ("text", "both") and cfg.dataset != "imagenet":
-            listed += [(Shard(f"text-{shard_of(u)}", ("text", u)), text_urls(cfg, shard_of(u))[1])
-                       for u in committed_captions(cfg)[: cfg.max_shards]]
+            listed += [Shard(f"text-{shard_of(u)}", ("text", u)) for u in committed_captions(cfg)[: cfg.max_shards]]
         if cfg.what in ("latents", "both"):
-            listed += [(Shard(f"latents-{shard_of(u)}", ("latents", u)), latent_urls(cfg, shard_of(u))[1])
-                       for u in manifests]
-        shards = [s for s, out in listed if cfg.force or not is_done(out)]
+            listed += [Shard(f"latents-{shard_of(u)}", ("latents", u)) for u in manifests]
+        shards = [s for s in listed if pending(*s.item, cfg)]  # missing, or made from other inputs or settings
         self.committed_before = len(listed) - len(shards)
         log(f"extract {cfg.dataset}: {len(shards)} shards pending ({cfg.what}, base size {cfg.base_size}"
             f"{', multi-scale' if cfg.multi_scale else ''})")
@@ -75,16 +82,39 @@ class ExtractStage(Stage):
     def close(self) -> None:
         self.text = self.latents = None
 
-    def run_all(self, cfg: ExtractConfig, shards: list[Shard], runtime, on_done) -> None:
-        if cfg.executor == "local":
-            return super().run_all(cfg, shards, runtime, on_done)
-        from flows._ray_extract import extract_on_ray
+    def ray_pipelines(self, cfg: ExtractConfig, shards: list[Shard]) -> list[RayPipeline]:
+        """T5 over caption chunks (no CPU stage), then the VAE over bucket groups decoded on CPU tasks."""
+        from pixart.features.encoders import LatentBatchEncoder, TextBatchEncoder, posterior_of, split_features
 
-        by_name = {s.name: s for s in shards}
-        urls = {kind: [s.item[1] for s in shards if s.item[0] == kind] for kind in ("text", "latents")}
-        failed = extract_on_ray(urls["text"], urls["latents"], cfg, lambda n, r: on_done(by_name[n], r, None))
-        for name, err in failed.items():  # a ShardBusyError counts the shard as busy: the run is then incomplete
-            on_done(by_name[name], None, err)
+        def text_accept(shard: TextShard, rows) -> None:
+            for row in rows:
+                shard.accept(json.loads(row["keys"]), json.loads(row["texts"]), split_features(row))
+
+        def latent_accept(shard: LatentShard, rows) -> None:
+            for row in rows:
+                keys = json.loads(row["keys"])
+                if row["error"]:
+                    shard.error(keys[0], str(row["error"]))
+                else:
+                    shard.accept({"keys": keys, "metas": json.loads(row["metas"])}, *posterior_of(row))
+
+        ray, urls = cfg.ray, {kind: [s.item[1] for s in shards if s.item[0] == kind] for kind in ("text", "latents")}
+        return [
+            RayPipeline("text-", urls["text"], open=lambda u: TextShard(u, cfg),
+                        items=lambda s: [{"keys": json.dumps(k), "texts": json.dumps(t)} for k, t in s.chunks()],
+                        accept=text_accept, model=TextBatchEncoder,
+                        model_kwargs={"model": cfg.t5_model, "max_tokens": cfg.max_tokens, "device": cfg.device,
+                                      "dtype": cfg.dtype},
+                        num_gpus=ray.num_gpus_per_replica, replicas=ray.t5_replicas,
+                        accelerator_type=ray.t5_accelerator_type),
+            RayPipeline("latents-", urls["latents"], open=lambda u: LatentShard(u, cfg),
+                        items=lambda s: [{"rows": json.dumps(s.todo, default=str)}] if s.todo else [],
+                        accept=latent_accept, read=latent_group_rows, read_kwargs={"cfg": cfg},
+                        num_cpus=ray.num_cpus_per_decoder, model=LatentBatchEncoder,
+                        model_kwargs={"model": cfg.vae_model, "device": cfg.device, "dtype": cfg.dtype},
+                        num_gpus=ray.num_gpus_per_replica, replicas=ray.vae_replicas,
+                        accelerator_type=ray.vae_accelerator_type),
+        ]
 
     def run_shard(self, shard: Shard, cfg: ExtractConfig, progress) -> dict[str, Any]:
         kind, url = shard.item

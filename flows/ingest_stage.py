@@ -12,7 +12,7 @@ from typing import Any
 from flows._stage import Shard, Stage, StageOutcome, failure_message
 from storage.configio import load_config
 from storage.ingest.config import IngestConfig
-from storage.ingest.dedupe import mark_duplicates
+from storage.ingest.dedupe import write_duplicates
 from storage.ingest.shard import ingest_shard, ingest_shard_record, list_shards, prepare
 from storage.layout import manifest_dir
 from storage.shard import ShardResult
@@ -62,10 +62,10 @@ class IngestStage(Stage):
         return result
 
     def finish(self, cfg: IngestConfig, outcome: StageOutcome, runtime) -> str:
-        dups = mark_duplicates(cfg.output_root, cfg.dataset)
+        dups = write_duplicates(cfg.output_root, cfg.dataset)
         outcome.extra["duplicates"] = dups["duplicates"]
         if dups["duplicates"]:
-            runtime.log(f"{dups['duplicates']} keys already ingested from an earlier shard became error rows "
+            runtime.log(f"{dups['duplicates']} keys already ingested from an earlier shard are listed as duplicates "
                         f"(shards {', '.join(dups['shards'][:5])})")
         key = f"ingest-{cfg.dataset}".lower()
         runtime.table(key + "-shards", [{f: r.get(f) for f in TABLE_FIELDS} for r in outcome.results],

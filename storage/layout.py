@@ -2,7 +2,7 @@
 
     <root>/manifests/<dataset>/<shard>.parquet (+ .done)                    ingest output, one row per sample
     <root>/manifests/<dataset>/_index/<name>-<content id>/                  dataset-wide indexes (JourneyDB)
-    <root>/manifests/<dataset>/_duplicates.parquet                          keys seen in more than one shard
+    <root>/duplicates/<dataset>.parquet (+ .done)                           keys seen in more than one shard
     <root>/captions/<dataset>/<caption_set>/<shard>.parquet (+ .done)       one caption or error row per manifest key
     <root>/captions/<dataset>/<caption_set>/_parts/<shard>/                 progress of an unfinished shard
     <root>/features/<dataset>/text/<caption_set>/<shard>.tar (+ .parquet index, .done)   T5 features
@@ -86,7 +86,8 @@ def index_dir(root: str, dataset: str, name: str, content_id: str) -> str:
 
 
 def duplicates_url(root: str, dataset: str) -> str:
-    return join(manifest_dir(root, dataset), "_duplicates.parquet")
+    """The dataset's cross-shard duplicate keys: a committed output of its own, so manifests are never rewritten."""
+    return join(root, "duplicates", f"{check_name('dataset', dataset)}.parquet")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,36 +1,50 @@
-"""The stage kit's shard: one result record, lineage, and the partitioned exactly-once shard.
+"""The stage kit's one committed-shard writer, and the result record every shard returns.
 
-Every stage is a function over one shard that returns a `ShardResult` and writes its done marker last. Stages
-whose work on a shard is long (captioning, feature extraction) use `PartitionedShard`:
+Every sharded stage (ingest, captioning, feature extraction) writes its output through `ShardWriter`:
 
-    shard = PartitionedShard(out_url, keys, SCHEMA, result)   # lease, then read the parts of earlier attempts
-    shard.todo                                               # keys that still need a row
-    shard.add(rows)                                          # committed as small parts with a unique attempt id
-    shard.finalize(marker_extra)                             # merge (one row per key), check, commit, marker
+    writer = ShardWriter.open(out_url, keys, SCHEMA, result, lineage(...), config=cfg)
+    if writer.done: return writer.done        # committed for the same lineage: skipped, no lease taken
+    writer.todo                               # keys that still need a row (parts of earlier attempts resumed)
+    writer.add(rows)                          # parquet rows, committed as small parts
+    writer.add_sample(key, members, row)      # or: tar members plus their index row (feature shards)
+    writer.finalize(marker_extra)             # merge, exactly-once check, commit, done marker with lineage last
+    writer.abort()                            # or give up: committed parts stay for the next attempt
 
-A crash loses at most one part. Two attempts that ran at once (a scheduler that started a second copy, or a lease
-that expired under a stalled run) write parts under different attempt ids; the merge keeps the first row per key
-in part order, so the committed shard still holds exactly one row per key.
+Open: a shard committed for the same lineage (`storage.lineage`) is skipped; one committed for another lineage is
+stale and redone, and `result.stats["redone"]` says why. Then the shard's lease is taken (ShardBusyError when
+another live run holds it) and the parts of earlier attempts are read back, unless they were written for another
+lineage. A crash therefore loses at most one part (`part_rows` rows).
+
+Exactly-once: two attempts that ran at once (a scheduler that started a second copy, or a lease that expired under
+a stalled run) write parts under different attempt ids; the merge keeps the first row per key in part order, so
+the committed shard holds exactly one row per key, and a feature tar exactly one sample per ok row.
+
+Tar members: `add_sample` writes into a part tar, committed before its part index. `finalize` copies each kept
+sample's byte range into the shard's tar in key order and rewrites the offsets, so the tar and its index agree.
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
 
-from storage.commit import commit_shard, is_done, read_done, write_done
+from storage.commit import commit_shard, read_done, write_atomic, write_done
 from storage.errors import PipelineError
 from storage.layout import parts_dir, shard_of
 from storage.lease import DEFAULT_TTL, Lease
+from storage.lineage import content_id, stale_reason
 from storage.parquet import read_rows, write_table
 from storage.urls import filesystem, join, to_url
+from storage.wds import ShardTarWriter
 
 Row = dict[str, Any]
+TAR_END = bytes(1024)  # two zero blocks end a tar archive
 
 
 @dataclass
@@ -50,6 +64,7 @@ class ShardResult:
     seconds: float = 0.0
     skipped: bool = False
     config_hash: str = ""
+    content_id: str = ""
     stats: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -61,48 +76,10 @@ class ShardResult:
         return cls(**{**fields, **fixed})
 
 
-def skipped(output_url: str, **fixed: Any) -> ShardResult | None:
-    """The stored result of a committed shard, marked skipped; None when it is not committed."""
+def current(output_url: str, wanted: dict[str, Any]) -> dict[str, Any] | None:
+    """The marker of `output_url` when it is committed for the `wanted` lineage, else None (missing or stale)."""
     record = read_done(output_url)
-    if record is None:
-        return None
-    result = ShardResult.from_marker(record, output_url=output_url, **fixed)
-    result.skipped = True
-    return result
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Lineage: what an output was made from, so later stages can tell what is stale
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def marker_hash(url: str) -> str | None:
-    """sha256 (12 hex) of a committed input's done marker: changes whenever the input is rewritten."""
-    fs, path = filesystem(url + ".done")
-    try:
-        return hashlib.sha256(fs.cat_file(path)).hexdigest()[:12]
-    except FileNotFoundError:
-        return None
-
-
-def source_identity(url: str) -> str:
-    """Size plus mtime or etag of a source file: enough to notice it was replaced or grew."""
-    fs, path = filesystem(url)
-    try:
-        info = fs.info(path)
-    except (FileNotFoundError, OSError):
-        return "missing"
-    stamp = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
-    return f"{info.get('size')}:{stamp}".strip('"')
-
-
-def lineage(inputs: list[str], config_hash: str, models: dict[str, str] | None = None,
-            committed_inputs: bool = True) -> dict[str, Any]:
-    """The lineage record of a done marker: input URLs with their marker hashes (or file identity for raw
-    sources), the config hash and the model ids."""
-    ident = marker_hash if committed_inputs else source_identity
-    return {"inputs": [{"url": u, "id": ident(u)} for u in inputs], "config_hash": config_hash,
-            "models": dict(models or {})}
+    return record if record is not None and stale_reason(record, wanted) is None else None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -111,7 +88,8 @@ def lineage(inputs: list[str], config_hash: str, models: dict[str, str] | None =
 
 
 class PartStore:
-    """`part-<time>-<attempt>-<seq>.parquet` files, each written atomically; names never collide across runs."""
+    """`part-<time>-<attempt>-<seq>.parquet` files (and a `.tar` beside each for tar members), each written
+    atomically; names never collide across runs. `lineage.json` records what the parts were made from."""
 
     def __init__(self, url: str, schema: pa.Schema) -> None:
         self.url, self.schema = url, schema
@@ -125,20 +103,35 @@ class PartStore:
         return sorted(self.fs.glob(f"{self.path}/part-*.parquet"))
 
     def read(self) -> list[Row]:
+        """Every part's rows in part order; each row carries `_part` (its part's URL without suffix)."""
         rows: list[Row] = []
         for p in self.files():
             try:
-                rows += read_rows(to_url(self.fs, p))
+                part = read_rows(to_url(self.fs, p))
             except FileNotFoundError:  # another attempt finished the shard and cleared the parts meanwhile
                 continue
+            stem = to_url(self.fs, p).removesuffix(".parquet")
+            rows += [{**r, "_part": stem} for r in part]
         return rows
 
-    def write(self, rows: list[Row]) -> None:
+    def lineage(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.fs.cat_file(f"{self.path}/lineage.json"))
+        except FileNotFoundError:
+            return None
+
+    def set_lineage(self, record: dict[str, Any]) -> None:
+        write_atomic(join(self.url, "lineage.json"), json.dumps(record, sort_keys=True).encode())
+
+    def next_name(self) -> str:
+        name = join(self.url, f"part-{time.time_ns():020d}-{self.attempt}-{self.seq:05d}")
+        self.seq += 1
+        return name
+
+    def write(self, rows: list[Row], stem: str | None = None) -> None:
         if not rows:
             return
-        name = f"part-{time.time_ns():020d}-{self.attempt}-{self.seq:05d}.parquet"
-        self.seq += 1
-        with commit_shard(join(self.url, name)) as tmp:
+        with commit_shard((stem or self.next_name()) + ".parquet") as tmp:
             write_table(rows, tmp, self.schema)
 
     def clear(self) -> None:
@@ -163,45 +156,92 @@ def first_row_per_key(rows: list[Row]) -> list[Row]:
     return out
 
 
-def check_exactly_once(keys: list[str], rows: list[Row]) -> None:
-    """Every key has exactly one row, and no row has a key outside `keys`."""
+def check_exactly_once(keys: list[str] | None, rows: list[Row]) -> None:
+    """Every key has exactly one row, and no row has a key outside `keys` (None: keys only need to be unique)."""
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["key"]] = counts.get(r["key"], 0) + 1
     dup = sorted(k for k, n in counts.items() if n > 1)
-    missing = sorted(set(keys) - counts.keys())
-    extra = sorted(counts.keys() - set(keys))
+    missing = sorted(set(keys) - counts.keys()) if keys is not None else []
+    extra = sorted(counts.keys() - set(keys)) if keys is not None else []
     if dup or missing or extra:
         raise PipelineError(f"exactly-once check failed: {len(dup)} duplicated, {len(missing)} missing, "
                             f"{len(extra)} unknown keys (e.g. {(dup + missing + extra)[:3]})")
 
 
-class PartitionedShard:
-    """Lease → parts → merge → check → commit → marker for one output shard; see the module docstring.
+# ---------------------------------------------------------------------------------------------------------------------
+# The writer
+# ---------------------------------------------------------------------------------------------------------------------
 
-    Holds the shard's lease from construction to `finalize`/`close` (raises ShardBusyError when another run
-    holds it). `part_rows` rows are buffered before a part is committed.
+
+class ShardWriter:
+    """Open → add → finalize (or abort) for one output shard; see the module docstring.
+
+    `keys`: every key the shard must end with one row for (None when the input is a stream whose keys are only
+    known as it is read, as in ingest: then keys need only be unique). `tar_url`: the feature tar for
+    `add_sample`. `config`: the resolved config dict saved in the marker.
     """
 
-    def __init__(self, output_url: str, keys: list[str], schema: pa.Schema, result: ShardResult, *,
-                 force: bool = False, part_rows: int = 256, lease_ttl: float = DEFAULT_TTL) -> None:
+    def __init__(self, output_url: str, keys: list[str] | None, schema: pa.Schema, result: ShardResult,
+                 lineage: dict[str, Any], *, config: dict[str, Any] | None = None, tar_url: str | None = None,
+                 part_rows: int = 256) -> None:
         self.output_url, self.keys, self.schema, self.result = output_url, keys, schema, result
-        self.part_rows = part_rows
-        self.lease = Lease(output_url, lease_ttl)
-        self.lease.acquire()
-        try:
-            self.parts = PartStore(parts_dir(output_url), schema)
-            if force:
-                self.parts.clear()
-            have = {r["key"] for r in self.parts.read()}
-        except BaseException:
-            self.lease.release()
-            raise
-        self.result.resumed_rows = len(have & set(keys))
-        self.todo = [k for k in keys if k not in have]
-        self.remaining = set(self.todo)
+        self.lineage, self.config, self.tar_url, self.part_rows = lineage, config or {}, tar_url, part_rows
+        self.done: ShardResult | None = None
+        self.lease: Lease | None = None
+        self.todo: list[str] = []
+        self.have: set[str] = set()
         self.buffer: list[Row] = []
-        self.start = time.perf_counter()
+        self.tar: ShardTarWriter | None = None
+        self.stem = ""
+
+    @classmethod
+    def open(cls, output_url: str, keys: list[str] | Callable[[], list[str]] | None, schema: pa.Schema,
+             result: ShardResult,
+             lineage: dict[str, Any], *, config: dict[str, Any] | None = None, tar_url: str | None = None,
+             force: bool = False, part_rows: int = 256, lease_ttl: float = DEFAULT_TTL) -> ShardWriter:
+        """Skip (`.done` set, no lease), or lease the shard and resume its parts. Raises ShardBusyError. `keys` may
+        be a callable, called under the lease only when the shard is not skipped (it may read the input)."""
+        writer = cls(output_url, None, schema, result, lineage, config=config, tar_url=tar_url, part_rows=part_rows)
+        if not force and writer._current() is not None:
+            return writer
+        writer.lease = Lease(output_url, lease_ttl)
+        writer.lease.acquire()
+        try:
+            if not force and writer._current() is not None:  # finished by another run meanwhile
+                writer.lease.release()
+                return writer
+            writer.parts = PartStore(parts_dir(output_url), schema)
+            if force or writer.parts.lineage() not in (None, lineage):
+                writer.parts.clear()  # made for other inputs or another config: nothing to resume
+            if writer.parts.lineage() is None:
+                writer.parts.set_lineage(lineage)
+            writer.have = {r["key"] for r in writer.parts.read()}
+            writer.keys = keys() if callable(keys) else keys
+        except BaseException:
+            writer.lease.release()
+            raise
+        keys = writer.keys
+        result.resumed_rows = len(writer.have if keys is None else writer.have & set(keys))
+        writer.todo = [k for k in keys if k not in writer.have] if keys is not None else []
+        writer.remaining = set(writer.todo)
+        writer.start = time.perf_counter()
+        return writer
+
+    def _current(self) -> ShardResult | None:
+        """The stored result when the output is committed for this lineage (else None; a stale reason is noted)."""
+        record = read_done(self.output_url)
+        if record is None:
+            return None
+        reason = stale_reason(record, self.lineage)
+        if reason is not None:
+            self.result.stats["redone"] = reason
+            return None
+        self.done = ShardResult.from_marker(record, output_url=self.output_url, stage=self.result.stage,
+                                            dataset=self.result.dataset, shard=self.result.shard,
+                                            input_url=self.result.input_url)
+        self.done.skipped = True
+        return self.done
 
     @property
     def name(self) -> str:
@@ -209,55 +249,109 @@ class PartitionedShard:
 
     @property
     def complete(self) -> bool:
-        return not self.remaining
+        """Every expected key has a row (always False for a stream without known keys)."""
+        return self.keys is not None and not self.remaining
+
+    # -- adding ----------------------------------------------------------------------------------------------------
 
     def add(self, rows: list[Row]) -> None:
+        """Rows (ok or error); committed as a part every `part_rows` rows and when the last key arrives."""
         for r in rows:
             self.remaining.discard(r["key"])
         self.buffer += rows
         if len(self.buffer) >= self.part_rows or self.complete:
             self.flush()
 
+    def add_sample(self, key: str, members: dict[str, bytes], row: Row, array: str | None = None) -> None:
+        """One sample's tar members (`{ext: bytes}`) and its index row; `array` names the member whose header
+        offset the row keeps (`array_offset`) for direct reads."""
+        if self.tar is None:
+            self.stem = self.parts.next_name()
+            self.tar = ShardTarWriter(self.stem + ".tar").__enter__()
+        offset, length = self.tar.write({"__key__": key, **members})
+        self.add([{**row, "key": key, "offset": offset, "bytes": length,
+                   "array_offset": self.tar.members.get(array) if array else None}])
+
     def flush(self) -> None:
-        self.parts.write(self.buffer)
-        self.buffer = []
+        """Commit the buffered rows as one part (its tar first, when it has one)."""
+        if self.tar is not None:
+            self.tar.__exit__(None, None, None)
+            self.tar = None
+        self.parts.write(self.buffer, self.stem or None)
+        self.buffer, self.stem = [], ""
 
-    def finalize(self, marker_extra: dict[str, Any], count=None) -> ShardResult:
-        """Merge the parts in key order, check exactly-once, commit, write the marker, drop the parts.
+    # -- finishing -------------------------------------------------------------------------------------------------
 
-        `count(rows, result)` fills stage-specific statistics from the merged rows before the marker is written.
-        """
+    def finalize(self, marker_extra: dict[str, Any] | None = None, count=None) -> ShardResult:
+        """Merge the parts (in key order when keys are known), check exactly-once, commit, write the marker last,
+        drop the parts. `count(rows, result)` fills stage statistics from the merged rows first."""
         try:
             self.flush()
             rows = first_row_per_key(self.parts.read())
             check_exactly_once(self.keys, rows)
-            order = {k: i for i, k in enumerate(self.keys)}
-            rows.sort(key=lambda r: order[r["key"]])
-            self.result.num_ok = sum(r["status"] == "ok" for r in rows)
-            self.result.num_error = len(rows) - self.result.num_ok
+            if self.keys is not None:
+                order = {k: i for i, k in enumerate(self.keys)}
+                rows.sort(key=lambda r: order[r["key"]])
+            result = self.result
+            result.num_ok = sum(r["status"] == "ok" for r in rows)
+            result.num_error = len(rows) - result.num_ok
+            tar_url = self._merge_tar(rows) if self.tar_url is not None else None
+            rows = [{k: v for k, v in r.items() if k != "_part"} for r in rows]
             if count is not None:
-                count(rows, self.result)
-            self.result.seconds = round(self.result.seconds + time.perf_counter() - self.start, 3)
+                count(rows, result)
+            result.seconds = round(result.seconds + time.perf_counter() - self.start, 3)
             with commit_shard(self.output_url) as tmp:
                 write_table(rows, tmp, self.schema)
-            write_done(self.output_url, {**marker_extra, **self.result.to_dict()})
+            result.config_hash = self.lineage.get("config", "")
+            result.content_id = content_id(self.output_url, self.lineage)
+            extra = {**(marker_extra or {}), **({"tar_url": tar_url} if self.tar_url is not None else {})}
+            write_done(self.output_url, {**extra, **result.to_dict(), "config": self.config,
+                                         "lineage": self.lineage})
             self.parts.clear()
-            return self.result
+            return result
         finally:
-            self.lease.release()
+            self._release()
 
-    def close(self) -> None:
+    def _merge_tar(self, rows: list[Row]) -> str | None:
+        """Copy each ok row's sample range from its part tar into the shard's tar; rewrite the row's offsets."""
+        ok = [r for r in rows if r["status"] == "ok"]
+        if not ok:
+            return None
+        fs, path = filesystem(self.tar_url)
+        total = 0
+        with commit_shard(self.tar_url) as tmp:
+            tfs, tpath = filesystem(tmp)
+            with tfs.open(tpath, "wb") as out:
+                for r in ok:
+                    pfs, ppath = filesystem(r["_part"] + ".tar")
+                    data = pfs.cat_file(ppath, start=r["offset"], end=r["offset"] + r["bytes"])
+                    if len(data) != r["bytes"]:
+                        raise PipelineError(f"{r['_part']}.tar: sample {r['key']!r} is truncated")
+                    if r.get("array_offset") is not None:
+                        r["array_offset"] = total + r["array_offset"] - r["offset"]
+                    r["offset"] = total
+                    out.write(data)
+                    total += len(data)
+                out.write(TAR_END)
+        self.result.bytes = total
+        return self.tar_url
+
+    def abort(self) -> None:
         """Give up without finalizing (an error): committed parts stay for the next attempt."""
-        self.lease.release()
+        if self.tar is not None:
+            err = RuntimeError("aborted")
+            self.tar.__exit__(RuntimeError, err, None)  # the unfinished part tar is discarded
+            self.tar = None
+        self._release()
 
-    def __enter__(self) -> PartitionedShard:
+    def _release(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
+
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
-            self.close()
-
-
-def committed_elsewhere(output_url: str) -> bool:
-    """After a failure: did another attempt commit this shard meanwhile? Then the failure is moot."""
-    return is_done(output_url)
+            self.abort()

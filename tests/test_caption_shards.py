@@ -149,14 +149,17 @@ def test_journeydb_keeps_prompt_and_caption_and_chooses_training_text(samples, t
 def test_ray_data_path_on_local_ray(sam_root, tiny_llava, tiny_t5):
     import ray
 
-    from flows._ray_caption import caption_on_ray
+    from flows._ray_stage import run_on_ray
+    from flows._stage import Shard
+    from flows.caption_stage import CaptionStage
 
     cfg = config(sam_root, tiny_llava, tiny_t5, executor="ray", ray={"num_gpus_per_replica": 0})
     ensure_caption_set(cfg)
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False)
     try:
         done = []
-        failed = caption_on_ray(committed_manifests(sam_root, "sam"), cfg, done.append)
+        shards = [Shard(u.rsplit("/", 1)[-1][:-8], u) for u in committed_manifests(sam_root, "sam")]
+        failed = run_on_ray(CaptionStage().ray_pipelines(cfg, shards), None, lambda name, r: done.append(r))
     finally:
         ray.shutdown()
     assert failed == {} and sorted(d["shard"] for d in done) == ["sa_000000", "sa_000001"]
@@ -197,7 +200,7 @@ def test_audit_command_catches_a_duplicate(sam_root, tiny_llava, tiny_t5):
     for m in committed_manifests(sam_root, "sam"):
         caption_shard(m, cfg, Captioner(cfg), T5TokenCounter(tiny_t5))
     name = cfg.resolved_caption_set()
-    cmd = [sys.executable, "-m", "flows", "audit", "dataset=sam", f"caption_set={name}", f"output_root={sam_root}"]
+    cmd = [sys.executable, "-m", "flows", "audit", "sam", f"caption_set={name}", f"output_root={sam_root}"]
     for _ in range(10):  # this command once aborted at exit ("terminate called ...") in most runs
         ok = subprocess.run(cmd, capture_output=True, text=True)
         assert ok.returncode == 0 and ok.stdout.rstrip().endswith("OK") and not ok.stderr, (ok.stdout, ok.stderr)

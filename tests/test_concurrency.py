@@ -22,7 +22,7 @@ from storage.ingest.config import IngestConfig
 from storage.ingest.shard import ingest_shard, list_shards, prepare
 from storage.layout import safe_name
 from storage.manifest import committed_manifests, read_dataset
-from storage.shard import PartitionedShard, ShardResult
+from storage.shard import ShardResult, ShardWriter
 from tests import images
 from tests.archives import sa1b_pair, write_tar
 
@@ -74,20 +74,27 @@ def test_duplicate_keys_in_one_shard_never_collide_with_real_keys(tmp_path):
     assert ok == {"sa_5", "sa_5__dup2"}
 
 
-def test_a_tar_copied_under_a_second_name_becomes_duplicate_error_rows(tmp_path):
+def test_a_tar_copied_under_a_second_name_is_listed_as_duplicates_without_rewriting_manifests(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     write_tar(src / "sa_000000.tar", [m for i in range(4) for m in sa1b_pair(i, GOOD, 90, 60)])
     shutil.copy(src / "sa_000000.tar", src / "sa_000007.tar")
     cfg = IngestConfig(dataset="sam", source=str(src), output_root=str(tmp_path / "out"), worker_type="thread")
     rows = ingest_all(cfg)
-    ok = [r for r in rows if r["status"] == "ok"]
-    dups = [r for r in rows if r["status"] == "error"]
-    assert len(ok) == 4 and {r["shard"] for r in ok} == {"sa_000000"}
-    assert len(dups) == 4 and all(r["error"] == f"duplicate of key {r['key']!r} in shard sa_000000" for r in dups)
-    out = subprocess.run([sys.executable, "-m", "flows", "audit", "dataset=sam", f"output_root={cfg.output_root}"],
+    manifest = cfg.output_root + "/manifests/sam/sa_000007.parquet"
+    marker = open(manifest + ".done").read()
+    assert len(rows) == 8 and all(r["status"] == "ok" for r in rows)  # manifests are never rewritten
+    from storage.ingest.dedupe import duplicates_of
+
+    firsts = duplicates_of(cfg.output_root, "sam", "sa_000007")
+    assert firsts == {f"sa_{i}": "sa_000000" for i in range(4)}
+    assert duplicates_of(cfg.output_root, "sam", "sa_000000") == {}
+    ingest_all(cfg)  # a re-run skips every shard and leaves the manifests and their markers as they were
+    assert open(manifest + ".done").read() == marker
+    out = subprocess.run([sys.executable, "-m", "flows", "audit", "sam", f"output_root={cfg.output_root}"],
                          capture_output=True, text=True)
-    assert out.returncode == 0 and "4 rows marked as duplicates of an earlier shard, 0 keys still ok" in out.stdout
+    assert out.returncode == 0, out
+    assert "4 keys listed as duplicates of an earlier shard, 0 keys in two shards not listed" in out.stdout
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -137,7 +144,7 @@ def test_manifests_store_absolute_source_urls(samples, tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The partitioned shard: leases, unique part names, one row per key
+# The committed-shard writer: leases, unique part names, one row per key
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -150,13 +157,14 @@ def test_two_attempts_at_once_still_commit_exactly_one_row_per_key(tmp_path):
     keys = [f"k{i}" for i in range(10)]
     schema = pa.schema([("key", pa.string()), ("caption", pa.string()), ("status", pa.string())])
     result = lambda: ShardResult(stage="t", dataset="d", shard="sa_000000", input_url="", output_url=out)  # noqa
-    first = PartitionedShard(out, keys, schema, result(), part_rows=2, lease_ttl=0.05)
+    lineage = {"inputs": [], "config": "c", "models": {}}
+    first = ShardWriter.open(out, keys, schema, result(), lineage, part_rows=2, lease_ttl=0.05)
     first.add(_rows(keys[:6], "a"))
     import time
 
     first.lease._stop.set()  # the first attempt stalls past its lease (no renewals): a second copy takes over
     time.sleep(0.2)
-    second = PartitionedShard(out, keys, schema, result(), part_rows=2, lease_ttl=60)
+    second = ShardWriter.open(out, keys, schema, result(), lineage, part_rows=2, lease_ttl=60)
     assert second.todo == keys[6:]
     first.add(_rows(keys[6:], "a"))  # both attempts write the same keys: part names must not collide
     second.add(_rows(keys[6:], "b"))
@@ -178,8 +186,8 @@ def test_a_live_lease_makes_a_second_run_step_aside(sam_manifests, tiny_llava, t
         with pytest.raises(ShardBusyError, match="being processed by another run"):
             CaptionShard(manifest, cfg, counter)
     finally:
-        holder.close()
-    CaptionShard(manifest, cfg, counter).close()  # released: the next run gets it
+        holder.abort()
+    CaptionShard(manifest, cfg, counter).abort()  # released: the next run gets it
 
 
 def test_two_caption_runs_at_once_are_exactly_once(sam_manifests, tiny_llava, tiny_t5):
@@ -255,11 +263,11 @@ def test_missing_source_is_one_error_line_and_exit_2(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["dataset=nope"], "unknown dataset 'nope'"),
-    (["dataset=../../manifests/sam"], "unknown dataset"),
-    (["dataset=sam", "caption_set=.."], "not a valid name"),
-    (["dataset=sam", "caption_set=no-such-set"], "no caption set 'no-such-set'"),
-    (["dataset=sam", "bogus=1"], "bogus"),
+    (["sam", "dataset=nope"], "unknown dataset 'nope'"),
+    (["sam", "dataset=../../manifests/sam"], "unknown dataset"),
+    (["sam", "caption_set=.."], "not a valid name"),
+    (["sam", "caption_set=no-such-set"], "no caption set 'no-such-set'"),
+    (["sam", "bogus=1"], "bogus"),
 ])
 def test_audit_refuses_unknown_names(sam_manifests, args, message):
     proc = subprocess.run([sys.executable, "-m", "flows", "audit", *args, f"output_root={sam_manifests}"],
@@ -289,18 +297,21 @@ def test_done_markers_carry_lineage(sam_manifests, tiny_llava, tiny_t5):
     import json
 
     from captioning.runner import caption_shard
-    from storage.shard import marker_hash, source_identity
+    from storage.lineage import committed_identity, source_identity
 
     manifest = committed_manifests(sam_manifests, "sam")[0]
     ingest_marker = json.loads(open(manifest + ".done").read())
     source = ingest_marker["input_url"]
-    assert ingest_marker["lineage"] == {"inputs": [{"url": source, "id": source_identity(source)}],
-                                        "config_hash": ingest_marker["config_hash"], "models": {}}
+    assert ingest_marker["lineage"]["inputs"] == [{"url": source, "id": source_identity(source)}]
+    assert ingest_marker["lineage"]["models"] == {}
+    assert ingest_marker["lineage"]["config"] == ingest_marker["config_hash"]
+    assert ingest_marker["content_id"]
     cfg = CaptionConfig(dataset="sam", output_root=sam_manifests, model=tiny_llava, t5_tokenizer=tiny_t5,
                         generation={"max_new_tokens": 4})
     ensure_caption_set(cfg)
     result = caption_shard(manifest, cfg, Captioner(cfg), T5TokenCounter(tiny_t5))
     lineage = json.loads(open(result.output_url + ".done").read())["lineage"]
-    assert lineage["inputs"] == [{"url": manifest, "id": marker_hash(manifest)}]
+    assert lineage["inputs"][0] == {"url": manifest, "id": ingest_marker["content_id"]}
+    assert committed_identity(manifest) == ingest_marker["content_id"]
     assert lineage["models"] == {"captioner": tiny_llava, "t5_tokenizer": tiny_t5}
-    assert lineage["config_hash"] == result.config_hash and len(result.config_hash) == 12
+    assert lineage["config"] == result.config_hash and len(result.config_hash) == 12

@@ -11,7 +11,7 @@ import pytest
 from captioning.records import CAPTION_SCHEMA
 from pixart.features.config import ExtractConfig
 from pixart.features.encoders import TextEncoder
-from pixart.features.extract import LatentShard, TextShard, extract_text_shard, text_urls
+from pixart.features.extract import LatentShard, TextShard, extract_text_shard, text_files_of
 from storage.commit import write_done
 from storage.errors import PipelineError
 from storage.layout import caption_url, manifest_url
@@ -31,7 +31,7 @@ def caption_set(root: str, name: str, edit) -> str:
 def extract(root: str, name: str, url: str, t5: str):
     cfg = ExtractConfig(dataset="sam", what="text", caption_set=name, output_root=root, t5_model=t5, force=True)
     result = extract_text_shard(url, cfg, TextEncoder(t5))
-    tar_url, index_url = text_urls(cfg, "sa_000001")
+    tar_url, index_url = text_files_of(cfg, "sa_000001")
     with tarfile.open(tar_url) as tf:
         names = [m.name for m in tf if m.isreg()]
     return result, read_rows(index_url), names
@@ -59,7 +59,7 @@ def test_a_caption_key_not_in_the_manifest_is_not_encoded(captioned, tiny_t5_enc
     with pytest.raises(PipelineError, match=r"sa_999.*not in the manifest") as err:
         extract_text_shard(url, cfg, TextEncoder(tiny_t5_encoder))
     assert url in str(err.value)
-    tar_url, index_url = text_urls(cfg, "sa_000001")
+    tar_url, index_url = text_files_of(cfg, "sa_000001")
     assert not Path(index_url).exists() and not Path(tar_url).exists()
     assert not Path(index_url + LEASE_SUFFIX).exists()
 
@@ -84,7 +84,7 @@ def test_extract_shards_failing_on_bad_input_leave_no_lease(captioned, tiny_t5_e
                         t5_model=tiny_t5_encoder)
     with pytest.raises(Exception):  # noqa: B017 - whatever the reader raises; the lease is what this test is about
         TextShard(url, cfg)
-    assert not Path(text_urls(cfg, "sa_000001")[1] + LEASE_SUFFIX).exists()
+    assert not Path(text_files_of(cfg, "sa_000001").index + LEASE_SUFFIX).exists()
     # a manifest that cannot be read, in a root of its own
     bad = tmp_path / "root" / "manifests" / "sam"
     shutil.copytree(Path(captioned) / "manifests" / "sam", bad)

@@ -12,11 +12,11 @@ import torch
 from pixart.buckets import assign
 from pixart.features.config import ExtractConfig
 from pixart.features.encoders import LatentEncoder, TextEncoder
-from pixart.features.extract import extract_latent_shard, extract_text_shard, latent_urls, text_urls
+from pixart.features.extract import extract_latent_shard, extract_text_shard, latent_files_of, text_files_of
 from storage.layout import caption_url
 from storage.manifest import committed_manifests
 from storage.parquet import read_rows
-from storage.shard import marker_hash
+from storage.lineage import committed_identity
 
 
 def members(tar_url: str) -> dict[str, bytes]:
@@ -36,7 +36,7 @@ def test_text_features_store_only_the_valid_tokens(captioned, tiny_t5_encoder):
     caps = caption_url(captioned, "sam", "tiny", "sa_000000")
     result = extract_text_shard(caps, cfg, encoder)
     assert (result.num_ok, result.num_error) == (4, 0)
-    tar_url, index_url = text_urls(cfg, "sa_000000")
+    tar_url, index_url = text_files_of(cfg, "sa_000000")
     got = members(tar_url)
     captions = {r["key"]: r["text"] for r in read_rows(caps)}
     assert sorted(got) == sorted(f"{k}.{ext}" for k in captions for ext in ("json", "t5.npy"))
@@ -54,7 +54,7 @@ def test_text_features_store_only_the_valid_tokens(captioned, tiny_t5_encoder):
     index = read_rows(index_url)
     assert [r["status"] for r in index] == ["ok"] * 4 and all(r["bytes"] > 0 and r["n_tokens"] for r in index)
     marker = json.loads(open(index_url + ".done").read())
-    assert marker["lineage"]["inputs"] == [{"url": caps, "id": marker_hash(caps)}]
+    assert marker["lineage"]["inputs"] == [{"url": caps, "id": committed_identity(caps)}]
     assert marker["lineage"]["models"] == {"t5": tiny_t5_encoder}
     assert extract_text_shard(caps, cfg.model_copy(update={"force": False}), encoder).skipped
     extract_text_shard(caps, cfg.model_copy(update={"clean_caption": True}), encoder)  # the default, as others read
@@ -74,7 +74,7 @@ def test_failed_captions_become_error_rows(captioned, tiny_t5_encoder):
                         t5_model=tiny_t5_encoder)
     result = extract_text_shard(bad, cfg, TextEncoder(tiny_t5_encoder))
     assert (result.num_ok, result.num_error) == (3, 1)
-    errors = [r for r in read_rows(text_urls(cfg, "sa_000001")[1]) if r["status"] == "error"]
+    errors = [r for r in read_rows(text_files_of(cfg, "sa_000001").index) if r["status"] == "error"]
     assert errors[0]["key"] == rows[1]["key"] and errors[0]["error"] == "no caption: image not decodable: broken"
 
 
@@ -98,7 +98,7 @@ def test_latents_are_cropped_to_the_bucket_and_store_mean_and_std(captioned, tin
     manifest = committed_manifests(captioned, "sam")[0]
     result = extract_latent_shard(manifest, cfg, LatentEncoder(tiny_vae))
     assert (result.num_ok, result.num_error) == (4, 0)
-    got = members(latent_urls(cfg, "sa_000000")[0])
+    got = members(latent_files_of(cfg, "sa_000000").tar)
     manifest_rows = {r["key"]: r for r in read_rows(manifest)}
     for key, row in manifest_rows.items():
         meta = json.loads(got[f"{key}.json"])
@@ -116,7 +116,7 @@ def test_imagenet_latents_carry_the_class(captioned, tiny_vae):
     cfg = ExtractConfig(dataset="imagenet", what="latents", output_root=captioned, vae_model=tiny_vae)
     manifest = committed_manifests(captioned, "imagenet")[0]
     assert extract_latent_shard(manifest, cfg, LatentEncoder(tiny_vae)).num_ok == 8
-    got = members(latent_urls(cfg, "imagenet1k-train-0000")[0])
+    got = members(latent_files_of(cfg, "imagenet1k-train-0000").tar)
     labels = {r["key"]: r["label"] for r in read_rows(manifest)}
     assert {k: int(got[f"{k}.cls"]) for k in labels} == labels
 
@@ -132,7 +132,7 @@ def test_the_drop_policy_turns_extreme_ratios_into_error_rows(captioned, tiny_va
     monkeypatch.setattr(features, "read_rows", lambda url, *a: rows)
     result = extract_latent_shard(manifest, cfg, LatentEncoder(tiny_vae))
     assert (result.num_ok, result.num_error) == (3, 1)
-    index = {r["key"]: r for r in read_rows(latent_urls(cfg, "sa_000001")[1])}
+    index = {r["key"]: r for r in read_rows(latent_files_of(cfg, "sa_000001").index)}
     assert "outside 0.25-4.0 (bucket policy drop)" in index[rows[0]["key"]]["error"]
     monkeypatch.undo()
     extract_latent_shard(manifest, cfg, LatentEncoder(tiny_vae))  # restore: other tests read these features
@@ -151,7 +151,7 @@ def test_non_finite_latents_are_error_rows(captioned, tiny_vae):
     encoder.encode = poisoned
     result = extract_latent_shard(committed_manifests(captioned, "sam")[1], cfg, encoder)
     assert result.num_error >= 1 and result.num_ok + result.num_error == 4
-    errors = [r for r in read_rows(latent_urls(cfg, "sa_000001")[1]) if r["status"] == "error"]
+    errors = [r for r in read_rows(latent_files_of(cfg, "sa_000001").index) if r["status"] == "error"]
     assert errors and all(r["error"] == "VAE returned non-finite latents" for r in errors)
     extract_latent_shard(committed_manifests(captioned, "sam")[1], cfg, LatentEncoder(tiny_vae))  # restore
 
@@ -218,7 +218,7 @@ def test_caption_cleaning_as_pixart_does_before_encoding(captioned, tiny_t5_enco
     encoder = TextEncoder(tiny_t5_encoder)
     caps = caption_url(captioned, "sam", "tiny", "sa_000000")
     extract_text_shard(caps, cfg, encoder)
-    got = members(text_urls(cfg, "sa_000000")[0])
+    got = members(text_files_of(cfg, "sa_000000").tar)
     for r in read_rows(caps):
         meta = json.loads(got[f"{r['key']}.json"])
         assert meta["caption"] == r["text"] and meta["encoded_text"] == clean_caption(r["text"])
@@ -228,7 +228,9 @@ def test_caption_cleaning_as_pixart_does_before_encoding(captioned, tiny_t5_enco
 def test_ray_data_path_writes_the_same_features_as_the_local_one(captioned, tiny_t5_encoder, tiny_vae):
     import ray
 
-    from flows._ray_extract import extract_on_ray
+    from flows._ray_stage import run_on_ray
+    from flows._stage import Shard
+    from flows.extract_stage import ExtractStage
 
     base = dict(dataset="sam", caption_set="tiny", output_root=captioned, t5_model=tiny_t5_encoder,
                 vae_model=tiny_vae, base_size=512, multi_scale=True, image_batch_size=2)
@@ -253,28 +255,30 @@ def test_ray_data_path_writes_the_same_features_as_the_local_one(captioned, tiny
                                local.model_copy(update={"force": True}), TextEncoder(tiny_t5_encoder))
     finally:
         torch.set_num_threads(threads)
-    local_latents = {n: members(latent_urls(latent_cfg, n)[0]) for n in ("sa_000000", "sa_000001")}
+    local_latents = {n: members(latent_files_of(latent_cfg, n).tar) for n in ("sa_000000", "sa_000001")}
     done = {}
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     try:
-        failed = extract_on_ray(captions, manifests, on_ray.model_copy(update={"base_size": 1024, "force": True}),
-                                lambda name, r: done.setdefault(name, r))
+        shards = [Shard("text-" + u.rsplit("/", 1)[-1][:-8], ("text", u)) for u in captions]
+        shards += [Shard("latents-" + u.rsplit("/", 1)[-1][:-8], ("latents", u)) for u in manifests]
+        pipelines = ExtractStage().ray_pipelines(on_ray.model_copy(update={"base_size": 1024, "force": True}), shards)
+        failed = run_on_ray(pipelines, None, lambda name, r: done.setdefault(name, r))
     finally:
         ray.shutdown()
     assert failed == {} and sorted(done) == ["latents-sa_000000", "latents-sa_000001", "text-sa_000000",
                                              "text-sa_000001"]
     for name in ("sa_000000", "sa_000001"):
-        a = members(text_urls(local, name)[0])
-        b = members(text_urls(on_ray, name)[0])
+        a = members(text_files_of(local, name).tar)
+        b = members(text_files_of(on_ray, name).tar)
         assert a.keys() == b.keys()
         assert all(np.array_equal(load_npy(a[k]), load_npy(b[k])) for k in a if k.endswith(".npy"))
-        lat = members(latent_urls(latent_cfg, name)[0])  # the Ray run rewrote the same 1024-ms shards (force)
+        lat = members(latent_files_of(latent_cfg, name).tar)  # the Ray run rewrote the same 1024-ms shards (force)
         assert lat.keys() == local_latents[name].keys() and len(lat) == 8
         assert all(np.array_equal(load_npy(lat[k]), load_npy(local_latents[name][k])) for k in lat
                    if k.endswith(".npy"))
         assert all(lat[k] == local_latents[name][k] for k in lat if k.endswith(".json"))
-        index = read_rows(latent_urls(latent_cfg, name)[1])
+        index = read_rows(latent_files_of(latent_cfg, name).index)
         assert [r["status"] for r in index] == ["ok"] * 4
 
 

@@ -222,15 +222,22 @@ def captioned_copy(captioned, tmp_path):
 
 
 def test_kill_9_during_extraction_then_an_immediate_rerun_is_complete(captioned_copy, tiny_t5_encoder, tiny_vae):
+    """Killed after the first committed part (one sample): the re-run resumes the shard from it, so the sample
+    committed before the kill is not encoded again, and every key still ends with exactly one row."""
+    import json
+
     from storage.manifest import read_dataset
     from storage.parquet import read_rows
 
     args = ["extract", "sam-256", f"output_root={captioned_copy}", "caption_set=tiny", f"t5_model={tiny_t5_encoder}",
-            f"vae_model={tiny_vae}"]
-    run_until_paused_then_kill(args, "pixart.features.extract", "_Output", "write")
+            f"vae_model={tiny_vae}", "part_rows=1"]
+    run_until_paused_then_kill(args, "storage.shard", "PartStore", "write")
     assert lease_files(captioned_copy), "the kill should leave the shard's lease behind"
     again = pixart(*args)  # at once: no waiting for the dead run's lease
     assert again.exit_code == 0, again.output
+    first = Path(captioned_copy) / "features" / "sam" / "text" / "tiny" / "sa_000000.parquet"
+    marker = json.loads(Path(str(first) + ".done").read_text())
+    assert marker["resumed_rows"] == 1 and marker["num_ok"] == 4, marker  # 1 resumed, 3 encoded by the re-run
     keys = sorted(r["key"] for r in read_dataset(captioned_copy, "sam").to_pylist())
     features = Path(captioned_copy) / "features" / "sam"
     for kind in ("text/tiny", "latents/256"):
@@ -358,18 +365,18 @@ def test_a_shard_the_executor_never_reports_is_a_failure(tmp_path):
 def test_busy_shards_on_the_ray_executor_end_the_run_incomplete(captioned, tiny_t5_encoder, tiny_vae, monkeypatch):
     import contextlib
 
-    import flows._ray_extract
+    import flows._ray_stage
     from flows._stage import LocalRuntime, run_stage
     from flows.extract_stage import ExtractStage
     from pixart.features.config import ExtractConfig
-    from pixart.features.extract import latent_urls
+    from pixart.features.extract import latent_files_of
     from storage.configio import load_config
 
-    monkeypatch.setattr(flows._ray_extract, "ray_session", lambda address: contextlib.nullcontext())  # no work left
+    monkeypatch.setattr(flows._ray_stage, "ray_session", lambda address: contextlib.nullcontext())  # no work left
     args = ["output_root=" + captioned, f"vae_model={tiny_vae}", "what=latents", "base_size=512", "executor=ray",
             "ray.num_gpus_per_replica=0", "force=true"]
     cfg = load_config(ExtractConfig, "sam-256", args, kind="extract")
-    holders = [Lease(latent_urls(cfg, s)[1]) for s in ("sa_000000", "sa_000001")]
+    holders = [Lease(latent_files_of(cfg, s).index) for s in ("sa_000000", "sa_000001")]
     for h in holders:
         h.acquire()
     try:

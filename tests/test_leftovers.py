@@ -12,7 +12,7 @@ from collections import Counter
 import pytest
 
 from pixart.data.loader import BucketedLoader, FeatureShard, batches_per_rank
-from pixart.features.extract import INDEX_SCHEMA
+from pixart.features.format import INDEX_SCHEMA
 from storage.parquet import write_table
 
 BATCH = 3

@@ -8,7 +8,7 @@ import torch
 
 from pixart.data.loader import BucketedLoader, feature_shards
 from pixart.features.config import ExtractConfig
-from pixart.features.extract import latent_urls
+from pixart.features.extract import latent_files_of
 from storage.manifest import committed_manifests
 from storage.parquet import read_rows
 from tests.hostile import edit_index
@@ -60,7 +60,7 @@ def test_latents_are_sampled_from_the_stored_posterior(features):
     row = next(r for r in read_rows(shard.latents) if r["key"] == key)
     from storage.wds import read_sample
 
-    raw = open(latent_urls(ExtractConfig(dataset="sam", what="latents", output_root=features), shard.name)[0],
+    raw = open(latent_files_of(ExtractConfig(dataset="sam", what="latents", output_root=features), shard.name).tar,
                "rb").read()
     stored = np.load(io.BytesIO(read_sample(raw[row["offset"]:row["offset"] + row["bytes"]])["latent.npy"]),
                      allow_pickle=False).astype(np.float32)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from pixart.data.loader import BucketedLoader, FeatureShard, batches_per_rank, feature_shards
-from pixart.features.extract import INDEX_SCHEMA
+from pixart.features.format import INDEX_SCHEMA
 from storage.parquet import read_rows, write_table
 from tests.hostile import edit_index
 

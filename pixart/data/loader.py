@@ -75,8 +75,17 @@ import torch
 from pixart.buckets import bucket_table
 from pixart.data.finish import SCALING_FACTOR, sample_posterior
 from pixart.data.tar_reads import READ_ERRORS, ArrayPool, FeatureError, LocatedArray, TarReader, named, naming
-from pixart.features.config import ExtractConfig
-from pixart.features.extract import latent_urls, text_urls
+from pixart.features.format import (
+    CLASS_MEMBER,
+    FEATURE_DTYPE,
+    JSON_MEMBER,
+    LATENT_CHANNELS,
+    LATENT_MEMBER,
+    T5_MEMBER,
+    latent_files,
+    tar_of,
+    text_files,
+)
 from storage.commit import is_done
 from storage.layout import latents_dir
 from storage.parquet import read_rows
@@ -86,8 +95,6 @@ from storage.wds import load_npy, npy_layout, sample_members
 __all__ = ["BucketedLoader", "Entry", "FeatureError", "FeatureShard", "batches_in_epoch", "batches_per_rank",
            "feature_shards", "peek", "shard_entries"]
 
-FEATURE_DTYPE = np.dtype("<f2")  # every feature array (pixart/features/extract.py writes float16, little-endian)
-LATENT_CHANNELS = 8  # the SD VAE's 4 channels: posterior mean then std
 VAE_FACTOR = 8  # latent pixels per image pixel, each side
 RANGE_SLACK = 1 << 20  # a sample's range beyond its array's data: tar headers, the .npy header, json, class
 
@@ -121,15 +128,13 @@ def feature_shards(root: str, dataset: str, base_size: int, multi_scale: bool = 
                    caption_set: str | None = None) -> list[FeatureShard]:
     """Committed latent shards (joined with the caption set's text shards when given), in name order. A latent
     shard whose text shard is not committed yet is left out."""
-    cfg = ExtractConfig(dataset=dataset, what="latents", base_size=base_size, multi_scale=multi_scale,
-                        caption_set=caption_set, output_root=root)
     fs, path = filesystem(latents_dir(root, dataset, base_size, multi_scale))
     names = sorted(p.rsplit("/", 1)[-1].removesuffix(".parquet") for p in fs.glob(f"{path}/*.parquet")
                    if not p.endswith("/buckets.parquet"))
     shards = []
     for name in names:
-        lat = latent_urls(cfg, name)[1]
-        txt = text_urls(cfg, name)[1] if caption_set else None
+        lat = latent_files(root, dataset, base_size, multi_scale, name).index
+        txt = text_files(root, dataset, caption_set, name).index if caption_set else None
         if is_done(lat) and (txt is None or is_done(txt)):
             shards.append(FeatureShard(name, lat, txt, base_size))
     return shards
@@ -405,27 +410,27 @@ class BucketedLoader:
 
     def _tars(self, e: Entry) -> tuple[str, str | None]:
         shard = self.shards[e.shard]
-        text = None if e.text is None or shard.text is None else shard.text.removesuffix(".parquet") + ".tar"
-        return shard.latents.removesuffix(".parquet") + ".tar", text
+        text = None if e.text is None or shard.text is None else tar_of(shard.text)
+        return tar_of(shard.latents), text
 
     def _latent_into(self, out: _Batch, i: int, e: Entry, url: str, files: TarReader) -> None:
         """Sample i's posterior into its slot; img_hw, aspect ratio and class from the index (from the json and cls
         members only where the index does not hold them)."""
         direct = out.posterior is not None and e.latent_array is not None and files.read_array_rows(
-            url, e.latent_array[0], f"{e.key}.latent.npy", out.posterior[i], len(out.posterior[i]),
+            url, e.latent_array[0], f"{e.key}.{LATENT_MEMBER}", out.posterior[i], len(out.posterior[i]),
             len(out.posterior[i]))
         if not direct:
             members = sample_members(files.read(url, e.latent), e.key)
-            if "latent.npy" not in members:
-                raise ValueError(f"no {e.key}.latent.npy member in the sample's range")
-            shape, fortran, dtype, _ = npy_layout(members["latent.npy"])
+            if LATENT_MEMBER not in members:
+                raise ValueError(f"no {e.key}.{LATENT_MEMBER} member in the sample's range")
+            shape, fortran, dtype, _ = npy_layout(members[LATENT_MEMBER])
             want = self._latent_shape(e) or (None if out.posterior is None else out.posterior.shape[1:])
             if (dtype != FEATURE_DTYPE or fortran or len(shape) != 3 or shape[0] != LATENT_CHANNELS
                     or (want is not None and shape != tuple(want))):
                 expected = (LATENT_CHANNELS, "h/8", "w/8") if want is None else want
-                raise ValueError(f"{e.key}.latent.npy is {_describe(shape, fortran, dtype)}, not the "
+                raise ValueError(f"{e.key}.{LATENT_MEMBER} is {_describe(shape, fortran, dtype)}, not the "
                                  f"{FEATURE_DTYPE.str}{list(expected)} of bucket {e.bucket}")
-            arr = load_npy(members["latent.npy"])  # checks the data's size against the header
+            arr = load_npy(members[LATENT_MEMBER])  # checks the data's size against the header
             if out.posterior is None:
                 out.posterior = files.arrays.empty((out.n, *arr.shape), arr.dtype)
             out.posterior[i] = arr
@@ -433,8 +438,8 @@ class BucketedLoader:
             _, h, w, label = e.latent_array
             out.img_hw[i] = (h, w)
         else:  # an index written before it held them (no direct read then: members were read above)
-            out.img_hw[i] = json.loads(bytes(members["json"]))["orig_hw"]
-            label = int(bytes(members["cls"])) if "cls" in members else None
+            out.img_hw[i] = json.loads(bytes(members[JSON_MEMBER]))["orig_hw"]
+            label = int(bytes(members[CLASS_MEMBER])) if CLASS_MEMBER in members else None
         out.ratio[i] = float(e.bucket)
         out.cls[i] = None if label is None else int(label)
 
@@ -445,7 +450,7 @@ class BucketedLoader:
               and (width is None or found.shape[1] == width))
         if not ok:
             rows = "n_tokens" if e.n_tokens is None else e.n_tokens
-            raise ValueError(f"{e.key}.t5.npy is {_describe(found.shape, found.fortran, found.dtype)}, not the "
+            raise ValueError(f"{e.key}.{T5_MEMBER} is {_describe(found.shape, found.fortran, found.dtype)}, not the "
                              f"{FEATURE_DTYPE.str}[{rows}, {'d' if width is None else width}] its index and batch "
                              "promise")
         return int(found.shape[1])
@@ -465,7 +470,7 @@ class BucketedLoader:
             at[:] = url, e.key
             if width is not None and e.n_tokens is not None:
                 files.check_span(url, e.text, e.n_tokens * width * FEATURE_DTYPE.itemsize + RANGE_SLACK)
-            found = files.locate_array(url, e.text, e.key, "t5.npy")
+            found = files.locate_array(url, e.text, e.key, T5_MEMBER)
             width = self._text_check(found, e, width)
             plan.append((min(found.shape[0], self.max_tokens), e, url, found))
         assert width is not None
@@ -481,10 +486,10 @@ class BucketedLoader:
             at[:] = url, e.key
             if found is None and e.text_array is not None:
                 offset, stored = e.text_array
-                if files.read_array_rows(url, offset, f"{e.key}.t5.npy", dest, n, stored):
+                if files.read_array_rows(url, offset, f"{e.key}.{T5_MEMBER}", dest, n, stored):
                     continue
                 files.check_span(url, e.text, stored * width * FEATURE_DTYPE.itemsize + RANGE_SLACK)
-                found = files.locate_array(url, e.text, e.key, "t5.npy")
+                found = files.locate_array(url, e.text, e.key, T5_MEMBER)
                 self._text_check(found, e, width)
             assert found is not None
             found.read_into(dest)
@@ -614,14 +619,14 @@ def peek(shard: FeatureShard) -> dict[str, Any]:
         raise ValueError(f"{shard.latents}: no sample that is ok on every side")
     e = entries[0]
     with TarReader() as files:
-        url = shard.latents.removesuffix(".parquet") + ".tar"
+        url = tar_of(shard.latents)
         with naming(url, e.key):
             files.check_span(url, e.latent)
-            lat = load_npy(sample_members(files.read(url, e.latent), e.key)["latent.npy"])
+            lat = load_npy(sample_members(files.read(url, e.latent), e.key)[LATENT_MEMBER])
         width = None
         if shard.text is not None and e.text is not None:
-            url = shard.text.removesuffix(".parquet") + ".tar"
+            url = tar_of(shard.text)
             with naming(url, e.key):
                 files.check_span(url, e.text)
-                width = int(load_npy(sample_members(files.read(url, e.text), e.key)["t5.npy"]).shape[1])
+                width = int(load_npy(sample_members(files.read(url, e.text), e.key)[T5_MEMBER]).shape[1])
         return {"latent": tuple(lat.shape), "text_width": width, "bucket": e.bucket}

@@ -6,30 +6,31 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from storage.config import DecodeConfig, StageConfig
-from storage.configio import StrictModel
+from storage.config import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_T5,
+    DEFAULT_VAE,
+    Dataset,
+    DecodeConfig,
+    RayDataConfig,
+    StageConfig,
+)
 
-DEFAULT_T5 = "DeepFloyd/t5-v1_1-xxl"
-DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 
-
-class RayExtractConfig(StrictModel):
+class RayExtractConfig(RayDataConfig):
     """Ray Data execution: CPU tasks decode and crop; one T5 and one VAE actor pool, one replica per GPU each."""
 
-    address: str | None = Field(None, description="Ray cluster address; None starts or joins a local Ray.")
     t5_replicas: int = Field(1, gt=0, description="T5 encoder actors.")
     vae_replicas: int = Field(1, gt=0, description="VAE encoder actors.")
-    num_gpus_per_replica: float = Field(1.0, ge=0, description="GPUs per actor; 0 runs on CPU (tests).")
     t5_accelerator_type: str | None = Field(None, description="Ray accelerator type for T5 actors (e.g. H100).")
     vae_accelerator_type: str | None = Field(None, description="Ray accelerator type for VAE actors (e.g. L4).")
-    num_cpus_per_decoder: float = Field(1.0, gt=0, description="CPUs per decode-and-crop task.")
 
 
 class ExtractConfig(StageConfig):
     """T5 text features of a caption set and/or VAE latents of a dataset, as webdataset tars under
     `<output_root>/features/<dataset>/text/<caption_set>/` and `.../latents/<base_size>/`."""
 
-    dataset: str = Field(description="An ingested dataset: sam, journeydb, imagenet.")
+    dataset: Dataset = Field(description="An ingested dataset: sam, journeydb, imagenet.")
     what: Literal["text", "latents", "both"] = Field("both", description="Which features to extract.")
     caption_set: str | None = Field(None, description="Caption set to encode (text); not used for imagenet.")
     base_size: Literal[256, 512, 1024] = Field(256, description="Resolution of the latents.")
@@ -39,7 +40,7 @@ class ExtractConfig(StageConfig):
         "clamp", description="Images with h/w outside 0.25-4: clamp into the end bucket, or drop as an error row.")
     t5_model: str = Field(DEFAULT_T5, description="T5 encoder id or local dir (T5EncoderModel + tokenizer).")
     vae_model: str = Field(DEFAULT_VAE, description="AutoencoderKL id or local dir.")
-    max_tokens: int = Field(120, gt=0, description="T5 tokens kept per caption (PixArt-alpha: 120).")
+    max_tokens: int = Field(DEFAULT_MAX_TOKENS, gt=0, description="T5 tokens kept per caption (PixArt-alpha: 120).")
     clean_caption: bool = Field(True, description="Clean captions before T5 as the official extractor does "
                                 "(DeepFloyd-IF clean_caption, twice: lower case; URLs, HTML, CJK, IDs and "
                                 "punctuation runs stripped), and as diffusers' PixArtAlphaPipeline cleans prompts "
@@ -57,6 +58,8 @@ class ExtractConfig(StageConfig):
         "(benchmarks/jpeg_draft_error.py): crops differ by 0.55-0.75 levels on average, up to 44 levels at single "
         "pixels, at 256 and 512; not at all at 1024.")
     decode_threads: int = Field(2, gt=0, description="Local executor: threads decoding and cropping JPEGs.")
+    part_rows: int = Field(256, gt=0, description="Samples committed together as one part of an unfinished shard: "
+                           "a crash loses at most this many; a re-run resumes after the committed parts.")
     executor: Literal["local", "ray"] = Field("local", description="local: this process; ray: Ray Data actor pools.")
     ray: RayExtractConfig = Field(default_factory=RayExtractConfig)
 

@@ -12,9 +12,14 @@ mask. The VAE stores the posterior mean and std, so training samples the posteri
 
 from __future__ import annotations
 
+import io
+import json
+
 import numpy as np
 import torch
 
+from pixart.features.format import npy_bytes
+from storage.config import DEFAULT_MAX_TOKENS
 from storage.devices import device_name, dtype_name
 from storage.errors import PipelineError
 
@@ -40,7 +45,8 @@ def _load(what: str, model_id: str, load):
 
 
 class TextEncoder:
-    def __init__(self, model_id: str, max_tokens: int = 120, device: str = "auto", dtype: str = "auto") -> None:
+    def __init__(self, model_id: str, max_tokens: int = DEFAULT_MAX_TOKENS, device: str = "auto",
+                 dtype: str = "auto") -> None:
         from transformers import AutoTokenizer, T5EncoderModel
 
         self.device = resolve_device(device)
@@ -84,3 +90,62 @@ class LatentEncoder:
         mean = posterior.mean.to(torch.float16).cpu().numpy()
         std = posterior.std.to(torch.float16).cpu().numpy()
         return mean, std
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Batch form: one callable per encoder over a dict of columns, what a Ray Data actor pool maps (flows/_ray_stage.py).
+# Arrays travel as .npy bytes (allow_pickle=False), so rows of different buckets share one schema.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+class TextBatchEncoder:
+    """batch["texts"]: a JSON list of texts per row -> batch["feats"]: their features, concatenated, as .npy bytes,
+    and batch["lengths"]: a JSON list of their token counts."""
+
+    def __init__(self, model: str, max_tokens: int, device: str, dtype: str) -> None:
+        self.encoder = TextEncoder(model, max_tokens, device, dtype)
+
+    def __call__(self, batch: dict) -> dict:
+        feats, lengths = [], []
+        for texts in batch["texts"]:
+            out = self.encoder.encode(json.loads(texts))
+            feats.append(npy_bytes(np.concatenate(out)))
+            lengths.append(json.dumps([len(f) for f in out]))
+        return {**batch, "feats": np.array(feats, dtype=object), "lengths": np.array(lengths, dtype=object)}
+
+
+def split_features(row: dict) -> list[np.ndarray]:
+    """The per-text feature arrays of one `TextBatchEncoder` output row."""
+    flat = _npy(row["feats"])
+    cuts = np.cumsum([0, *json.loads(row["lengths"])])
+    return [flat[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+
+
+class LatentBatchEncoder:
+    """batch["pixels"]: one bucket group per row as .npy bytes ([B, H, W, 3] uint8; b"" for an error row) ->
+    batch["mean"], batch["std"]: .npy bytes of the posterior (b"" for an error row)."""
+
+    def __init__(self, model: str, device: str, dtype: str) -> None:
+        self.encoder = LatentEncoder(model, device, dtype)
+
+    def __call__(self, batch: dict) -> dict:
+        means, stds = [], []
+        for error, pixels in zip(batch["error"], batch["pixels"], strict=True):
+            if error:
+                means.append(b"")
+                stds.append(b"")
+                continue
+            mean, std = self.encoder.encode(list(_npy(pixels)))
+            means.append(npy_bytes(mean))
+            stds.append(npy_bytes(std))
+        out = {k: v for k, v in batch.items() if k != "pixels"}
+        return {**out, "mean": np.array(means, dtype=object), "std": np.array(stds, dtype=object)}
+
+
+def posterior_of(row: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) of one `LatentBatchEncoder` output row."""
+    return _npy(row["mean"]), _npy(row["std"])

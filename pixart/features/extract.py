@@ -3,60 +3,49 @@
     result = extract_text_shard(caption_url, cfg, TextEncoder(...))       # features/<ds>/text/<set>/<shard>.tar
     result = extract_latent_shard(manifest_url, cfg, LatentEncoder(...))  # features/<ds>/latents/<size>/<shard>.tar
 
-Each output shard is a webdataset tar plus a parquet index beside it (`<shard>.parquet`, one row per input key:
-ok with its bucket, token count and the byte range of its members in the tar, or error with a reason) and the
-index's done marker, written last with the lineage (input shard and its marker hash, config hash, model ids).
-A committed shard is skipped on a re-run; the shard's lease keeps a second run from doing the same work.
-
-Tar members per sample (keys have no dots):
-    text:    <key>.t5.npy   [n_tokens, d_model] float16, valid tokens only      <key>.json {caption, n_tokens}
-    latents: <key>.latent.npy [8, h/8, w/8] float16: posterior mean then std     <key>.json {bucket, orig_hw,
-             resized_hw, crop_box, base_size}  (+ <key>.cls for ImageNet)
-Arrays are written with np.save(allow_pickle=False) and must be read with np.load(allow_pickle=False).
+What a feature shard is (paths, index schema, members) is `pixart.features.format`'s. This module builds the
+samples; the kit's `storage.shard.ShardWriter` writes them: a shard committed for the same lineage (input shard,
+the settings below, the encoder) is skipped, a stale one redone, and a crash mid-shard resumes from the samples
+already committed as parts. Executors (the local loops below, the Ray runtime in flows/) feed `TextShard` and
+`LatentShard` alike.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
-import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from pixart.buckets import Bucket, BucketError, apply_crop, assign, fixed_bucket
 from pixart.features.config import ExtractConfig
 from pixart.features.encoders import LatentEncoder, TextEncoder
-from storage.commit import commit_shard, write_done
-from storage.configio import config_dict, config_hash
+from pixart.features.format import (
+    INDEX_SCHEMA,
+    LATENT_MEMBER,
+    T5_MEMBER,
+    ShardFiles,
+    error_row,
+    latent_files,
+    latent_sample,
+    npy_bytes,
+    text_files,
+    text_sample,
+)
+from storage.configio import config_dict
 from storage.decode import decode_image
 from storage.errors import ImageDecodeError, PipelineError
-from storage.layout import latents_dir, shard_of, text_features_dir
+from storage.ingest.dedupe import duplicate_error, duplicates_identity, duplicates_of
+from storage.layout import duplicates_url, shard_of
 from storage.layout import manifest_url as manifest_url_of
-from storage.lease import Lease
-from storage.parquet import read_rows, write_table
+from storage.lineage import lineage
+from storage.parquet import read_rows
 from storage.readers import iter_manifest_images
-from storage.shard import ShardResult, lineage, skipped
-from storage.urls import join
-from storage.wds import ShardTarWriter
-
-Row = dict[str, Any]
-INDEX_SCHEMA = pa.schema([("key", pa.string()), ("bucket", pa.string()), ("n_tokens", pa.int32()),
-                          ("offset", pa.int64()), ("bytes", pa.int64()),  # the sample's byte range in the tar
-                          ("array_offset", pa.int64()),  # where its .npy member's tar header starts (null: parse)
-                          ("orig_h", pa.int32()), ("orig_w", pa.int32()), ("label", pa.int64()),  # latents: json, cls
-                          ("status", pa.string()), ("error", pa.string())])
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
+from storage.shard import Row, ShardResult, ShardWriter, current
 
 
 def clean_caption(text: str) -> str:
@@ -68,110 +57,103 @@ def clean_caption(text: str) -> str:
     return text
 
 
-def text_urls(cfg: ExtractConfig, shard: str) -> tuple[str, str]:
-    base = join(text_features_dir(cfg.output_root, cfg.dataset, cfg.caption_set or ""), shard)
-    return base + ".tar", base + ".parquet"
+def text_files_of(cfg: ExtractConfig, shard: str) -> ShardFiles:
+    """The text feature shard of caption shard `shard` under this config's root and caption set."""
+    return text_files(cfg.output_root, cfg.dataset, cfg.caption_set or "", shard)
 
 
-def latent_urls(cfg: ExtractConfig, shard: str) -> tuple[str, str]:
-    base = join(latents_dir(cfg.output_root, cfg.dataset, cfg.base_size, cfg.multi_scale), shard)
-    return base + ".tar", base + ".parquet"
+def latent_files_of(cfg: ExtractConfig, shard: str) -> ShardFiles:
+    """The latent feature shard of manifest shard `shard` at this config's base size."""
+    return latent_files(cfg.output_root, cfg.dataset, cfg.base_size, cfg.multi_scale, shard)
 
 
-class _Output:
-    """One feature shard being written: the tar (created on the first sample) and the index rows."""
+def text_settings(cfg: ExtractConfig) -> dict[str, Any]:
+    """What changes a text feature besides its caption and the T5 model: its lineage settings."""
+    return {"max_tokens": cfg.max_tokens, "clean_caption": cfg.clean_caption, "dtype": cfg.dtype}
 
-    def __init__(self, tar_url: str) -> None:
-        self.tar_url, self.writer, self.index = tar_url, None, []
 
-    def error(self, key: str, reason: str) -> None:
-        self.index.append({"key": key, "status": "error", "error": reason})
+def latent_settings(cfg: ExtractConfig) -> dict[str, Any]:
+    """What changes a latent besides its image and the VAE: its lineage settings."""
+    return {"base_size": cfg.base_size, "multi_scale": cfg.multi_scale, "bucket_policy": cfg.bucket_policy,
+            "jpeg_draft": cfg.jpeg_draft, "decode": cfg.decode.model_dump(), "dtype": cfg.dtype}
 
-    def write(self, key: str, members: dict[str, bytes], array: str, **fields: Any) -> None:
-        """One sample; `array` names its .npy member, whose header offset the index keeps for direct reads."""
-        if self.writer is None:
-            self.writer = ShardTarWriter(self.tar_url).__enter__()
-        offset, length = self.writer.write({"__key__": key, **members})
-        self.index.append({"key": key, "offset": offset, "bytes": length,
-                           "array_offset": self.writer.members.get(array), "status": "ok", "error": None, **fields})
 
-    def close(self, failed: BaseException | None = None) -> None:
-        if self.writer is not None:
-            self.writer.__exit__(type(failed) if failed else None, failed, None)
+def text_lineage(caption_url: str, cfg: ExtractConfig) -> dict[str, Any]:
+    return lineage([caption_url], text_settings(cfg), {"t5": cfg.t5_model})
+
+
+def latent_lineage(manifest_url: str, cfg: ExtractConfig, firsts: dict[str, str] | None = None) -> dict[str, Any]:
+    """A latent shard is made from its manifest and its keys listed as duplicates (`firsts`, read when not given)."""
+    shard = shard_of(manifest_url)
+    if firsts is None:
+        firsts = duplicates_of(cfg.output_root, cfg.dataset, shard)
+    dups = {f"{duplicates_url(cfg.output_root, cfg.dataset)}#{shard}": duplicates_identity(firsts)}
+    return lineage([manifest_url], latent_settings(cfg), {"vae": cfg.vae_model}, extra_inputs=dups)
+
+
+def pending(kind: str, input_url: str, cfg: ExtractConfig) -> bool:
+    """Is the `kind` ("text" or "latents") feature shard of this input missing or stale (always, with force)?"""
+    if cfg.force:
+        return True
+    if kind == "text":
+        return current(text_files_of(cfg, shard_of(input_url)).index, text_lineage(input_url, cfg)) is None
+    return current(latent_files_of(cfg, shard_of(input_url)).index, latent_lineage(input_url, cfg)) is None
 
 
 class FeatureShard:
-    """One output shard end to end: lease, tar + index (`_Output`), commit with lineage. Executors (the local loop
-    below, `flows/_ray_extract.py`) feed it; `TextShard` and `LatentShard` add what each kind needs.
-
-    `done` holds the stored result when the shard is already committed (nothing else is set up then).
-    """
+    """One output feature shard on the kit's writer. `writer.done` is the stored result when the shard is
+    committed for the same lineage (nothing else is set up then); `todo` lists what is left to encode."""
 
     stage = ""
 
-    def __init__(self, input_url: str, urls: tuple[str, str], cfg: ExtractConfig, models: dict[str, str]) -> None:
-        self.input_url, self.cfg, self.models = input_url, cfg, models
-        self.tar_url, self.index_url = urls
-        fixed = {"stage": self.stage, "dataset": cfg.dataset, "shard": shard_of(input_url), "input_url": input_url}
-        self.done = None if cfg.force else skipped(self.index_url, **fixed)
-        if self.done is not None:
-            return
-        self.lease = Lease(self.index_url)
-        self.lease.acquire()
-        try:
-            self.done = None if cfg.force else skipped(self.index_url, **fixed)  # finished by another run meanwhile
-            if self.done is None:
-                self.start = time.perf_counter()
-                self.result = ShardResult(output_url=self.index_url, config_hash=config_hash(cfg), **fixed)
-                self.out = _Output(self.tar_url)
-                self.load()
-        except BaseException:
-            self.lease.release()  # bad input: nothing was published, the next run must not find the shard busy
-            raise
-        if self.done is not None:
-            self.lease.release()
+    def __init__(self, input_url: str, index_url: str, tar_url: str, cfg: ExtractConfig,
+                 lineage_record: dict[str, Any]) -> None:
+        self.input_url, self.cfg = input_url, cfg
+        self.errors: dict[str, str] = {}  # keys that are error rows from the start (found while listing keys)
+        result = ShardResult(stage=self.stage, dataset=cfg.dataset, shard=shard_of(input_url), input_url=input_url,
+                             output_url=index_url)
+        self.writer = ShardWriter.open(index_url, self.keys, INDEX_SCHEMA, result, lineage_record,
+                                       config=config_dict(cfg),
+                                       tar_url=tar_url, force=cfg.force, part_rows=cfg.part_rows)
+        self.done = self.writer.done
+        self.result = result
+        if self.done is None:
+            try:
+                self.writer.add([error_row(k, self.errors[k]) for k in self.writer.todo if k in self.errors])
+            except BaseException:
+                self.writer.abort()
+                raise
 
-    def load(self) -> None:
-        """Read the input shard (under the lease); a subclass's own set-up."""
+    def keys(self) -> list[str]:
+        """Every key the output must hold a row for; read under the shard's lease. Fills `errors`."""
+        raise NotImplementedError
 
     @property
     def name(self) -> str:
         return self.result.shard
 
-    def abort(self, error: BaseException) -> None:
-        """Give up: nothing is published, the lease is released."""
-        try:
-            self.out.close(error)
-        finally:
-            self.lease.release()
+    @property
+    def complete(self) -> bool:
+        """Every input key has its row (sample or error)."""
+        return self.writer.complete
 
-    def finish(self) -> ShardResult:
-        try:
-            self.out.close()
-            out, result = self.out, self.result
-            result.seconds = round(time.perf_counter() - self.start, 3)
-            result.num_ok = sum(r["status"] == "ok" for r in out.index)
-            result.num_error = len(out.index) - result.num_ok
-            result.bytes = sum(r.get("bytes") or 0 for r in out.index)
-            with commit_shard(self.index_url) as tmp:
-                write_table(out.index, tmp, INDEX_SCHEMA)
-            write_done(self.index_url, {**result.to_dict(), "tar_url": out.tar_url if out.writer else None,
-                                        "config": config_dict(self.cfg),
-                                        "lineage": lineage([self.input_url], result.config_hash, self.models)})
-            return result
-        finally:
-            self.lease.release()
+    def abort(self, error: BaseException | None = None) -> None:
+        """Give up: nothing is published, committed parts stay for the next attempt, the lease is released."""
+        self.writer.abort()
+
+    def finalize(self) -> ShardResult:
+        return self.writer.finalize()
 
 
-def _run_local(shard: FeatureShard, work) -> ShardResult:
+def run_local(shard: FeatureShard, work: Callable[[], None]) -> ShardResult:
     if shard.done is not None:
         return shard.done
     try:
         work()
-    except BaseException as e:
-        shard.abort(e)
+    except BaseException:
+        shard.abort()
         raise
-    return shard.finish()
+    return shard.finalize()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -186,11 +168,16 @@ class TextShard(FeatureShard):
     stage = "extract-text"
 
     def __init__(self, caption_url: str, cfg: ExtractConfig) -> None:
-        super().__init__(caption_url, text_urls(cfg, shard_of(caption_url)), cfg, {"t5": cfg.t5_model})
+        files = text_files_of(cfg, shard_of(caption_url))
+        self.captions: dict[str, str] = {}
+        super().__init__(caption_url, files.index, files.tar, cfg, text_lineage(caption_url, cfg))
+        if self.done is None:
+            self.todo = [k for k in self.writer.todo if k in self.captions]
 
-    def load(self) -> None:
-        """Check the caption shard against its manifest: one row per manifest key. A key with two rows or none is
-        an error row; a key the manifest does not have fails the shard (the caption shard is not this manifest's)."""
+    def keys(self) -> list[str]:
+        """The manifest's keys, the caption shard checked against them: one row per manifest key. A key with two
+        rows or none is an error row; a key the manifest does not have fails the shard (the caption shard is not
+        this manifest's)."""
         caption_url, cfg = self.input_url, self.cfg
         manifest = manifest_url_of(cfg.output_root, cfg.dataset, shard_of(caption_url))
         keys = [r["key"] for r in read_rows(manifest, ["key"])]
@@ -203,19 +190,17 @@ class TextShard(FeatureShard):
             more = f" (and {len(stray) - 1} more)" if len(stray) > 1 else ""
             raise PipelineError(f"{caption_url}: key {stray[0]!r}{more} is not in the manifest {manifest}; the "
                                 f"caption shard is not this manifest's: re-caption it")
-        self.todo, self.captions = [], {}
         for key in keys:
             found = rows.get(key, [])
             if not found:
-                self.out.error(key, f"no caption row for this key in {caption_url}")
+                self.errors[key] = f"no caption row for this key in {caption_url}"
             elif len(found) > 1:
-                self.out.error(key, f"{len(found)} caption rows for this key in {caption_url}")
+                self.errors[key] = f"{len(found)} caption rows for this key in {caption_url}"
             elif found[0]["status"] != "ok" or not (found[0]["text"] or "").strip():
-                self.out.error(key, f"no caption: {found[0]['error'] or 'empty text'}")
+                self.errors[key] = f"no caption: {found[0]['error'] or 'empty text'}"
             else:
                 self.captions[key] = found[0]["text"]
-                self.todo.append(key)
-        self.result.stats["tokens"] = 0
+        return keys
 
     def chunks(self) -> list[tuple[list[str], list[str]]]:
         out = []
@@ -227,12 +212,14 @@ class TextShard(FeatureShard):
 
     def accept(self, keys: list[str], texts: list[str], feats: list[np.ndarray]) -> None:
         for key, text, f in zip(keys, texts, feats, strict=True):
-            n = int(f.shape[0])
-            self.result.stats["tokens"] += n
-            meta = {"caption": self.captions[key], "n_tokens": n,
-                    **({"encoded_text": text} if self.cfg.clean_caption else {})}
-            self.out.write(key, {"t5.npy": npy_bytes(f), "json": json.dumps(meta).encode()}, "t5.npy",
-                           n_tokens=n)
+            members, fields = text_sample(f, self.captions[key], text if self.cfg.clean_caption else None)
+            self.writer.add_sample(key, members, {**fields, "status": "ok", "error": None}, T5_MEMBER)
+
+    def finalize(self) -> ShardResult:
+        def count(rows: list[Row], result: ShardResult) -> None:
+            result.stats["tokens"] = sum(r["n_tokens"] or 0 for r in rows if r["status"] == "ok")
+
+        return self.writer.finalize(count=count)
 
 
 def extract_text_shard(caption_url: str, cfg: ExtractConfig, encoder: TextEncoder,
@@ -246,7 +233,7 @@ def extract_text_shard(caption_url: str, cfg: ExtractConfig, encoder: TextEncode
             if progress is not None:
                 progress(len(keys))
 
-    return _run_local(shard, work)
+    return run_local(shard, work)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -327,41 +314,58 @@ class LatentShard(FeatureShard):
     stage = "extract-latents"
 
     def __init__(self, manifest_url: str, cfg: ExtractConfig) -> None:
-        super().__init__(manifest_url, latent_urls(cfg, shard_of(manifest_url)), cfg, {"vae": cfg.vae_model})
+        files = latent_files_of(cfg, shard_of(manifest_url))
+        self.rows: dict[str, Row] = {}
+        self.firsts = duplicates_of(cfg.output_root, cfg.dataset, shard_of(manifest_url))  # key -> earlier shard
+        super().__init__(manifest_url, files.index, files.tar, cfg, latent_lineage(manifest_url, cfg, self.firsts))
+        if self.done is None:
+            self.todo = [self.rows[k] for k in self.writer.todo if k in self.rows]
 
-    def load(self) -> None:
-        cfg = self.cfg
-        self.todo = []
+    def keys(self) -> list[str]:
+        keys = []
         for r in read_rows(self.input_url):
+            keys.append(r["key"])
             if r["status"] != "ok":
-                self.out.error(r["key"], f"not ingested: {r['error']}")
+                self.errors[r["key"]] = f"not ingested: {r['error']}"
+                continue
+            if r["key"] in self.firsts:
+                self.errors[r["key"]] = duplicate_error(r["key"], self.firsts[r["key"]])
                 continue
             try:
-                bucket_of(r, cfg)
-                self.todo.append(r)
+                bucket_of(r, self.cfg)
+                self.rows[r["key"]] = r
             except BucketError as e:
-                self.out.error(r["key"], str(e))
+                self.errors[r["key"]] = str(e)
+        return keys
 
     def error(self, key: str, reason: str) -> None:
-        self.out.error(key, reason)
+        self.writer.add([error_row(key, reason)])
 
     def accept(self, group: dict[str, Any], mean: np.ndarray, std: np.ndarray) -> None:
-        labels = {r["key"]: r.get("label") for r in self.todo} if not hasattr(self, "_labels") else self._labels
-        self._labels = labels
         for key, meta, m, s in zip(group["keys"], group["metas"], mean, std, strict=True):
             if not (np.isfinite(m).all() and np.isfinite(s).all()):
-                self.out.error(key, "VAE returned non-finite latents")
+                self.error(key, "VAE returned non-finite latents")
                 continue
-            members = {"latent.npy": npy_bytes(np.concatenate([m, s])), "json": json.dumps(meta).encode()}
-            if labels.get(key) is not None:
-                members["cls"] = str(labels[key]).encode()
-            self.out.write(key, members, "latent.npy", bucket=meta["bucket"], orig_h=meta["orig_hw"][0],
-                           orig_w=meta["orig_hw"][1], label=labels.get(key))
+            members, fields = latent_sample(m, s, meta, self.rows[key].get("label"))
+            self.writer.add_sample(key, members, {**fields, "status": "ok", "error": None}, LATENT_MEMBER)
 
-    def finish(self) -> ShardResult:
-        if self.done is None:
-            self.result.stats["buckets"] = len({r["bucket"] for r in self.out.index if r.get("bucket")})
-        return super().finish()
+    def finalize(self) -> ShardResult:
+        def count(rows: list[Row], result: ShardResult) -> None:
+            result.stats["buckets"] = len({r["bucket"] for r in rows if r.get("bucket")})
+
+        return self.writer.finalize(count=count)
+
+
+def latent_group_rows(item: dict[str, Any], cfg: ExtractConfig) -> Iterator[dict[str, Any]]:
+    """`bucket_groups` over one shard's rows (item["rows"], JSON) as flat rows for a Ray Data CPU task: keys and
+    metas as JSON, pixels as .npy bytes (b"" with the error of a row that failed)."""
+    batch_size = cfg.vae_batch_size(cfg.ray.num_gpus_per_replica > 0)
+    for g in bucket_groups(json.loads(item["rows"]), cfg, batch_size):
+        if "error" in g:
+            yield {"keys": json.dumps([g["key"]]), "metas": "[]", "error": g["error"], "pixels": b""}
+        else:
+            yield {"keys": json.dumps(g["keys"]), "metas": json.dumps(g["metas"]), "error": "",
+                   "pixels": npy_bytes(g["pixels"])}
 
 
 def extract_latent_shard(manifest_url: str, cfg: ExtractConfig, encoder: LatentEncoder,
@@ -379,4 +383,4 @@ def extract_latent_shard(manifest_url: str, cfg: ExtractConfig, encoder: LatentE
             if progress is not None:
                 progress(len(group["keys"]))
 
-    return _run_local(shard, work)
+    return run_local(shard, work)

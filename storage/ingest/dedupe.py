@@ -1,23 +1,31 @@
 """Keys that occur in more than one shard of a dataset (a tar copied under a second name, an overlapping re-dump).
 
-    report = mark_duplicates(root, "sam")     # after every shard of a run is committed
+    report = write_duplicates(root, "sam")          # after every shard of an ingest run is committed
+    firsts = duplicates_of(root, "sam", "sa_000007")  # {key: first shard}: what later stages turn into error rows
 
-Shards are ranked by name. A key's first ok occurrence stays ok; each later one becomes an error row
-"duplicate of key <k> in shard <first>", rewritten atomically with a fresh done marker, and is listed in
-`manifests/<dataset>/_duplicates.parquet`. Only the key, shard and status columns are read, into arrow arrays,
-so 10M keys take a few hundred MB, not Python objects.
+Shards are ranked by name. A key's first ok occurrence is the sample; each later one is listed in the dataset's
+duplicates table (`duplicates/<dataset>.parquet`: key, shard, first_shard), a committed output of its own with a
+done marker. Manifests are never rewritten, so the identity that caption and feature lineage recorded for a
+manifest stays true. Captioning and latent extraction read the table and write "duplicate of key <k> in shard
+<first>" error rows for the listed keys; the table's rows for a shard are part of that shard's lineage
+(`duplicates_identity`), so a later ingest that adds duplicates to a shard makes its captions and latents stale.
+
+Only the key, shard and status columns are read, into arrow arrays, so 10M keys take a few hundred MB, not Python
+objects.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from storage.commit import commit_shard, read_done, write_done
+from storage.commit import commit_shard, is_done, write_done
 from storage.layout import duplicates_url, shard_of
-from storage.manifest import STATUS_ERROR, STATUS_OK, committed_manifests, read_manifest, write_manifest
+from storage.manifest import STATUS_OK, committed_manifests, read_manifest
 from storage.parquet import read_table, write_table
 
 DUPLICATE_PREFIX = "duplicate of key"
@@ -48,53 +56,46 @@ def find_duplicates(manifests: list[str]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=_SCHEMA)
 
 
-def _rewrite(url: str, firsts: dict[str, str]) -> int:
-    rows = read_manifest(url).to_pylist()
-    changed = 0
-    for row in rows:
-        first = firsts.get(row["key"])
-        if first is not None and row["status"] == STATUS_OK:
-            row.update(status=STATUS_ERROR, error=f"{DUPLICATE_PREFIX} {row['key']!r} in shard {first}")
-            changed += 1
-    record = read_done(url) or {}
-    with commit_shard(url) as tmp:
-        write_manifest(rows, tmp)
-    record.update(num_ok=sum(r["status"] == STATUS_OK for r in rows), num_duplicates=record.get("num_duplicates", 0)
-                  + changed)
-    record["num_error"] = len(rows) - record["num_ok"]
-    write_done(url, record)
-    return changed
-
-
-def mark_duplicates(root: str, dataset: str) -> dict[str, Any]:
-    """Turn later occurrences of keys into error rows naming the first shard; see the module docstring."""
+def write_duplicates(root: str, dataset: str) -> dict[str, Any]:
+    """Commit the dataset's duplicates table from every committed manifest; see the module docstring."""
     manifests = committed_manifests(root, dataset)
     dups = find_duplicates(manifests)
-    by_shard: dict[str, dict[str, str]] = {}
-    for row in dups.to_pylist():
-        by_shard.setdefault(row["shard"], {})[row["key"]] = row["first_shard"]
-    changed = sum(_rewrite(u, by_shard[shard_of(u)]) for u in manifests if shard_of(u) in by_shard)
-    listed = _listed(root, dataset)
-    if dups.num_rows or listed is not None:
-        merged = dups if listed is None else pa.concat_tables([listed, dups])
-        with commit_shard(duplicates_url(root, dataset)) as tmp:
-            write_table(merged.group_by(["key", "shard", "first_shard"]).aggregate([]), tmp)
-    return {"duplicates": changed, "shards": sorted(by_shard)}
+    url = duplicates_url(root, dataset)
+    with commit_shard(url) as tmp:
+        write_table(dups, tmp, _SCHEMA)
+    shards = sorted(set(dups["shard"].to_pylist()))
+    write_done(url, {"stage": "dedupe", "dataset": dataset, "num_duplicates": dups.num_rows, "shards": shards,
+                     "manifests": [shard_of(u) for u in manifests]})
+    return {"duplicates": dups.num_rows, "shards": shards}
 
 
-def _listed(root: str, dataset: str) -> pa.Table | None:
-    try:
-        return read_table(duplicates_url(root, dataset))
-    except (FileNotFoundError, OSError):
-        return None
+def _table(root: str, dataset: str) -> pa.Table:
+    url = duplicates_url(root, dataset)
+    return read_table(url) if is_done(url) else _SCHEMA.empty_table()
+
+
+def duplicates_of(root: str, dataset: str, shard: str) -> dict[str, str]:
+    """{key: first shard} for the keys of `shard` that an earlier-ranked shard already holds."""
+    t = _table(root, dataset)
+    t = t.filter(pc.equal(t["shard"], shard))
+    return dict(zip(t["key"].to_pylist(), t["first_shard"].to_pylist(), strict=True))
+
+
+def duplicate_error(key: str, first_shard: str) -> str:
+    return f"{DUPLICATE_PREFIX} {key!r} in shard {first_shard}"
+
+
+def duplicates_identity(firsts: dict[str, str]) -> str:
+    """The lineage identity of one shard's duplicate keys (the same for every shard without any)."""
+    return hashlib.sha256(json.dumps(sorted(firsts.items())).encode()).hexdigest()[:12]
 
 
 def duplicate_report(root: str, dataset: str) -> dict[str, Any]:
-    """For `pixart audit`: keys still ok in two shards (unmarked), and rows already marked as duplicates."""
-    manifests = committed_manifests(root, dataset)
-    unmarked = find_duplicates(manifests).num_rows
-    marked = 0
-    for url in manifests:
-        errors = read_manifest(url, ["error"])["error"]
-        marked += pc.sum(pc.starts_with(pc.fill_null(errors, ""), DUPLICATE_PREFIX)).as_py() or 0
-    return {"unmarked_duplicates": unmarked, "marked_duplicates": marked}
+    """For `pixart audit`: keys listed as duplicates, and keys ok in two shards that the table does not list (an
+    ingest that has not finished, or a table older than the manifests)."""
+    found = find_duplicates(committed_manifests(root, dataset))
+    listed = _table(root, dataset)
+    have = set(zip(listed["key"].to_pylist(), listed["shard"].to_pylist(), strict=True))
+    unlisted = sum((k, s) not in have for k, s in zip(found["key"].to_pylist(), found["shard"].to_pylist(),
+                                                       strict=True))
+    return {"listed_duplicates": listed.num_rows, "unlisted_duplicates": unlisted}

@@ -3,7 +3,7 @@
     shards = list_shards(cfg)                    # from the dataset's source (storage/ingest/sources/), names checked
     ctx = prepare(cfg)                           # dataset-wide work once (JourneyDB: the annotation index)
     result = ingest_shard(shards[0], cfg, ctx)   # -> ShardResult; manifest + done marker committed
-    mark_duplicates(cfg.output_root, cfg.dataset)   # after all shards: keys seen in two shards (storage.ingest.dedupe)
+    write_duplicates(cfg.output_root, cfg.dataset)  # after all shards: keys seen in two shards (storage.ingest.dedupe)
 
 Every sample ends as exactly one row: `ok` with size, hash and metadata, or `error` with a reason. Only an
 unreadable source (missing, access denied, network) raises, so the orchestrator can fail or retry the shard.
@@ -11,21 +11,19 @@ unreadable source (missing, access denied, network) raises, so the orchestrator 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
-from storage.commit import commit_shard, is_done, write_done
-from storage.configio import config_dict, config_hash
+from storage.configio import config_dict
 from storage.decode import probe_image
 from storage.errors import ImageDecodeError
 from storage.hashing import content_hash
 from storage.ingest.config import IngestConfig
 from storage.ingest.sources import SourceSample, SourceShard, get_source
 from storage.layout import check_unique, manifest_url
-from storage.lease import Lease
-from storage.manifest import STATUS_ERROR, STATUS_OK, write_manifest
-from storage.shard import ShardResult, lineage, skipped
+from storage.lineage import lineage
+from storage.manifest import MANIFEST_SCHEMA, STATUS_ERROR, STATUS_OK
+from storage.shard import Row, ShardResult, ShardWriter
 from storage.urls import absolute_url
 
 _FIELDS = ("label", "wnid", "prompt", "prompt_raw", "caption")
@@ -80,61 +78,54 @@ def sample_row(sample: SourceSample, shard: SourceShard, cfg: IngestConfig) -> d
     return row
 
 
-def _unique_key(key: str, keys: set[str]) -> str:
-    """A distinct key for a later duplicate: '#' never occurs in a real key, so it cannot shadow one."""
-    n = 2
-    while f"{key}#dup{n}" in keys:
-        n += 1
-    return f"{key}#dup{n}"
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # One shard -> one committed manifest
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def ingest_lineage(shard: SourceShard, cfg: IngestConfig) -> dict[str, Any]:
+    """A manifest is made from its source archive (and the dataset's annotation or synset file), by size and
+    mtime/etag, with the effective ingest config."""
+    inputs = [shard.url] + [u for u in (cfg.annotations, cfg.synset_mapping) if u]
+    return lineage(inputs, cfg, committed_inputs=False)
+
+
 def ingest_shard(shard: SourceShard, cfg: IngestConfig, ctx: dict[str, Any] | None = None,
                  progress: Callable[[int], None] | None = None) -> ShardResult:
-    """Write `<root>/manifests/<dataset>/<shard>.parquet` and its done marker; skip it when already committed.
+    """Write `<root>/manifests/<dataset>/<shard>.parquet` and its done marker; skip it when committed for the same
+    lineage. A crash mid-shard resumes: rows already committed as parts are not probed again.
 
     Holds the shard's lease while it works (ShardBusyError when another run holds it). `progress(n)` is called
     as samples are processed.
     """
     out = manifest_url(cfg.output_root, cfg.dataset, shard.name)
-    fixed = {"stage": "ingest", "dataset": cfg.dataset, "shard": shard.name, "input_url": shard.url}
-    if not cfg.force and (done := skipped(out, **fixed)) is not None:
-        return done
-    ctx = prepare(cfg) if ctx is None else ctx
-    with Lease(out):
-        if not cfg.force and (done := skipped(out, **fixed)) is not None:  # finished by another run meanwhile
-            return done
-        start = time.perf_counter()
-        result = ShardResult(output_url=out, config_hash=config_hash(cfg), **fixed)
-        rows, keys = [], set()
+    result = ShardResult(stage="ingest", dataset=cfg.dataset, shard=shard.name, input_url=shard.url, output_url=out)
+    writer = ShardWriter.open(out, None, MANIFEST_SCHEMA, result, ingest_lineage(shard, cfg),
+                              config=config_dict(cfg), force=cfg.force)
+    if writer.done is not None:
+        return writer.done
+    with writer:  # aborts (keeping committed parts) on any error
+        ctx = prepare(cfg) if ctx is None else ctx
+        seen: dict[str, int] = {}  # occurrences of each key in the stream, so a resumed run names duplicates alike
         for sample in get_source(cfg.dataset).iter_samples(shard, cfg, ctx):
+            seen[sample.key] = n = seen.get(sample.key, 0) + 1
+            key = sample.key if n == 1 else f"{sample.key}#dup{n}"  # '#' never occurs in a real key
+            if key in writer.have:  # committed by an earlier attempt
+                continue
             row = sample_row(sample, shard, cfg)
-            if row["key"] in keys:  # every key appears once per manifest; later duplicates become error rows
-                row.update(key=_unique_key(row["key"], keys), status=STATUS_ERROR,
-                           error=row["error"] or f"duplicate key {row['key']!r} in this shard")
-            keys.add(row["key"])
-            rows.append(row)
-            result.bytes += row.get("bytes") or 0
+            if n > 1:  # every key appears once per manifest; later duplicates become error rows
+                row.update(key=key, status=STATUS_ERROR, error=row["error"] or f"duplicate key {sample.key!r} in "
+                           f"this shard")
+            writer.add([row])
             if progress is not None:
                 progress(1)
-        result.num_ok = sum(r["status"] == STATUS_OK for r in rows)
-        result.num_error = len(rows) - result.num_ok
-        with commit_shard(out) as tmp:
-            write_manifest(rows, tmp)
-        result.seconds = round(time.perf_counter() - start, 3)
-        write_done(out, {**result.to_dict(), "config": config_dict(cfg),
-                         "lineage": lineage([shard.url], result.config_hash, committed_inputs=False)})
-    return result
+        return writer.finalize(count=_count)
+
+
+def _count(rows: list[Row], result: ShardResult) -> None:
+    result.bytes = sum(r.get("bytes") or 0 for r in rows)
 
 
 def ingest_shard_record(shard: SourceShard, cfg: IngestConfig, ctx: dict[str, Any] | None = None) -> dict[str, Any]:
     """`ingest_shard` as a plain, picklable call returning a dict: the unit a process pool runs."""
     return ingest_shard(shard, cfg, ctx).to_dict()
-
-
-def is_committed(shard: SourceShard, cfg: IngestConfig) -> bool:
-    return is_done(manifest_url(cfg.output_root, cfg.dataset, shard.name))

@@ -28,10 +28,10 @@ from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from storage.commit import publish_dir_once, read_done, write_done
 from storage.errors import SourceError
-from storage.layout import index_dir, safe_name, shard_name_of
-from storage.parquet import read_rows
-from storage.shard import source_identity
 from storage.ingest.sources.base import Source, SourceSample, SourceShard, list_archives, register
+from storage.layout import index_dir, safe_name, shard_name_of
+from storage.lineage import source_identity
+from storage.parquet import read_rows
 from storage.tarstream import iter_tar, member_stem, normalize_member_name
 from storage.urls import filesystem, open_url, to_url
 
