@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from captioning.captioner import quiet_progress
 from captioning.config import PAPER_PROMPT
+from storage.hub import quiet_progress
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,8 @@ class T5TokenCounter:
         at once when a hub id is not cached and the hub is unreachable."""
         from transformers import AutoTokenizer
 
-        from captioning.captioner import TOKENIZER_FILES, from_pretrained, require_files  # torch: load it lazily
+        from captioning.captioner import TOKENIZER_FILES  # torch: load it lazily
+        from storage.hub import from_pretrained, require_files
 
         require_files(tokenizer_id, T5, TOKENIZER_FILES, "tokenizer files")
         self.tokenizer = from_pretrained(AutoTokenizer.from_pretrained, tokenizer_id, T5, "t5_tokenizer")

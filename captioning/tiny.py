@@ -54,7 +54,7 @@ def make_tiny_llava(out_dir: str | Path) -> str:
                        bos_token_id=1, eos_token_id=2, pad_token_id=3)
     cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
                       vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=16)
-    from captioning.captioner import quiet_progress
+    from storage.hub import quiet_progress
 
     with quiet_progress():  # no "Writing model shards" bar in test and demo logs
         LlavaForConditionalGeneration(cfg).save_pretrained(out_dir)

@@ -33,8 +33,8 @@ import torch
 from pydantic import Field, field_validator
 from safetensors import SafetensorError, safe_open
 
-from pixart.features.encoders import ModelLoadError
 from storage.configio import StrictModel
+from storage.hub import ModelLoadError
 
 if TYPE_CHECKING:
     from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel

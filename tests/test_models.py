@@ -9,7 +9,6 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from pixart.features.encoders import ModelLoadError
 from pixart.models import (
     PRESETS,
     ModelConfig,
@@ -23,6 +22,7 @@ from pixart.models import (
     pixart_forward,
 )
 from storage.errors import PipelineError
+from storage.hub import ModelLoadError
 
 TINY = ModelConfig(preset="pixart-tiny")
 
@@ -103,15 +103,45 @@ def test_multi_scale_micro_conditions_change_the_output():
         pixart_forward(model, x, 500, text, mask)
 
 
-def test_gradient_checkpointing():
+@pytest.mark.parametrize("kind", ["pixart", "dit"])
+def test_gradient_checkpointing_recomputes_the_blocks_with_the_same_gradients(kind):
+    """gradient_checkpointing=True: the blocks keep only their inputs for the backward and recompute the rest
+    (counted: the tensors autograd saves during the forward), and the gradients are the plain model's. The recompute
+    repeats the same float32 operations on the same inputs; only the order in which autograd sums contributions to a
+    tensor that feeds several blocks (the timestep embedding) may change, by an ulp or so per sum: hence a tolerance
+    of 1e-5 of each gradient's largest entry."""
+    build, preset = (build_pixart, "pixart-tiny") if kind == "pixart" else (build_dit, "dit-tiny")
     torch.manual_seed(0)
-    model = build_pixart(ModelConfig(preset="pixart-tiny", gradient_checkpointing=True), 64)
-    assert model.gradient_checkpointing is True
-    assert build_pixart(TINY, 64).gradient_checkpointing is False
-    assert build_dit(ModelConfig(preset="dit-tiny", gradient_checkpointing=True), 64).gradient_checkpointing is True
+    plain = build(ModelConfig(preset=preset), 64).train()
+    ckpt = build(ModelConfig(preset=preset, gradient_checkpointing=True), 64).train()
+    assert plain.gradient_checkpointing is False and ckpt.gradient_checkpointing is True
+    with torch.no_grad():  # every weight nonzero: the zero-initialised projections would hide the blocks' gradients
+        for p in plain.parameters():
+            p.copy_(0.05 * torch.randn_like(p))
+    ckpt.load_state_dict(plain.state_dict())
     x, text, mask = inputs()
-    pixart_forward(model, x, 500, text, mask).square().mean().backward()
-    assert model.transformer_blocks[0].attn1.to_q.weight.grad is not None
+
+    def forward_backward(model: torch.nn.Module) -> int:
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            if kind == "pixart":
+                out = pixart_forward(model, x, torch.tensor([10, 900]), text, mask)
+            else:
+                for block in model.transformer_blocks:  # no label dropout (global RNG): the same labels in both
+                    block.norm1.emb.class_embedder.dropout_prob = 0.0
+                out = dit_forward(model, x, torch.tensor([10, 900]), torch.tensor([3, 1000]))
+        out.square().mean().backward()
+        return sum(saved)
+
+    plain_saved, ckpt_saved = forward_backward(plain), forward_backward(ckpt)
+    assert ckpt_saved < plain_saved / 2, (ckpt_saved, plain_saved)
+    grads = 0
+    for (name, a), b in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
+        assert (a.grad is None) == (b.grad is None), name
+        if a.grad is not None:
+            grads += 1
+            torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=1e-5 * float(a.grad.abs().max()), msg=name)
+    assert grads > len(list(plain.parameters())) // 2
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import torch
 from pixart.features.format import npy_bytes
 from storage.config import DEFAULT_MAX_TOKENS
 from storage.devices import device_name, dtype_name
-from storage.errors import PipelineError
+from storage.hub import from_pretrained
 
 
 def resolve_device(device: str) -> torch.device:
@@ -32,18 +32,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype_name(dtype, device.type))
 
 
-class ModelLoadError(PipelineError):
-    """A model id or directory that cannot be loaded; the message names which model and why."""
-
-
-def _load(what: str, model_id: str, load):
-    try:
-        return load()
-    except (OSError, ValueError, ImportError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise ModelLoadError(f"cannot load {what} {model_id!r}: {reason}") from None
-
-
 class TextEncoder:
     def __init__(self, model_id: str, max_tokens: int = DEFAULT_MAX_TOKENS, device: str = "auto",
                  dtype: str = "auto") -> None:
@@ -52,8 +40,9 @@ class TextEncoder:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.max_tokens = max_tokens
-        self.tokenizer = _load("T5 tokenizer", model_id, lambda: AutoTokenizer.from_pretrained(model_id))
-        self.model = _load("T5 encoder", model_id, lambda: T5EncoderModel.from_pretrained(model_id, dtype=self.dtype))
+        self.tokenizer = from_pretrained(AutoTokenizer.from_pretrained, model_id, "T5 tokenizer", "t5_model")
+        self.model = from_pretrained(T5EncoderModel.from_pretrained, model_id, "T5 encoder", "t5_model",
+                                     dtype=self.dtype)
         self.model.to(self.device).eval()
         self.width = self.model.config.d_model
 
@@ -76,8 +65,8 @@ class LatentEncoder:
 
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.model = _load("VAE", model_id, lambda: AutoencoderKL.from_pretrained(
-            model_id, torch_dtype=self.dtype, low_cpu_mem_usage=False))  # False: no accelerate, no warning
+        self.model = from_pretrained(AutoencoderKL.from_pretrained, model_id, "VAE", "vae_model",
+                                     torch_dtype=self.dtype, low_cpu_mem_usage=False)  # False: no accelerate
         self.model.to(self.device).eval()
         self.scaling_factor = float(self.model.config.scaling_factor)
 

@@ -157,7 +157,7 @@ def _sample_vae(trainer: Any) -> AutoencoderKL:
     if vae is None:
         from diffusers import AutoencoderKL
 
-        from pixart.features.encoders import ModelLoadError
+        from storage.hub import ModelLoadError
 
         try:
             vae = AutoencoderKL.from_pretrained(trainer.cfg.vae_model, low_cpu_mem_usage=False)

@@ -27,11 +27,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from pixart.features.encoders import ModelLoadError
 from pixart.models import ModelMismatchError, load_transformer
 from pixart.train.checkpoint import TRAINER_STATE, run_checkpoints
 from pixart.train.reparam import dit_to_pixart
 from storage.errors import PipelineError, one_line
+from storage.hub import ModelLoadError
 
 if TYPE_CHECKING:
     from pixart.train.config import TrainConfig
@@ -187,7 +187,7 @@ def resolve_init(init: str, kind: str, weights: str = "model") -> InitSource:
                     f"init {init!r}: this export holds the {'EMA' if held == 'ema' else 'trained (model)'} weights "
                     f"of {source} (pixart_export.json), and init_weights={weights}. Start from that checkpoint or "
                     f"its run directory (init_weights picks its {weights} weights), or from an export made "
-                    f"{'with --no-ema' if weights == 'model' else 'with the EMA'}, or set init_weights={held}")
+                    f"with weights={weights}, or set init_weights={held}")
             note = (f"init: the {'EMA' if held == 'ema' else 'trained (model)'} weights of export {path} (step "
                     f"{info.get('step')} of {info.get('source')}; init_weights={weights})")
         path = path / "transformer"

@@ -1,0 +1,154 @@
+"""The stage kit's committed-shard writer and lineage: skip what is current, redo what is stale, resume what is
+half done, and merge tar parts into one tar whose index is exact."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pixart.features.config import ExtractConfig
+from pixart.features.encoders import LatentEncoder, TextEncoder
+from pixart.features.extract import extract_latent_shard, extract_text_shard, latent_files_of, text_files_of
+from pixart.features.format import INDEX_SCHEMA, LATENT_MEMBER, latent_sample
+from storage.errors import PipelineError
+from storage.hub import ModelLoadError
+from storage.layout import caption_url
+from storage.lineage import lineage, stale_reason
+from storage.manifest import committed_manifests
+from storage.parquet import read_rows
+from storage.shard import ShardResult, ShardWriter
+from storage.wds import load_npy, sample_members
+
+SCHEMA = pa.schema([("key", pa.string()), ("status", pa.string()), ("error", pa.string())])
+
+
+def _result(out: str) -> ShardResult:
+    return ShardResult(stage="t", dataset="d", shard="s", input_url="in", output_url=out)
+
+
+def _rows(keys):
+    return [{"key": k, "status": "ok", "error": None} for k in keys]
+
+
+def test_a_committed_shard_is_skipped_for_its_lineage_and_redone_for_another(tmp_path):
+    out = str(tmp_path / "out" / "s.parquet")
+    same = {"inputs": [{"url": "in", "id": "a"}], "config": "c1", "models": {"m": "x"}}
+    w = ShardWriter.open(out, ["k1", "k2"], SCHEMA, _result(out), same)
+    w.add(_rows(["k1", "k2"]))
+    first = w.finalize()
+    assert not first.skipped and first.content_id
+    again = ShardWriter.open(out, ["k1", "k2"], SCHEMA, _result(out), same)
+    assert again.done is not None and again.done.skipped and again.lease is None
+    for changed, why in (({**same, "inputs": [{"url": "in", "id": "b"}]}, "input in changed"),
+                         ({**same, "models": {"m": "y"}}, "model m 'x' -> 'y' changed"),
+                         ({**same, "config": "c2"}, "config changed")):
+        w = ShardWriter.open(out, ["k1", "k2"], SCHEMA, _result(out), changed)
+        assert w.done is None and why.split()[0] in w.result.stats["redone"], w.result.stats
+        assert stale_reason(json.loads(Path(out + ".done").read_text()), changed) is not None
+        w.abort()
+
+
+def test_parts_written_for_another_lineage_are_not_resumed(tmp_path):
+    out = str(tmp_path / "s.parquet")
+    old = {"inputs": [{"url": "in", "id": "a"}], "config": "c", "models": {}}
+    w = ShardWriter.open(out, ["k1", "k2", "k3"], SCHEMA, _result(out), old, part_rows=1)
+    w.add(_rows(["k1", "k2"]))  # two parts committed, then the run dies
+    w.abort()
+    resumed = ShardWriter.open(out, ["k1", "k2", "k3"], SCHEMA, _result(out), old)
+    assert resumed.todo == ["k3"] and resumed.result.resumed_rows == 2
+    resumed.abort()
+    new = {**old, "inputs": [{"url": "in", "id": "b"}]}  # the input changed meanwhile: its parts are worthless
+    fresh = ShardWriter.open(out, ["k1", "k2", "k3"], SCHEMA, _result(out), new)
+    assert fresh.todo == ["k1", "k2", "k3"] and fresh.result.resumed_rows == 0
+    fresh.abort()
+
+
+def test_an_unknown_or_missing_key_fails_the_finalize(tmp_path):
+    out = str(tmp_path / "s.parquet")
+    lin = {"inputs": [], "config": "c", "models": {}}
+    w = ShardWriter.open(out, ["k1", "k2"], SCHEMA, _result(out), lin)
+    w.add(_rows(["k1", "zz"]))
+    with pytest.raises(PipelineError, match="1 missing, 1 unknown"):
+        w.finalize()
+    assert not os.path.exists(out + ".done") and w.lease is None
+
+
+def _latent(key: str, value: float):
+    mean = np.full((4, 2, 2), value, np.float16)
+    return latent_sample(mean, mean, {"bucket": "1.0", "orig_hw": [16, 16]}, None)
+
+
+def test_tar_parts_of_two_attempts_merge_into_one_sample_per_key_with_exact_offsets(tmp_path):
+    out, tar = str(tmp_path / "f.parquet"), str(tmp_path / "f.tar")
+    keys = [f"k{i}" for i in range(5)]
+    lin = {"inputs": [], "config": "c", "models": {}}
+    first = ShardWriter.open(out, keys, INDEX_SCHEMA, _result(out), lin, tar_url=tar, part_rows=2, lease_ttl=0.05)
+    for i, k in enumerate(keys[:3]):
+        members, fields = _latent(k, i)
+        first.add_sample(k, members, {**fields, "status": "ok", "error": None}, LATENT_MEMBER)
+    first.lease._stop.set()  # the first attempt stalls past its lease: a second copy takes over and overlaps it
+    import time
+
+    time.sleep(0.2)
+    second = ShardWriter.open(out, keys, INDEX_SCHEMA, _result(out), lin, tar_url=tar, part_rows=2)
+    assert second.todo == keys[2:]  # k0, k1 were committed as a part; k2 is still in the stalled run's buffer
+    first.flush()  # the stalled run commits k2 after all
+    for i, k in enumerate(keys[2:], start=2):
+        members, fields = _latent(k, 10 + i)
+        second.add_sample(k, members, {**fields, "status": "ok", "error": None}, LATENT_MEMBER)
+    result = second.finalize()
+    assert (result.num_ok, result.num_error) == (5, 0)
+    index = read_rows(out)
+    data = Path(tar).read_bytes()
+    assert [r["key"] for r in index] == keys and result.bytes + 1024 == len(data)
+    for r in index:
+        members = sample_members(data[r["offset"]:r["offset"] + r["bytes"]], r["key"])  # the range is that key's
+        direct = load_npy(data[r["array_offset"]:r["offset"] + r["bytes"]][512:512 + len(members[LATENT_MEMBER])])
+        assert np.array_equal(direct, load_npy(members[LATENT_MEMBER]))
+    k2 = index[2]
+    k2_range = data[k2["offset"]:k2["offset"] + k2["bytes"]]  # the stalled run's k2 was committed first: it stays
+    assert float(load_npy(sample_members(k2_range, "k2")[LATENT_MEMBER])[0, 0, 0]) == 2.0
+    assert not (tmp_path / "_parts").exists()
+
+
+def test_a_t5_that_is_neither_local_nor_cached_fails_at_once_naming_the_key(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match=r"T5 tokenizer 'nobody/no-such-t5'.*t5_model=<local dir>"):
+        TextEncoder("nobody/no-such-t5")
+
+
+@pytest.fixture
+def features_copy(captioned, tmp_path):
+    root = tmp_path / "root"
+    for part in ("manifests", "captions"):
+        shutil.copytree(Path(captioned) / part, root / part)
+    return str(root)
+
+
+def test_a_new_vae_redoes_the_latents_and_leaves_the_text_features_alone(features_copy, tiny_t5_encoder, tiny_vae,
+                                                                        tmp_path):
+    cfg = ExtractConfig(dataset="sam", caption_set="tiny", output_root=features_copy, t5_model=tiny_t5_encoder,
+                        vae_model=tiny_vae)
+    manifest = committed_manifests(features_copy, "sam")[0]
+    captions = caption_url(features_copy, "sam", "tiny", "sa_000000")
+    text, vae = TextEncoder(tiny_t5_encoder), LatentEncoder(tiny_vae)
+    extract_text_shard(captions, cfg, text)
+    extract_latent_shard(manifest, cfg, vae)
+    text_marker = Path(text_files_of(cfg, "sa_000000").index + ".done").read_bytes()
+    assert extract_latent_shard(manifest, cfg, vae).skipped  # nothing changed
+
+    other = str(tmp_path / "other-vae")
+    shutil.copytree(tiny_vae, other)  # the same weights under another id: the lineage names the model by id
+    new = cfg.model_copy(update={"vae_model": other})
+    redone = extract_latent_shard(manifest, new, LatentEncoder(other))
+    assert not redone.skipped and "model vae" in redone.stats["redone"]
+    assert extract_text_shard(captions, new, text).skipped  # text does not depend on the VAE
+    assert Path(text_files_of(cfg, "sa_000000").index + ".done").read_bytes() == text_marker
+    marker = json.loads(Path(latent_files_of(new, "sa_000000").index + ".done").read_text())
+    assert marker["lineage"]["models"] == {"vae": other}
+    # a base-size change is a latent setting, not a text one
+    assert lineage([captions], {"a": 1}) != lineage([captions], {"a": 2})
