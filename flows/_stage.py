@@ -253,8 +253,10 @@ def run_stage(stage: Stage, config: str, overrides: list[str], force: bool, runt
         reported.add(shard.name)
         if err is None:
             outcome.results.append(result)
+            redone = (result.get("stats") or {}).get("redone")
             runtime.log(f"{shard.name}: {result['num_ok']} ok, {result['num_error']} errors"
-                        + (" (already committed)" if result.get("skipped") else ""))
+                        + (" (already committed)" if result.get("skipped") else "")
+                        + (f" (redone: {redone})" if redone and not result.get("skipped") else ""))
         elif isinstance(err, ShardBusyError):
             outcome.busy[shard.name] = one_line(err)
             runtime.log(f"{shard.name}: {one_line(err)}", logging.WARNING)
@@ -275,9 +277,28 @@ def run_stage(stage: Stage, config: str, overrides: list[str], force: bool, runt
     for shard in shards:  # an executor that ended without a word about a shard must not pass for complete
         if shard.name not in reported:
             on_done(shard, None, PipelineError("the executor ended without a result for this shard"))
+    runtime.table(f"{runtime.key}-shards", shard_table(outcome), f"{stage.name} {outcome.dataset}: one row per shard")
     message = stage.finish(cfg, outcome, runtime)
     outcome.extra["message"] = message
     return outcome
+
+
+SHARD_COLUMNS = ("num_ok", "num_error", "resumed_rows", "bytes", "seconds")
+
+
+def shard_table(outcome: StageOutcome) -> list[dict[str, Any]]:
+    """One row per shard of the run, whichever executor ran it (local threads, Prefect tasks, Ray): its state
+    (done, skipped, redone and why, failed, busy) and counts. The Prefect runtime publishes it as an artifact."""
+    rows = []
+    for r in outcome.results:
+        state = "skipped" if r.get("skipped") else ("redone" if (r.get("stats") or {}).get("redone") else "done")
+        reason = (r.get("stats") or {}).get("redone", "")
+        rows.append({"shard": r["shard"], "state": state, **{c: r.get(c) for c in SHARD_COLUMNS},
+                     "output": r.get("output_url"), "reason": reason})
+    for state, shards in (("failed", outcome.failed), ("busy", outcome.busy)):
+        rows += [{"shard": name, "state": state, **dict.fromkeys(SHARD_COLUMNS), "output": None, "reason": why}
+                 for name, why in shards.items()]
+    return sorted(rows, key=lambda row: row["shard"])
 
 
 def manifests_to_read(cfg: Any) -> list[str]:

@@ -15,10 +15,7 @@ from storage.ingest.config import IngestConfig
 from storage.ingest.dedupe import write_duplicates
 from storage.ingest.shard import ingest_shard, ingest_shard_record, list_shards, prepare
 from storage.layout import manifest_dir
-from storage.shard import ShardResult
 from storage.urls import check_output_root
-
-TABLE_FIELDS = [f for f in ShardResult.__dataclass_fields__ if f not in ("stage", "dataset", "config_hash", "stats")]
 
 
 class IngestStage(Stage):
@@ -68,8 +65,6 @@ class IngestStage(Stage):
             runtime.log(f"{dups['duplicates']} keys already ingested from an earlier shard are listed as duplicates "
                         f"(shards {', '.join(dups['shards'][:5])})")
         key = f"ingest-{cfg.dataset}".lower()
-        runtime.table(key + "-shards", [{f: r.get(f) for f in TABLE_FIELDS} for r in outcome.results],
-                      f"ingest {cfg.dataset}: one row per shard")
         runtime.markdown(key + "-summary", report(cfg, outcome), f"ingest {cfg.dataset} summary")
         c = outcome.counts()
         if not outcome.ok:
