@@ -7,19 +7,19 @@ from typing import Any
 from pydantic import Field
 
 from storage.commit import is_done
-from storage.configio import StrictModel
+from storage.config import Dataset, OutputConfig
 from storage.errors import ConfigError
-from storage.layout import caption_set_dir, caption_url
+from storage.layout import caption_set_dir, caption_url, shard_of
 from storage.manifest import committed_manifests, read_manifest
 from storage.parquet import read_table
-from storage.urls import basename, exists, join
+from storage.urls import exists, join
 
 
 def audit_caption_set(root: str, dataset: str, caption_set: str) -> dict[str, Any]:
     """Per-shard and total counts of missing, duplicated and unknown keys; `ok` is True only when all are zero."""
     shards, totals = [], {"keys": 0, "rows": 0, "missing": 0, "duplicated": 0, "unknown": 0, "uncommitted": 0}
     for manifest in committed_manifests(root, dataset):
-        shard = basename(manifest).removesuffix(".parquet")
+        shard = shard_of(manifest)
         keys = read_manifest(manifest).column("key").to_pylist()
         out = caption_url(root, dataset, caption_set, shard)
         entry = {"shard": shard, "keys": len(keys), "rows": 0, "missing": len(keys), "duplicated": 0, "unknown": 0,
@@ -41,19 +41,16 @@ def audit_caption_set(root: str, dataset: str, caption_set: str) -> dict[str, An
             "ok": ok, **totals, "shards": shards}
 
 
-class AuditConfig(StrictModel):
-    """`pixart audit` arguments; every name that becomes a path is checked."""
+class AuditConfig(OutputConfig):
+    """Check a dataset's manifests under output_root and, with caption_set, one of its caption sets. Presets live in
+    `configs/audit/`; every name that becomes a path is checked."""
 
-    dataset: str = Field(description="An ingested dataset (sam, journeydb, imagenet).")
+    dataset: Dataset = Field(description="An ingested dataset (sam, journeydb, imagenet).")
     caption_set: str | None = Field(None, description="A caption set under captions/<dataset>/.")
-    output_root: str = Field("data/pixart", description="Root of manifests and captions.")
 
     def check(self) -> None:
-        """Refuse unknown datasets and caption sets (and any name that would leave the output root)."""
-        from storage.ingest.sources import source_names
-
-        if self.dataset not in source_names():
-            raise ConfigError(f"unknown dataset {self.dataset!r}; datasets: {', '.join(source_names())}")
+        """Refuse a dataset without committed manifests and unknown caption sets (and any name that would leave
+        the output root)."""
         if not committed_manifests(self.output_root, self.dataset):
             raise ConfigError(f"no committed manifests for {self.dataset!r} under {self.output_root}")
         if self.caption_set is not None:

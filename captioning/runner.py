@@ -17,16 +17,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
 
 from captioning.captioner import Captioner
 from captioning.config import CaptionConfig
 from captioning.shard import CaptionShard, Outcome, skipped_result
 from storage.errors import ImageDecodeError
+from storage.parquet import Row
 from storage.readers import iter_manifest_images
 from storage.shard import ShardResult
-
-Row = dict[str, Any]
 
 
 def _batches(rows: list[Row], batch_size: int) -> Iterator[tuple[list[tuple[Row, bytes]], list[Outcome]]]:

@@ -27,7 +27,7 @@ from pixart.features.extract import (
 from storage.commit import commit_shard, is_done, write_atomic
 from storage.configio import load_config
 from storage.errors import PipelineError
-from storage.layout import caption_set_dir, latents_dir, shard_of
+from storage.layout import caption_set_dir, captions_dir, features_dir, latents_dir, shard_of
 from storage.manifest import committed_manifests, read_manifest
 from storage.parquet import read_table, write_table
 from storage.urls import exists, filesystem, join, to_url
@@ -36,7 +36,7 @@ from storage.urls import exists, filesystem, join, to_url
 def committed_captions(cfg: ExtractConfig) -> list[str]:
     set_dir = caption_set_dir(cfg.output_root, cfg.dataset, cfg.caption_set or "")
     if not exists(join(set_dir, "caption_set.yaml")):
-        where = join(cfg.output_root, "captions", cfg.dataset)
+        where = captions_dir(cfg.output_root, cfg.dataset)
         raise PipelineError(f"no caption set {cfg.caption_set!r} under {where}: run `pixart caption {cfg.dataset}` "
                             f"first or pass caption_set=<name>")
     fs, path = filesystem(set_dir)
@@ -54,7 +54,7 @@ class ExtractStage(Stage):
         return load_config(ExtractConfig, config, overrides, kind="extract")
 
     def output_dir(self, cfg: ExtractConfig) -> str:
-        return join(cfg.output_root, "features", cfg.dataset)
+        return features_dir(cfg.output_root, cfg.dataset)
 
     def shards(self, cfg: ExtractConfig, log) -> list[Shard]:
         manifests = manifests_to_read(cfg)

@@ -95,8 +95,13 @@ def duplicates_url(root: str, dataset: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def captions_dir(root: str, dataset: str) -> str:
+    """`captions/<dataset>/`: one folder per caption set."""
+    return join(root, "captions", check_name("dataset", dataset))
+
+
 def caption_set_dir(root: str, dataset: str, caption_set: str) -> str:
-    return join(root, "captions", check_name("dataset", dataset), check_name("caption set", caption_set))
+    return join(captions_dir(root, dataset), check_name("caption set", caption_set))
 
 
 def caption_url(root: str, dataset: str, caption_set: str, shard: str) -> str:
@@ -119,14 +124,18 @@ def shard_of(url: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def features_dir(root: str, dataset: str) -> str:
+    """`features/<dataset>/`: text features per caption set, latents per base size."""
+    return join(root, "features", check_name("dataset", dataset))
+
+
 def text_features_dir(root: str, dataset: str, caption_set: str) -> str:
-    return join(root, "features", check_name("dataset", dataset), "text", check_name("caption set", caption_set))
+    return join(features_dir(root, dataset), "text", check_name("caption set", caption_set))
 
 
 def latents_dir(root: str, dataset: str, base_size: int, multi_scale: bool = False) -> str:
     """`latents/<base_size>/` (square crops) or `latents/<base_size>-ms/` (aspect-ratio buckets)."""
-    return join(root, "features", check_name("dataset", dataset), "latents",
-                f"{int(base_size)}{'-ms' if multi_scale else ''}")
+    return join(features_dir(root, dataset), "latents", f"{int(base_size)}{'-ms' if multi_scale else ''}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -139,5 +148,14 @@ def run_dir(root: str, run: str) -> str:
     return join(root, "runs", check_name("run", run))
 
 
+def checkpoints_dir(root: str, run: str) -> str:
+    return join(run_dir(root, run), "checkpoints")
+
+
 def checkpoint_url(root: str, run: str, step: int) -> str:
-    return join(run_dir(root, run), "checkpoints", f"step-{int(step):09d}")
+    return join(checkpoints_dir(root, run), f"step-{int(step):09d}")
+
+
+def samples_dir(root: str, run: str) -> str:
+    """`runs/<run>/samples/`: the sample grids, one PNG per sampled step."""
+    return join(run_dir(root, run), "samples")

@@ -12,13 +12,12 @@ silently different sample. Never raises for a single sample; raises SourceError 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import Any
 
 from storage.hashing import matches
+from storage.parquet import Row
 from storage.tarstream import SEEKABLE_PROTOCOLS, iter_tar
 from storage.urls import filesystem, join, open_url, protocol_of
 
-Row = dict[str, Any]
 _ARCHIVE_SUFFIXES = (".tar", ".tgz", ".tar.gz")
 
 

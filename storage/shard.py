@@ -39,11 +39,10 @@ from storage.errors import PipelineError
 from storage.layout import parts_dir, shard_of
 from storage.lease import DEFAULT_TTL, Lease
 from storage.lineage import content_id, stale_reason
-from storage.parquet import read_rows, write_table
+from storage.parquet import Row, read_rows, write_table
 from storage.urls import filesystem, join, to_url
 from storage.wds import ShardTarWriter
 
-Row = dict[str, Any]
 TAR_END = bytes(1024)  # two zero blocks end a tar archive
 
 

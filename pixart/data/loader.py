@@ -87,7 +87,7 @@ from pixart.features.format import (
     text_files,
 )
 from storage.commit import is_done
-from storage.layout import latents_dir
+from storage.layout import latents_dir, shard_of
 from storage.parquet import read_rows
 from storage.urls import filesystem
 from storage.wds import load_npy, npy_layout, sample_members
@@ -129,7 +129,7 @@ def feature_shards(root: str, dataset: str, base_size: int, multi_scale: bool = 
     """Committed latent shards (joined with the caption set's text shards when given), in name order. A latent
     shard whose text shard is not committed yet is left out."""
     fs, path = filesystem(latents_dir(root, dataset, base_size, multi_scale))
-    names = sorted(p.rsplit("/", 1)[-1].removesuffix(".parquet") for p in fs.glob(f"{path}/*.parquet")
+    names = sorted(shard_of(p) for p in fs.glob(f"{path}/*.parquet")
                    if not p.endswith("/buckets.parquet"))
     shards = []
     for name in names:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from storage.layout import latents_dir, text_features_dir
+from storage.layout import latents_dir, shard_of, text_features_dir
 from storage.urls import join
 
 T5_MEMBER = "t5.npy"
@@ -58,7 +58,7 @@ class ShardFiles:
 
     @property
     def name(self) -> str:
-        return self.index.rsplit("/", 1)[-1].removesuffix(".parquet")
+        return shard_of(self.index)
 
     def __iter__(self):
         """`tar, index = files`."""

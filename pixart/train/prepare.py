@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pixart.data.loader import FeatureShard, batches_per_rank, feature_shards, peek
+from pixart.features.format import tar_of
 from pixart.models import PRESETS
 from pixart.train.conditions import Conditions
 from pixart.train.config import TrainConfig
@@ -80,7 +81,7 @@ def _unlabelled(shard: FeatureShard) -> tuple[int, int, str | None]:
     if missing:
         first = missing[0]
         with TarReader() as files:
-            members = sample_members(files.read(shard.latents.removesuffix(".parquet") + ".tar",
+            members = sample_members(files.read(tar_of(shard.latents),
                                                 (first["offset"], first["bytes"])), first["key"])
         if "cls" in members:  # an older index: the label is only in the tar; the loader reads it from there
             return len(rows), 0, None
