@@ -63,7 +63,8 @@ import torch  # noqa: E402
 from captioning.records import CAPTION_SCHEMA  # noqa: E402
 from pixart.buckets import bucket_table  # noqa: E402
 from pixart.data.finish import SCALING_FACTOR, sample_posterior  # noqa: E402
-from pixart.data.loader import BucketedLoader, feature_shards, shard_entries  # noqa: E402
+from pixart.data.index import feature_shards, shard_entries
+from pixart.data.loader import BucketedLoader  # noqa: E402
 from pixart.data.tar_reads import ArrayPool  # noqa: E402
 from pixart.features.config import ExtractConfig  # noqa: E402
 from pixart.features.extract import LatentShard, bucket_of, extract_text_shard, latent_files_of, text_files_of  # noqa: E402

@@ -41,9 +41,11 @@ from collections import Counter
 import numpy as np
 
 from pixart.buckets import assign, bucket_table
-from pixart.data.loader import BucketedLoader, Entry, FeatureShard, batches_in_epoch
 
 # (h/w, weight): the formats of each mix; the rest of the weight goes to free crops (TAILS)
+from pixart.data.index import Entry, FeatureShard
+from pixart.data.loader import BucketedLoader, batches_in_epoch
+
 MIXES = {
     "mixed": [(1.0, 0.28), (2 / 3, 0.13), (3 / 2, 0.10), (3 / 4, 0.11), (4 / 3, 0.07), (9 / 16, 0.09), (16 / 9, 0.04),
               (4 / 5, 0.02), (5 / 4, 0.03), (4 / 7, 0.01), (7 / 4, 0.01), (1 / 2, 0.01), (2.0, 0.005),

@@ -77,7 +77,7 @@ def ingest_measured(**cfg) -> dict:
 
 def edit_index(monkeypatch, suffix: str, edit) -> None:
     """The loader sees the rows of the index whose URL ends with `suffix` as `edit(rows)` leaves them."""
-    import pixart.data.loader as data
+    import pixart.data.index as data
 
     real = data.read_rows
 

@@ -11,7 +11,8 @@ from collections import Counter
 
 import pytest
 
-from pixart.data.loader import BucketedLoader, FeatureShard, batches_per_rank
+from pixart.data.index import FeatureShard, shard_entries
+from pixart.data.loader import BucketedLoader, batches_per_rank
 from pixart.features.format import INDEX_SCHEMA
 from storage.parquet import write_table
 
@@ -55,7 +56,6 @@ class KeysOnly(BucketedLoader):
 def stream_keys(shards, rank=0, world=1, workers=1) -> dict[str, str]:
     """{key: bucket} of every sample a rank reads (all its streams)."""
     ld = BucketedLoader(shards, BATCH, rank=rank, world_size=world, num_workers=workers)
-    from pixart.data.loader import shard_entries
 
     return {e.key: e.bucket for w in range(workers) for i in ld.stream_shards(w)
             for e in shard_entries(i, shards[i])}

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pixart.data.loader import BucketedLoader, feature_shards
+from pixart.data.index import feature_shards, shard_entries
+from pixart.data.loader import BucketedLoader, batches_per_rank
 from pixart.features.config import ExtractConfig
 from pixart.features.extract import latent_files_of
 from storage.manifest import committed_manifests
@@ -134,7 +135,6 @@ def test_each_rank_gets_the_counted_number_of_batches_in_every_epoch(features):
     """Training runs steps_per_epoch = min over ranks of batches_per_rank; a rank that got fewer batches in some
     epoch would stall the others (its loader runs dry while they wait in the all-reduce). With leftovers carried
     into the next epoch the count can grow by a batch per bucket after epoch 0, never shrink below epoch 0's."""
-    from pixart.data.loader import batches_per_rank
 
     shards = feature_shards(features, "sam", 512, multi_scale=True, caption_set="tiny")
     shards = shards + shards[:1]  # three shards over two ranks: uneven on purpose
@@ -153,7 +153,6 @@ def test_leftovers_carried_into_the_next_epoch_are_read_like_any_batch(features)
     """Batch 3 over the 512-ms buckets (8 samples, most buckets smaller than a batch): leftovers are carried, every
     key is trained within three epochs, the counts are batches_per_rank's, and a key a small bucket repeats in one
     batch (collected over epochs, as the official sampler does) reads the same rows each time."""
-    from pixart.data.loader import batches_per_rank
 
     shards = feature_shards(features, "sam", 512, multi_scale=True, caption_set="tiny")
     everything = {r["key"] for s in shards for r in read_rows(s.latents) if r["status"] == "ok"}
@@ -213,14 +212,14 @@ def test_the_three_read_paths_give_identical_batches(features, monkeypatch, pad)
     """Arrays read straight into the batch at the index's array_offset (one read, headers checked), located by their
     headers in the sample's first bytes (indexes written before array_offset existed), and the sample's range read
     whole and parsed (shards from other tar writers): the same batches."""
-    import pixart.data.loader as data
+
     import pixart.data.tar_reads as tar_reads
 
     shards = feature_shards(features, "sam", 512, multi_scale=True, caption_set="tiny")
     load = lambda: [padded(b) for b in BucketedLoader(shards, batch_size=2, seed=5, drop_last=False,  # noqa: E731
                                                       pad_text=pad)]
     direct = load()
-    assert all(e.text_array and e.latent_array for i, s in enumerate(shards) for e in data.shard_entries(i, s))
+    assert all(e.text_array and e.latent_array for i, s in enumerate(shards) for e in shard_entries(i, s))
     calls = []
     real = tar_reads.TarReader.read_array_rows
     monkeypatch.setattr(tar_reads.TarReader, "read_array_rows", lambda self, *a: calls.append(a[2]) or real(self, *a))

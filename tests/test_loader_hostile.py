@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pixart.data.loader import BucketedLoader, FeatureShard, batches_per_rank, feature_shards
+from pixart.data.index import FeatureShard, feature_shards
+from pixart.data.loader import BucketedLoader, batches_per_rank
 from pixart.features.format import INDEX_SCHEMA
 from storage.parquet import read_rows, write_table
 from tests.hostile import edit_index
@@ -155,7 +156,7 @@ def test_img_hw_and_class_come_from_the_index_for_every_sample(features, monkeyp
             r["orig_h"], r["orig_w"] = r["orig_h"] + 7, r["orig_w"] + 3
 
     edit_index(monkeypatch, ".parquet", lambda rows: shift(rows) if rows and rows[0].get("orig_h") else None)
-    import pixart.data.loader as data
+    import pixart.data.index as data
 
     want = {r["key"]: [r["orig_h"], r["orig_w"]] for s in shards for r in data.read_rows(s.latents)}
     batches = list(BucketedLoader(shards, batch_size=2, seed=3, drop_last=False))

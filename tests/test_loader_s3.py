@@ -6,7 +6,8 @@ import pytest
 import s3fs
 import torch
 
-from pixart.data.loader import BucketedLoader, feature_shards
+from pixart.data.index import feature_shards
+from pixart.data.loader import BucketedLoader
 from storage.errors import SourceError
 from tests.s3server import BUCKET, clear_s3fs_cache
 

@@ -58,7 +58,7 @@ def train_cli(*args: str):
 
     from flows.cli import app
 
-    return CliRunner().invoke(app, ["train", "--config", *args])
+    return CliRunner().invoke(app, ["train", *args])
 
 
 def assert_one_error_line(result, *fragments: str) -> str:
@@ -268,7 +268,7 @@ def test_a_full_disk_during_a_checkpoint_save_is_one_line(features, cli_run, mon
 
 
 def test_a_nan_loss_names_the_step_the_progress_shows_and_the_batch(features, cli_run, monkeypatch):
-    from pixart.data.loader import feature_shards, shard_entries
+    from pixart.data.index import feature_shards, shard_entries
     from pixart.train.diffusion import IDDPM
 
     real, calls = IDDPM.training_losses, []
@@ -321,7 +321,7 @@ def save_optimizer(state, path):  # half-way through a save: the models are writ
 
 checkpoint.write_done, checkpoint.save_optimizer = write_done, save_optimizer
 from flows.cli import main
-sys.argv = ["pixart", "train", "--config", *sys.argv[3:]]
+sys.argv = ["pixart", "train", *sys.argv[3:]]
 main()
 '''
 
@@ -400,7 +400,8 @@ def test_sample_on_a_corrupt_safetensors_is_one_line_naming_the_file(features, c
         save_file({**state, first: torch.zeros(3, 3)}, str(weights))
     else:  # a tensor missing: diffusers would sample with it at its random init, warning only
         save_file({k: v for k, v in state.items() if k != first}, str(weights))
-    result = CliRunner().invoke(app, ["sample", str(Path(features) / "runs" / run), "--prompt", "a red fox",
-                                      "--steps", "1", "--out", str(Path(features) / f"{run}.png")])
+    result = CliRunner().invoke(app, ["sample", "grid", f"checkpoint={Path(features) / 'runs' / run}",
+                                      "sample_prompts=[a red fox]", "sample_steps=1",
+                                      f"out={Path(features) / f'{run}.png'}"])
     assert_one_error_line(result, str(weights), *([first] if damage == "missing-tensor" else []))
     assert not (Path(features) / f"{run}.png").exists()

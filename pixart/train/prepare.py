@@ -19,7 +19,8 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from pixart.data.loader import FeatureShard, batches_per_rank, feature_shards, peek
+from pixart.data.index import FeatureShard, feature_shards, peek
+from pixart.data.loader import batches_per_rank
 from pixart.features.format import tar_of
 from pixart.models import PRESETS
 from pixart.train.conditions import Conditions
