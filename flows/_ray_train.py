@@ -1,6 +1,6 @@
-"""Ray Train glue: the same `pixart.train.run.train_worker` on N workers under `TorchTrainer` (DDP by default, FSDP2 as an
-option: `ray.strategy=fsdp`, `pixart/train/sharding.py`). Each worker streams its own share of the feature shards (the
-loader splits by rank), checkpoints go to the run directory under output_root (rank 0), and
+"""Ray Train glue: the same `pixart.train.run.train_worker` on N workers under `TorchTrainer` (DDP by default, FSDP2 as
+an option: `ray.strategy=fsdp`, `pixart/train/sharding.py`). Each worker streams its own share of the feature shards
+(the loader splits by rank), checkpoints go to the run directory under output_root (rank 0), and
 `FailureConfig(max_failures)` restarts the worker group after a failure: every worker then resumes from the run's
 latest checkpoint. A re-run of the same run name resumes too.
 
@@ -23,17 +23,18 @@ from storage.urls import filesystem, protocol_of
 
 
 def _loop(config: dict[str, Any]) -> None:
+    """One Ray Train worker: `train_worker` with this worker's rank, device and strategy."""
     import ray.train
     import ray.train.torch
     import torch
     import torch.distributed as dist
 
     from pixart.train.run import train_worker
+    from pixart.train.sharding import FSDP, Replicated
 
     cfg = TrainConfig.model_validate(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    fail_at = config.get("fail_once_at")
 
     def mean(x: torch.Tensor) -> torch.Tensor:
         if world > 1 and dist.is_initialized():
@@ -41,21 +42,13 @@ def _loop(config: dict[str, Any]) -> None:
             x = x / world
         return x
 
-    def report(metrics: dict[str, Any]) -> None:
-        ray.train.report(metrics)
-        if fail_at and metrics["step"] == fail_at[0] and rank == 0 and not Path(fail_at[1]).exists():
-            Path(fail_at[1]).touch()  # fault injection for the resume test: fail once, then carry on
-            raise RuntimeError(f"injected failure at step {fail_at[0]}")
-
-    def wrap(model: torch.nn.Module) -> torch.nn.Module:
-        if world > 1 and cfg.ray.strategy == "fsdp":
-            from pixart.train.sharding import shard
-
-            return shard(model)  # FSDP2 in place; the Trainer gathers the shards for checkpoints and samples
-        return ray.train.torch.prepare_model(model, parallel_strategy="ddp" if world > 1 else None)
-
-    train_worker(cfg, rank, world, device=ray.train.torch.get_device(), wrap=wrap, all_reduce_mean=mean,
-                 report=report, say=print)
+    if world > 1 and cfg.ray.strategy == "fsdp":
+        strategy = FSDP()  # sharded in place; the Trainer gathers the shards for checkpoints and samples
+    else:  # DDP over the workers (one worker: the model moved to its device)
+        strategy = Replicated(wrap=lambda model: ray.train.torch.prepare_model(
+            model, parallel_strategy="ddp" if world > 1 else None))
+    train_worker(cfg, rank, world, device=ray.train.torch.get_device(), strategy=strategy, all_reduce_mean=mean,
+                 report=ray.train.report, say=print)
 
 
 def encode_conditions(cfg: TrainConfig, text_width: int | None) -> None:
@@ -72,13 +65,11 @@ def encode_conditions(cfg: TrainConfig, text_width: int | None) -> None:
 
 
 def run_ray(cfg: TrainConfig, *, text_width: int | None = None,
-            fail_once_at: tuple[int, str] | None = None,
             before_start: Callable[[], None] | None = None) -> dict[str, Any]:
     """Run the stage on Ray Train; returns the final metrics. The run's conditions (null caption, sample prompts)
     are encoded first in a Ray task unless already stored (`text_width`: the features', checked against the T5;
     read from the features when not given); `before_start()` runs after that, before the workers start (the
     driver writes the run's config.yaml there).
-    `fail_once_at=(step, marker_path)` makes rank 0 raise once after that step (tests of the automatic resume).
     A worker's own PipelineError that ends the run is raised as itself (one line for the CLI)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -93,7 +84,7 @@ def run_ray(cfg: TrainConfig, *, text_width: int | None = None,
         storage = str(Path(path, "runs", cfg.run, "ray").resolve()) if protocol_of(fs) in ("file", "local") else None
         trainer = TorchTrainer(
             _loop,
-            train_loop_config={"cfg": cfg.model_dump(mode="json"), "fail_once_at": fail_once_at},
+            train_loop_config={"cfg": cfg.model_dump(mode="json")},
             scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                          resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
             run_config=RunConfig(name=cfg.run, storage_path=storage,

@@ -2,7 +2,9 @@
 FailureConfig and resumes from the last checkpoint, giving the same per-step losses as an uninterrupted run. The same
 under FSDP (ray.strategy=fsdp), whose gathered checkpoints are plain diffusers models."""
 
+import functools
 import json
+from pathlib import Path
 
 import pytest
 
@@ -18,9 +20,33 @@ def losses(root, run):
         return [(r["step"], r["loss"]) for r in map(json.loads, f)]
 
 
-def test_two_workers_resume_after_a_failure_with_identical_losses(features, tiny_t5_encoder, tiny_vae, tmp_path):
+def _fail_once_after(config, step, marker):
+    """`flows._ray_train._loop` with a fault injected from the test, in each Ray worker: rank 0 raises once, right
+    after reporting `step` (before that step's checkpoint); the marker file makes the restarted workers carry on."""
+    import ray.train
+
+    from flows import _ray_train
+
+    real = ray.train.report
+
+    def report(metrics, *args, **kwargs):
+        real(metrics, *args, **kwargs)
+        if metrics["step"] == step and ray.train.get_context().get_world_rank() == 0 and not Path(marker).exists():
+            Path(marker).touch()
+            raise RuntimeError(f"injected failure after step {step}")
+
+    ray.train.report = report  # this worker process's own module: _loop reads it when it starts
+    try:
+        _ray_train._loop(config)
+    finally:
+        ray.train.report = real
+
+
+def test_two_workers_resume_after_a_failure_with_identical_losses(features, tiny_t5_encoder, tiny_vae, tmp_path,
+                                                                  monkeypatch):
     import ray
 
+    from flows import _ray_train
     from flows._ray_train import encode_conditions, run_ray
     from pixart.train.conditions import conditions_url
     from storage.errors import ConfigError
@@ -40,12 +66,16 @@ def test_two_workers_resume_after_a_failure_with_identical_losses(features, tiny
         failing = config(features, "tiny-stage2", "ray-failing", *overrides, t5=tiny_t5_encoder, vae=tiny_vae)
         prepare_run(failing)
         marker = tmp_path / "failed-once"
-        run_ray(failing, fail_once_at=(3, str(marker)))
+        with monkeypatch.context() as m:  # the workers run the loop with the fault (pickled by reference)
+            m.setattr(_ray_train, "_loop", functools.partial(_fail_once_after, step=3, marker=str(marker)))
+            run_ray(failing)
         sharded = config(features, "tiny-stage2", "ray-fsdp", *overrides, "ray.strategy=fsdp",
                          t5=tiny_t5_encoder, vae=tiny_vae)
         prepare_run(sharded)
         fsdp_marker = tmp_path / "fsdp-failed-once"
-        run_ray(sharded, fail_once_at=(3, str(fsdp_marker)))
+        with monkeypatch.context() as m:
+            m.setattr(_ray_train, "_loop", functools.partial(_fail_once_after, step=3, marker=str(fsdp_marker)))
+            run_ray(sharded)
     finally:
         ray.shutdown()
     assert marker.exists()  # the failure did happen, after step 3 was logged and before its checkpoint

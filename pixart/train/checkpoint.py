@@ -4,9 +4,13 @@
         transformer/         the model, diffusers format (safetensors): from_pretrained() loads it
         ema/                 the EMA weights, same format (when the stage keeps an EMA)
         optimizer.pt         AdamW state, a plain tensor dict: read back with torch.load(weights_only=True)
-        trainer.json         step, epoch, lr schedule, loader state, GPU-hours so far, config hash
+        trainer.json         step, epoch, lr schedule, loader state, RNG seed, GPU-hours so far, config hash
         config.yaml          the resolved training config
     runs/<run>/checkpoints/step-000001000.done   written last: only then does the checkpoint exist
+
+Who writes each part: `save_state` / `load_state` walk the trainer's state providers (`StateProvider`: model, EMA,
+optimizer, data position, RNG, step, config; pixart/train/state.py), each writing its files and its entries of
+trainer.json, each checking and reading them back.
 
 A crash while saving leaves a temporary directory and no marker, so `latest()` never picks a half-written
 checkpoint; `sweep_temporaries` removes such leftovers when the next run of the name starts (under the run's lease,
@@ -176,4 +180,59 @@ def read_optimizer(path: Path, device: torch.device | str) -> dict[str, Any]:
                               f"({one_line(e)[:300]})") from None
     if not isinstance(state, dict) or not {"state", "param_groups"} <= state.keys():
         raise CheckpointError(f"{file}: not an optimizer state dict (no state and param_groups)")
+    return state
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# State providers: what a checkpoint holds, walked in order
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class StateProvider:
+    """One piece of a trainer's state. A save calls `gather` on every rank (FSDP's collectives happen there), then
+    `write` on rank 0 with what was gathered: its files under the directory, and its entries of trainer.json. A
+    resume calls every provider's `check` before anything is read, then `read`, in order."""
+
+    def gather(self) -> Any:
+        return None
+
+    def write(self, gathered: Any, directory: Path) -> dict[str, Any]:
+        return {}
+
+    def check(self, state: dict[str, Any], url: str) -> None:
+        """Refuse a checkpoint (`state`: its trainer.json) this run cannot continue; the message says why."""
+
+    def read(self, directory: Path, state: dict[str, Any]) -> None:
+        pass
+
+
+def save_state(root: str, run: str, step: int, providers: dict[str, StateProvider], rank: int,
+               keep: int) -> str | None:
+    """Checkpoint `step` from `providers`: every rank gathers, rank 0 writes and publishes (`save`); None on other
+    ranks."""
+    gathered = {name: provider.gather() for name, provider in providers.items()}
+    if rank != 0:
+        return None
+
+    def write(directory: Path) -> dict[str, Any]:
+        state: dict[str, Any] = {}
+        for name, provider in providers.items():
+            state.update(provider.write(gathered[name], directory))
+        return state
+
+    return save(root, run, step, write, keep)
+
+
+def load_state(url: str, providers: dict[str, StateProvider]) -> dict[str, Any]:
+    """Resume `providers` from checkpoint `url`: all checks first (nothing is downloaded or loaded for a checkpoint
+    that is refused), then each reads its part; returns the checkpoint's trainer state."""
+    state = trainer_state(url)
+    for provider in providers.values():
+        provider.check(state, url)
+    local, cleanup = local_copy(url)
+    try:
+        for provider in providers.values():
+            provider.read(Path(local), state)
+    finally:
+        cleanup()
     return state

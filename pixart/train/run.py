@@ -1,7 +1,7 @@
 """One training worker's whole job, shared by the local run (`pixart train`) and each Ray Train worker.
 
     summary = train_worker(cfg)                                   # local: rank 0 of 1
-    train_worker(cfg, rank, world, device=dev, wrap=ddp, ...)     # flows/_ray_train.py, per worker
+    train_worker(cfg, rank, world, device=dev, strategy=s, ...)   # flows/_ray_train.py, per worker
 
 Resumes from the run's latest checkpoint, trains to schedule.max_steps, logs metrics on rank 0, writes sample
 grids every schedule.sample_every steps and at the end, then the loss curve and the cost summary.
@@ -16,18 +16,20 @@ import torch
 
 from pixart.train.config import TrainConfig
 from pixart.train.monitor import MetricsLog
+from pixart.train.sharding import Strategy
 from pixart.train.trainer import Trainer
 
 
 def train_worker(cfg: TrainConfig, rank: int = 0, world_size: int = 1, *, device: torch.device | None = None,
-                 wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+                 strategy: Strategy | None = None,
                  all_reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  report: Callable[[dict[str, Any]], None] | None = None,
                  progress: Callable[[dict[str, Any]], None] | None = None,
                  trainer: Trainer | None = None, say: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Train one worker to the end; returns the summary (rank 0) or the last metrics. `report` is called on every
-    rank at the same steps (Ray requires that); `progress` on rank 0 after each logged step. `trainer`: one already
-    built and resumed (the local run builds it before writing anything); `say`: rank 0's notes (a changed lr).
+    """Train one worker to the end; returns the summary (rank 0) or the last metrics. `strategy`: one process, DDP
+    or FSDP (pixart/train/sharding.py). `report` is called on every rank at the same steps (Ray requires that);
+    `progress` on rank 0 after each logged step. `trainer`: one already built and resumed (the local run builds it
+    before writing anything); `say`: rank 0's notes (a changed lr).
 
     metrics.jsonl is flushed before each checkpoint is saved, so a committed checkpoint's steps are always logged;
     a crash after the flush and before the commit leaves lines past the latest checkpoint, which the resumed run
@@ -35,7 +37,8 @@ def train_worker(cfg: TrainConfig, rank: int = 0, world_size: int = 1, *, device
     from pixart.train.sampling import save_samples
 
     if trainer is None:
-        trainer = Trainer(cfg, rank, world_size, device=device, wrap=wrap, all_reduce_mean=all_reduce_mean)
+        trainer = Trainer(cfg, rank, world_size, device=device, strategy=strategy,
+                          all_reduce_mean=all_reduce_mean)
         trainer.resume(log=say if rank == 0 else None)
     log = MetricsLog(cfg.output_root, cfg.run, trainer.step) if rank == 0 else None
     sched = cfg.schedule
