@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from storage.config import DecodeConfig, StageConfig
+from storage.config import DEFAULT_MAX_TOKENS, DEFAULT_T5, Dataset, DecodeConfig, RayDataConfig, StageConfig
 from storage.configio import StrictModel
 
 PAPER_PROMPT = "Describe this image and its style in a very detailed manner"
@@ -35,19 +35,18 @@ class GenerationConfig(StrictModel):
         return kw
 
 
-class RayCaptionConfig(StrictModel):
+class RayCaptionConfig(RayDataConfig):
     """Ray Data execution: one model replica per GPU, decoding on CPU tasks alongside."""
 
-    address: str | None = Field(None, description="Ray cluster address; None starts or joins a local Ray.")
     num_replicas: int = Field(1, gt=0, description="Captioner actors (model replicas).")
-    num_gpus_per_replica: float = Field(1.0, ge=0, description="GPUs per actor; 0 runs on CPU (tests).")
-    num_cpus_per_decoder: float = Field(1.0, gt=0, description="CPUs per image-decoding task.")
 
 
 class CaptionConfig(StageConfig):
     """Caption the ok rows of `<output_root>/manifests/<dataset>/` into `<output_root>/captions/<dataset>/<set>/`."""
 
-    dataset: Literal["sam", "journeydb"] = Field(description="Which ingested dataset to caption.")
+    renamed_keys = {"max_t5_tokens": "max_tokens"}
+
+    dataset: Dataset = Field(description="Which ingested dataset to caption (sam, journeydb).")
     caption_set: str | None = Field(
         None, description="Name of this (model, prompt, generation) combination; default <model>-<hash>."
     )
@@ -68,8 +67,10 @@ class CaptionConfig(StageConfig):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="auto: bf16 GPU, fp32 CPU.")
-    t5_tokenizer: str = Field("google/t5-v1_1-xxl", description="Tokenizer for counting T5 tokens (id or dir).")
-    max_t5_tokens: int = Field(120, gt=0, description="PixArt-alpha truncates captions to this many T5 tokens.")
+    t5_tokenizer: str = Field(DEFAULT_T5, description="T5 whose tokenizer counts each caption's tokens (id or dir; "
+                              "the features' t5_model).")
+    max_tokens: int = Field(DEFAULT_MAX_TOKENS, gt=0, description="T5 tokens kept per caption (PixArt-alpha: 120); "
+                            "longer captions are flagged t5_truncated.")
     training_text: Literal["llava", "prompt", "caption"] = Field(
         "llava", description="JourneyDB: text used for training: LLaVA caption, Midjourney prompt, or Task2.Caption."
     )

@@ -56,8 +56,8 @@ class QualityAccumulator:
     reported beside them.
     """
 
-    def __init__(self, max_t5_tokens: int, noun_sample: int = 50_000, seed: int = 0) -> None:
-        self.max_t5_tokens, self.noun_sample = max_t5_tokens, noun_sample
+    def __init__(self, max_tokens: int, noun_sample: int = 50_000, seed: int = 0) -> None:
+        self.max_tokens, self.noun_sample = max_tokens, noun_sample
         self.rng = random.Random(seed)
         self.rows = self.errors = self.over = 0
         self.words: list[int] = []
@@ -94,11 +94,11 @@ class QualityAccumulator:
                 "t5_tokens": _percentiles(self.t5), "over_t5_budget": self.over,
                 "over_t5_budget_share": round(self.over / max(1, ok), 4), "degenerate": dict(self.degenerate),
                 "degenerate_share": round(sum(self.degenerate.values()) / max(1, ok), 4),
-                "vocabulary": len(self.vocab), "max_t5_tokens": self.max_t5_tokens, "nouns": nouns}
+                "vocabulary": len(self.vocab), "max_tokens": self.max_tokens, "nouns": nouns}
 
 
-def quality_stats(rows: list[dict[str, Any]], max_t5_tokens: int) -> dict[str, Any]:
-    acc = QualityAccumulator(max_t5_tokens)
+def quality_stats(rows: list[dict[str, Any]], max_tokens: int) -> dict[str, Any]:
+    acc = QualityAccumulator(max_tokens)
     acc.add(rows)
     return acc.stats()
 
@@ -109,7 +109,7 @@ def quality_markdown(stats: dict[str, Any], title: str) -> str:
              f"- captions: {stats['captions']} ({stats['errors']} error rows)",
              f"- caption length, words: {fmt(stats['words'])}",
              f"- caption length, T5 tokens: {fmt(stats['t5_tokens'])}",
-             f"- over the {stats['max_t5_tokens']}-token T5 budget (truncated in training): {stats['over_t5_budget']}"
+             f"- over the {stats['max_tokens']}-token T5 budget (truncated in training): {stats['over_t5_budget']}"
              f" ({stats['over_t5_budget_share']:.1%})",
              f"- degenerate: {stats['degenerate_share']:.1%} ({fmt(stats['degenerate'])})",
              f"- vocabulary (distinct words): {stats['vocabulary']}"]

@@ -28,7 +28,7 @@ CAPTION_SCHEMA = pa.schema([
     ("generation", pa.string()),  # JSON of the generate() arguments
     ("n_tokens", pa.int32()),  # generated tokens
     ("t5_tokens", pa.int32()),  # T5 tokens of `text`, EOS included
-    ("t5_truncated", pa.bool_()),  # t5_tokens > max_t5_tokens: cut at training time
+    ("t5_truncated", pa.bool_()),  # t5_tokens > max_tokens: cut at training time
     ("finish_reason", pa.string()),  # stop | length
     ("degenerate", pa.string()),  # empty | repetition | truncated | null
     ("seconds", pa.float64()),  # generate() time per image (batch time / batch size)

@@ -1,52 +1,111 @@
 """The `pixart` command: runs the project's stages locally, through the same stage code as the Prefect flows,
 without starting a Prefect server (a local run starts in about a second).
 
+Every command but `demo` has one shape: a preset, then `key=value` overrides applied last.
+
+    pixart COMMAND PRESET [key=value ...] [--force]
+
+PRESET is a name under `configs/<command>/` or a YAML path. `pixart COMMAND --help` lists the presets and every key
+with its description, both read from the command's config model when the help is shown. `--force` is `force=true`,
+on the commands whose config has that key (ingest, caption, extract, export).
+
     pixart ingest sam source=/data/sa1b output_root=s3://bucket/pixart
     pixart caption sam output_root=/data/pixart model=/models/llava-1.5-7b-hf t5_tokenizer=/models/t5-v1_1-xxl
-    pixart audit dataset=sam caption_set=llava-1-5-7b-hf-1a2b3c4d output_root=/data/pixart
-    pixart demo                                  # sample data in the real formats -> manifests -> captions
+    pixart extract sam-256 caption_set=llava-1-5-7b-hf-1a2b3c4d output_root=/data/pixart
+    pixart train stage2 init=/data/pixart/runs/stage1-imagenet-256 data.caption_set=llava-1-5-7b-hf-1a2b3c4d
+    pixart sample grid checkpoint=/data/pixart/runs/stage2-sam-256 out=grid.png
+    pixart export pipeline checkpoint=/data/pixart/runs/stage2-sam-256 out=/exports/stage2
+    pixart audit sam caption_set=llava-1-5-7b-hf-1a2b3c4d output_root=/data/pixart
+    pixart demo                                  # sample data in the real formats -> ... -> training -> export
 
-Exit codes: 0 done; 1 some shards failed (the others are committed); 2 the run could not start (bad config,
-missing source, unusable output root or model), reported as one `error:` line; 3 incomplete: shards that another
-live run still holds are not done here (named in the `error:` line; re-run once that run ends).
+Exit codes: 0 done; 1 some shards failed (the others are committed), or an audit found a problem; 2 the run could
+not start (bad preset or key, missing source, unusable output root or model, a busy training run), reported as one
+`error:` line; 3 incomplete: shards that another live run still holds are not done here (named in the `error:`
+line; re-run once that run ends).
+
+A command's config class is imported only when that command runs or shows its help, so `pixart --help` and
+`pixart ingest` never import torch.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from importlib import import_module
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand
 
-from captioning.config import CaptionConfig
-from pixart.features.config import ExtractConfig
-from pixart.train.config import TrainConfig
 from storage.errors import PipelineError
-from storage.ingest.config import IngestConfig
 
 app = typer.Typer(help="PixArt-alpha data and training pipeline.", no_args_is_help=True, add_completion=False)
 
+# Each command's config model, imported when the command runs or prints its help.
+CONFIGS = {
+    "ingest": "storage.ingest.config:IngestConfig",
+    "caption": "captioning.config:CaptionConfig",
+    "extract": "pixart.features.config:ExtractConfig",
+    "train": "pixart.train.config:TrainConfig",
+    "sample": "pixart.train.config:SampleConfig",
+    "export": "pixart.train.config:ExportConfig",
+    "audit": "captioning.audit:AuditConfig",
+}
+
+# The arguments every command but `demo` takes.
+Preset = Annotated[str, typer.Argument(show_default=False, help="A preset under configs/<command>/ (listed "
+                                                                 "below) or a YAML path.")]
+Overrides = Annotated[list[str] | None, typer.Argument(show_default=False, help="key=value overrides, applied last "
+                                                                                "(keys listed below).")]
+Force = Annotated[bool, typer.Option("--force", help="The same as force=true.")]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The one way a command reads its config and reports errors
+# ---------------------------------------------------------------------------------------------------------------------
+
 
 def _fail(message: str, code: int = 2) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    """One `error:` line (a multi-line message, such as a config error's one line per key, joined) and exit."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()] or ["failed"]
+    typer.secho(f"error: {lines[0]}{' ' + '; '.join(lines[1:]) if lines[1:] else ''}", fg=typer.colors.RED,
+                err=True)
     raise typer.Exit(code)
 
 
-def _run(stage, config: str, overrides: list[str], force: bool) -> dict:
-    """Run a stage locally; exit 2 when it cannot start, 1 when shards failed, 3 when shards are busy elsewhere."""
-    from flows._stage import LocalRuntime, run_stage
-
+@contextmanager
+def _errors() -> Iterator[None]:
+    """A PipelineError (ConfigError included) or an OS error (a full disk, a lost mount) -> one line, exit 2."""
     try:
-        outcome = run_stage(stage, config, overrides, force, LocalRuntime())
+        yield
     except PipelineError as e:
         _fail(str(e))
-    counts = outcome.counts()
-    if outcome.failed:
-        _fail(counts["message"], code=1)
-    if outcome.busy:  # not a success: those shards are not committed (yet)
-        _fail(counts["message"], code=3)
-    return counts
+    except OSError as e:
+        _fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
+
+
+def _config_class(command: str) -> type:
+    module, name = CONFIGS[command].split(":")
+    return getattr(import_module(module), name)
+
+
+def _config(command: str, preset: str, overrides: list[str] | None, force: bool = False,
+            load: Callable[[str, list[str]], Any] | None = None) -> Any:
+    """The command's config from PRESET + overrides (+ force=true); anything wrong exits 2 with one line.
+    `load(preset, overrides)` replaces the plain `load_config` where a command has its own loader."""
+    from storage.configio import load_config, preset_names
+    from storage.errors import ConfigError
+
+    extra = [*(overrides or []), *(["force=true"] if force else [])]
+    with _errors():
+        if "=" in preset and not preset.endswith((".yaml", ".yml")):
+            raise ConfigError(f"{preset!r} is an override, but a preset comes first: pixart {command} PRESET "
+                              f"[key=value ...]; presets: {', '.join(preset_names(command))}")
+        if load is not None:
+            return load(preset, extra)
+        return load_config(_config_class(command), preset, extra, kind=command)
 
 
 def _config_keys(model, prefix: str = "") -> list[str]:
@@ -57,108 +116,141 @@ def _config_keys(model, prefix: str = "") -> list[str]:
         if sub is not None and hasattr(sub, "model_fields"):
             lines += _config_keys(sub, f"{prefix}{name}.")
         else:
-            lines.append(f"{prefix}{name}: {field.description or ''}")
+            lines.append(f"{prefix}{name}: {field.description or ''}{' (required)' if field.is_required() else ''}")
     return lines
 
 
-@app.command(epilog="Config keys (override with key=value):\n\n" + "\n\n".join(_config_keys(IngestConfig)))
-def ingest(
-    config: Annotated[str, typer.Argument(help="Preset under configs/ingest/ (sam, journeydb, imagenet) or a YAML "
-                                               "path.")],
-    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. source=/data/sa1b")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Re-ingest shards that are already committed.")] = False,
-) -> None:
+class _ConfigCommand(TyperCommand):
+    """A command whose help ends with its presets and config keys, read from its config model only when the help
+    is shown (so listing the commands imports no config class, and no torch)."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        from storage.configio import preset_names
+
+        paragraphs = [f"Presets (configs/{self.name}/): {', '.join(preset_names(self.name))}",
+                      "Config keys (override with key=value):", *_config_keys(_config_class(self.name))]
+        if self.rich_markup_mode == "rich":
+            from rich.markup import escape
+
+            paragraphs = [escape(p) for p in paragraphs]
+        self.epilog = "\n\n".join(paragraphs)
+        super().format_help(ctx, formatter)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data stages
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _run(stage, preset: str, overrides: list[str], force: bool) -> dict:
+    """Run a stage locally; exit 2 when it cannot start, 1 when shards failed, 3 when shards are busy elsewhere."""
+    from flows._stage import LocalRuntime, run_stage
+
+    with _errors():
+        outcome = run_stage(stage, preset, overrides, force, LocalRuntime())
+    counts = outcome.counts()
+    if outcome.failed:
+        _fail(counts["message"], code=1)
+    if outcome.busy:  # not a success: those shards are not committed (yet)
+        _fail(counts["message"], code=3)
+    return counts
+
+
+@app.command(cls=_ConfigCommand)
+def ingest(preset: Preset, overrides: Overrides = None, force: Force = False) -> None:
     """Index source shards into parquet manifests under <output_root>/manifests/<dataset>/."""
+    _config("ingest", preset, overrides, force)  # a bad key fails here, before the stage's modules load
     from flows.ingest_stage import IngestStage
 
-    out = _run(IngestStage(), config, overrides or [], force)
+    out = _run(IngestStage(), preset, overrides or [], force)
     typer.echo(f"{out['dataset']}: {out['all_shards']} shards, {out['committed']} already committed, "
                f"{out['to_run']} to run, {out['num_ok']} samples ok, {out['num_error']} error rows")
 
 
-@app.command(epilog="Config keys (override with key=value):\n\n" + "\n\n".join(_config_keys(CaptionConfig)))
-def caption(
-    config: Annotated[str, typer.Argument(help="Preset under configs/caption/ (sam, journeydb) or a YAML path.")],
-    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. model=/m/llava")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Re-caption shards already in this caption set.")] = False,
-) -> None:
+@app.command(cls=_ConfigCommand)
+def caption(preset: Preset, overrides: Overrides = None, force: Force = False) -> None:
     """Caption ingested shards with LLaVA into <output_root>/captions/<dataset>/<caption_set>/."""
+    _config("caption", preset, overrides, force)
     from flows.caption_stage import CaptionStage
 
-    out = _run(CaptionStage(), config, overrides or [], force)
+    out = _run(CaptionStage(), preset, overrides or [], force)
     typer.echo(f"{out['dataset']}/{out['caption_set']}: {out['captions']} captions, {out['errors']} error rows, "
                f"exactly-once {'verified' if out['exactly_once'] else 'NOT verified'}")
 
 
-@app.command(epilog="Config keys (override with key=value):\n\n" + "\n\n".join(_config_keys(ExtractConfig)))
+@app.command(cls=_ConfigCommand)
 def extract(
-    config: Annotated[str, typer.Argument(help="Preset under configs/extract/ (sam-256, sam-1024, journeydb-256, "
-                                               "journeydb-1024, imagenet-256) or a YAML path.")],
-    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. caption_set=<name>")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Redo shards that are already committed.")] = False,
+    preset: Preset,
+    overrides: Overrides = None,
+    force: Force = False,
     estimate: Annotated[bool, typer.Option("--estimate", help="Print bytes per sample and the total; extract "
                                                               "nothing.")] = False,
 ) -> None:
     """T5 text features and VAE latents into <output_root>/features/<dataset>/ (webdataset tars + parquet index)."""
+    cfg = _config("extract", preset, overrides, force)
     from flows.extract_stage import ExtractStage, estimate_run, feature_counts
-    from storage.configio import load_config
 
     if estimate:
-        try:
-            cfg = load_config(ExtractConfig, config, overrides or [], kind="extract")
+        with _errors():
             est = estimate_run(cfg)
-        except PipelineError as e:
-            _fail(str(e))
         typer.echo(f"{cfg.dataset}: {est['samples']} images, {est['captions']} captions; per sample "
                    f"{est['text_bytes_per_sample'] / 1e3:.1f} kB text + {est['latent_bytes_per_sample'] / 1e3:.1f} kB "
                    f"latents; total {est['total_bytes'] / 1e9:.3f} GB "
                    f"({est['ratio_to_official']:.1%} of the official fp32 padded layout, "
                    f"{est['official_total_bytes'] / 1e9:.3f} GB)")
         return
-    out = _run(ExtractStage(), config, overrides or [], force)
+    out = _run(ExtractStage(), preset, overrides or [], force)
     typer.echo(f"{out['dataset']}: {out['all_shards']} shards, {out['committed']} already committed, "
                f"{out['to_run']} to run, {feature_counts(out['ok_by_kind'])}, {out['num_error']} error rows")
 
 
-@app.command(epilog="Config keys (override with key=value):\n\n" + "\n\n".join(_config_keys(TrainConfig)))
-def train(
-    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. data.caption_set=<name>")]
-    = None,
-    stage: Annotated[int | None, typer.Option(help="1, 2 or 3: the stage's preset (stage1, stage2; stage 3 with "
-                                                   "--step) when --config is not given.")] = None,
-    step: Annotated[str | None, typer.Option(help="Stage 3's step, each its own run from the previous one's "
-                                                  "weights, in this order: hq256 (stage3-256: 90K steps at 256, "
-                                                  "from stage 2), hq512 (stage3-512: 100K at 512), ms1024 "
-                                                  "(stage3-1024: 16K at 1024 multi-scale).")] = None,
-    config: Annotated[str | None, typer.Option(help="Preset under configs/train/ (stage1, stage2, stage3-256, "
-                                                    "stage3-512, stage3-1024, tiny-stage1..3) or a YAML path.")]
-    = None,
-    init: Annotated[str | None, typer.Option(help="Previous stage's run directory (its latest committed "
-                                                  "checkpoint), checkpoint or export, or a DiT (stage 2); "
-                                                  "init_weights=model|ema picks the checkpoint's weights.")]
-    = None,
-) -> None:
-    """Train one PixArt-alpha stage (locally, or on Ray Train with executor=ray); a re-run resumes the run. Stage 3
-    is three steps, named with --step: `--stage 3` alone is refused, listing them."""
-    from flows.train_stage import load_train_config, run_training, stage_preset
+@app.command(cls=_ConfigCommand)
+def audit(preset: Preset, overrides: Overrides = None) -> None:
+    """Check a dataset's manifests (keys in two shards) and, with caption_set, that every manifest key has exactly
+    one caption or error row; exit 1 if not."""
+    cfg = _config("audit", preset, overrides)
+    from captioning.audit import audit_caption_set
+    from storage.ingest.dedupe import duplicate_report
 
-    if config is None and stage not in (1, 2, 3):
-        _fail("give --stage 1|2|3 (stage 3 with --step hq256|hq512|ms1024) or --config <preset or YAML>")
-    try:
-        config = config or stage_preset(stage, step)
-    except PipelineError as e:
-        _fail(str(e))
-    extra = [*(overrides or []), *([f"stage={stage}"] if stage is not None else []),
-             *([f"stage_step={step}"] if step is not None else [])]
-    try:
-        cfg = load_train_config(config, extra, init)
+    with _errors():
+        cfg.check()
+        dups = duplicate_report(cfg.output_root, cfg.dataset)
+        report = audit_caption_set(cfg.output_root, cfg.dataset, cfg.caption_set) if cfg.caption_set else None
+    ok = dups["unlisted_duplicates"] == 0
+    typer.echo(f"{cfg.dataset} manifests: {dups['listed_duplicates']} keys listed as duplicates of an earlier "
+               f"shard, {dups['unlisted_duplicates']} keys in two shards not listed")
+    if report is not None:
+        for s in report["shards"]:
+            if not s["committed"] or s["missing"] or s["duplicated"] or s["unknown"]:
+                typer.echo(f"  {s['shard']}: committed={s['committed']} missing={s['missing']} "
+                           f"duplicated={s['duplicated']} unknown={s['unknown']}")
+        typer.echo(f"{cfg.dataset}/{cfg.caption_set}: {report['keys']} manifest keys, {report['rows']} rows, "
+                   f"{report['missing']} missing, {report['duplicated']} duplicated, {report['unknown']} unknown, "
+                   f"{report['uncommitted']} shards uncommitted")
+        ok = ok and report["ok"]
+    typer.echo("OK" if ok else "FAILED")
+    if not ok:
+        raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training, and using its checkpoints
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@app.command(cls=_ConfigCommand)
+def train(preset: Preset, overrides: Overrides = None) -> None:
+    """Train one PixArt-alpha stage (locally, or on Ray Train with executor=ray); a re-run resumes the run.
+
+    The presets run the paper's chain, each from the run before (init=<its run directory>): stage1, stage2, then
+    stage 3's three steps stage3-256, stage3-512, stage3-1024."""
+    from flows.train_stage import load_train_config, run_training
+
+    cfg = _config("train", preset, overrides, load=load_train_config)
+    with _errors():
         summary = run_training(cfg, log=typer.echo, progress=lambda m: typer.echo(
             f"step {m['step']}: loss {m['loss']:.4f} grad_norm {m['grad_norm']:.3g} lr {m['lr']:.3g} "
             f"{m['samples_per_s']:.1f} samples/s"))
-    except PipelineError as e:
-        _fail(str(e))
-    except OSError as e:  # a full disk or a lost mount outside a checkpoint save (metrics, samples)
-        _fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
     typer.echo(f"{summary['run']}: {summary['steps']} steps, final loss {summary['final_loss']}, "
                f"{summary['gpu_hours']:.3f} GPU-hours (paper stage {summary['stage']}"
                f"{' ' + summary['stage_step'] if summary.get('stage_step') else ''}: "
@@ -178,80 +270,35 @@ def _checkpoint_of(path: str) -> str:
     return path
 
 
-@app.command()
-def sample(
-    checkpoint_dir: Annotated[str, typer.Argument(help="A checkpoint directory, or a run directory (its latest).")],
-    prompt: Annotated[list[str] | None, typer.Option("--prompt", help="A prompt; repeat for a grid.")] = None,
-    class_id: Annotated[list[int] | None, typer.Option("--class", help="Stage 1: an ImageNet class id.")] = None,
-    out: Annotated[Path, typer.Option(help="PNG to write.")] = Path("samples.png"),
-    steps: Annotated[int, typer.Option(help="DPM-Solver++ steps.")] = 20,
-    cfg_scale: Annotated[float, typer.Option("--cfg", help="Classifier-free guidance scale.")] = 4.5,
-    seed: Annotated[int, typer.Option()] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-) -> None:
-    """Sample a grid from a training checkpoint (EMA weights when present) with the T5 and VAE it names."""
+@app.command(cls=_ConfigCommand)
+def sample(preset: Preset, overrides: Overrides = None) -> None:
+    """Sample a grid from a training checkpoint with the T5 and VAE its run names."""
+    cfg = _config("sample", preset, overrides)
     from pixart.train.sampling import sample_checkpoint
 
-    try:
-        image = sample_checkpoint(_checkpoint_of(checkpoint_dir), prompt, class_id, steps=steps,
-                                  cfg_scale=cfg_scale, seed=seed, device=device)
-    except (PipelineError, ValueError, FileNotFoundError) as e:
-        _fail(str(e))
-    image.save(out)
-    typer.echo(f"wrote {out} ({image.width}x{image.height})")
+    with _errors():
+        image = sample_checkpoint(_checkpoint_of(cfg.checkpoint), cfg.sample_prompts, cfg.sample_classes,
+                                  steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale, seed=cfg.seed, device=cfg.device,
+                                  use_ema=cfg.weights == "ema")
+        image.save(cfg.out)
+    typer.echo(f"wrote {cfg.out} ({image.width}x{image.height})")
 
 
-@app.command()
-def export(
-    checkpoint_dir: Annotated[str, typer.Argument(help="A checkpoint directory, or a run directory (its latest).")],
-    out: Annotated[str, typer.Argument(help="Directory to write: PixArtAlphaPipeline.from_pretrained(out) loads it.")],
-    bundle: Annotated[bool, typer.Option("--bundle", help="Copy the T5 and VAE in, so the export stands alone.")]
-    = False,
-    no_ema: Annotated[bool, typer.Option("--no-ema", help="Export the trained weights, not the EMA.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace a different export at `out`.")] = False,
-) -> None:
+@app.command(cls=_ConfigCommand)
+def export(preset: Preset, overrides: Overrides = None, force: Force = False) -> None:
     """Export a checkpoint as a diffusers pipeline directory (transformer + scheduler, naming the T5 and VAE)."""
+    cfg = _config("export", preset, overrides, force)
     from pixart.export import export as export_checkpoint
 
-    try:
-        path = export_checkpoint(_checkpoint_of(checkpoint_dir), out, use_ema=not no_ema, bundle=bundle, force=force)
-    except (PipelineError, FileNotFoundError) as e:
-        _fail(str(e))
+    with _errors():
+        path = export_checkpoint(_checkpoint_of(cfg.checkpoint), cfg.out, use_ema=cfg.weights == "ema",
+                                 bundle=cfg.bundle, force=cfg.force)
     typer.echo(f"exported to {path}")
 
 
-@app.command(epilog="Keys: dataset (sam, journeydb, imagenet), caption_set (optional), output_root.")
-def audit(
-    args: Annotated[list[str], typer.Argument(help="key=value: dataset=sam caption_set=<name> output_root=<root>")],
-) -> None:
-    """Check a dataset's manifests (keys in two shards) and, with caption_set, that every manifest key has exactly
-    one caption or error row; exit 1 if not."""
-    from captioning.audit import AuditConfig, audit_caption_set
-    from storage.configio import load_config
-    from storage.ingest.dedupe import duplicate_report
-
-    try:
-        cfg = load_config(AuditConfig, None, args)
-        cfg.check()
-        dups = duplicate_report(cfg.output_root, cfg.dataset)
-        report = audit_caption_set(cfg.output_root, cfg.dataset, cfg.caption_set) if cfg.caption_set else None
-    except PipelineError as e:
-        _fail(str(e))
-    ok = dups["unmarked_duplicates"] == 0
-    typer.echo(f"{cfg.dataset} manifests: {dups['marked_duplicates']} rows marked as duplicates of an earlier "
-               f"shard, {dups['unmarked_duplicates']} keys still ok in two shards")
-    if report is not None:
-        for s in report["shards"]:
-            if not s["committed"] or s["missing"] or s["duplicated"] or s["unknown"]:
-                typer.echo(f"  {s['shard']}: committed={s['committed']} missing={s['missing']} "
-                           f"duplicated={s['duplicated']} unknown={s['unknown']}")
-        typer.echo(f"{cfg.dataset}/{cfg.caption_set}: {report['keys']} manifest keys, {report['rows']} rows, "
-                   f"{report['missing']} missing, {report['duplicated']} duplicated, {report['unknown']} unknown, "
-                   f"{report['uncommitted']} shards uncommitted")
-        ok = ok and report["ok"]
-    typer.echo("OK" if ok else "FAILED")
-    if not ok:
-        raise typer.Exit(1)
+# ---------------------------------------------------------------------------------------------------------------------
+# The demo
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 @app.command()

@@ -11,8 +11,9 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
-from typing import Any, TypeVar, get_args
+from typing import Any, ClassVar, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -23,9 +24,11 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 class StrictModel(BaseModel):
-    """Base for every config section: unknown keys raise, assignments are validated."""
+    """Base for every config section: unknown keys raise, assignments are validated. `renamed_keys` maps a key's
+    former name to its name now, so an old key given by a user is refused naming the new one."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    renamed_keys: ClassVar[dict[str, str]] = {}
 
 
 M = TypeVar("M", bound=StrictModel)
@@ -34,6 +37,11 @@ M = TypeVar("M", bound=StrictModel)
 # ---------------------------------------------------------------------------------------------------------------------
 # Presets and overrides
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+def _natural(name: str) -> list:
+    """Sort key that orders numbers by value: stage3-256, stage3-512, stage3-1024."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def resolve_preset(preset: str | Path, kind: str | None = None) -> Path:
@@ -52,9 +60,14 @@ def resolve_preset(preset: str | Path, kind: str | None = None) -> Path:
     named = base / f"{name}.yaml"
     if ".." not in Path(name).parts and named.exists():
         return named
-    known = sorted(str(p.relative_to(base).with_suffix("")) for p in base.rglob("*.yaml"))
     raise ConfigError(f"config {preset!r} is neither a YAML file nor a{' ' + kind if kind else ''} preset; "
-                      f"presets: {', '.join(known)}")
+                      f"presets: {', '.join(preset_names(kind))}")
+
+
+def preset_names(kind: str | None = None) -> list[str]:
+    """The presets under configs/<kind>/ (all of configs/ without kind), numbers in order of value."""
+    base = CONFIG_DIR / kind if kind else CONFIG_DIR
+    return sorted((str(p.relative_to(base).with_suffix("")) for p in base.rglob("*.yaml")), key=_natural)
 
 
 def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -111,6 +124,9 @@ def _unknown_key(cls: type, loc: tuple) -> str:
     known = sorted(getattr(section, "model_fields", {}))
     if not known:
         return "unknown key"
+    renamed = getattr(section, "renamed_keys", {}).get(str(loc[-1]))
+    if renamed:
+        return f"unknown key; renamed to {renamed!r}"
     close = difflib.get_close_matches(str(loc[-1]), known, n=3, cutoff=0.6)
     if close:
         return "unknown key; did you mean " + " or ".join(repr(c) for c in close) + "?"

@@ -19,13 +19,15 @@ import functools
 import io
 import math
 import tarfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import webdataset as wds
 
 from storage.commit import commit_shard
 from storage.urls import filesystem
+
+if TYPE_CHECKING:
+    import webdataset as wds
 
 MTIME = 0  # fixed member mtime: reproducible shards, and ustar headers without a pax record per member
 
@@ -49,6 +51,8 @@ class ShardTarWriter:
         tmp = self._commit.__enter__()
         fs, path = filesystem(tmp)
         self._file = fs.open(path, "wb")
+        import webdataset as wds  # here, not at the top: webdataset imports torch, which ingest never needs
+
         self._tar = wds.TarWriter(self._file, mtime=MTIME)
         return self
 

@@ -1,5 +1,9 @@
 """The config system: strict models, presets, dotted overrides, clear errors."""
 
+import importlib
+import re
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -96,3 +100,134 @@ def test_every_training_preset_has_the_extraction_preset_its_features_need():
         data = stage.data
         needs_text = data.dataset != "imagenet"
         assert (data.dataset, data.base_size, data.multi_scale, needs_text) in made, path.name
+
+
+# -- one name per concept, each default defined once ------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+# each command's config model
+CONFIGS = {"ingest": "storage.ingest.config:IngestConfig", "caption": "captioning.config:CaptionConfig",
+           "extract": "pixart.features.config:ExtractConfig", "train": "pixart.train.config:TrainConfig",
+           "sample": "pixart.train.config:SampleConfig", "export": "pixart.train.config:ExportConfig",
+           "audit": "captioning.audit:AuditConfig"}
+
+
+def config_class(command: str) -> type:
+    module, name = CONFIGS[command].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _default(cls, name: str):
+    return cls.model_fields[name].default
+
+
+def test_the_t5_and_vae_defaults_are_defined_once():
+    from captioning.config import CaptionConfig
+    from pixart.features.config import ExtractConfig
+    from pixart.train.config import DataConfig, TrainConfig
+    from storage.config import DEFAULT_MAX_TOKENS, DEFAULT_T5, DEFAULT_VAE
+
+    assert _default(CaptionConfig, "t5_tokenizer") == _default(ExtractConfig, "t5_model") == DEFAULT_T5
+    assert _default(TrainConfig, "t5_model") == DEFAULT_T5
+    assert _default(ExtractConfig, "vae_model") == _default(TrainConfig, "vae_model") == DEFAULT_VAE
+    limits = {_default(CaptionConfig, "max_tokens"), _default(ExtractConfig, "max_tokens"),
+              _default(DataConfig, "max_tokens")}
+    assert limits == {DEFAULT_MAX_TOKENS}
+    for path in ("captioning/config.py", "pixart/features/config.py", "pixart/train/config.py"):
+        text = (ROOT / path).read_text()  # imported from storage/config.py, not written again
+        assert "t5-v1_1-xxl" not in text and "sd-vae-ft-ema" not in text and not re.search(r"Field\(120\b", text)
+
+
+def test_one_name_for_the_token_limit_and_the_dtype():
+    from captioning.config import CaptionConfig
+    from pixart.features.config import ExtractConfig
+    from pixart.train.config import DataConfig, TrainConfig
+
+    for cls in (CaptionConfig, ExtractConfig, DataConfig):
+        assert "max_tokens" in cls.model_fields and "max_t5_tokens" not in cls.model_fields
+    for cls in (CaptionConfig, ExtractConfig, TrainConfig):
+        assert "dtype" in cls.model_fields and "precision" not in cls.model_fields
+
+
+@pytest.mark.parametrize("kind, preset, old, new", [("caption", "sam", "max_t5_tokens", "max_tokens"),
+                                                    ("train", "tiny-stage1", "precision", "dtype")])
+def test_an_old_key_is_refused_naming_its_new_name(kind, preset, old, new):
+    with pytest.raises(ConfigError, match=rf"  {old}: unknown key; renamed to '{new}'$"):
+        load_config(config_class(kind), preset, [f"{old}=float32"], kind=kind)
+
+
+# -- dataset: the source registry decides -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind, preset, key, extra", [
+    ("ingest", "sam", "dataset", []),
+    ("caption", "sam", "dataset", []),
+    ("extract", "sam-256", "dataset", ["caption_set=x"]),
+    ("train", "stage2", "data.dataset", ["data.caption_set=x"]),
+    ("audit", "sam", "dataset", []),
+])
+def test_every_dataset_field_is_checked_against_the_source_registry(kind, preset, key, extra):
+    from storage.ingest.sources import source_names
+
+    with pytest.raises(ConfigError) as info:
+        load_config(config_class(kind), preset, [*extra, f"{key}=laion"], kind=kind)
+    assert f"  {key}: unknown dataset 'laion'; known: {', '.join(source_names())} " in str(info.value)
+
+
+def test_a_newly_registered_source_is_a_dataset_everywhere():
+    from captioning.config import CaptionConfig
+    from pixart.features.config import ExtractConfig
+    from storage.ingest.sources.base import _REGISTRY, Source, register
+
+    register(type("LaionSource", (Source,), {"name": "laion"}))
+    try:
+        assert CaptionConfig(dataset="laion").dataset == "laion"
+        assert ExtractConfig(dataset="laion", caption_set="x").dataset == "laion"
+    finally:
+        _REGISTRY.pop("laion")
+
+
+# -- each command's config holds only what it reads -------------------------------------------------------------------
+
+def test_training_and_its_tools_have_no_shard_stage_keys():
+    from captioning.audit import AuditConfig
+    from captioning.config import CaptionConfig
+    from pixart.features.config import ExtractConfig
+    from pixart.train.config import ExportConfig, SampleConfig, TrainConfig
+
+    shard_keys = {"max_shards", "force", "create_bucket"}
+    for cls in (IngestConfig, CaptionConfig, ExtractConfig):
+        assert shard_keys <= set(cls.model_fields)
+    for cls in (TrainConfig, SampleConfig, AuditConfig):
+        assert not shard_keys & set(cls.model_fields), cls
+    assert set(ExportConfig.model_fields) & shard_keys == {"force"}  # replaces another export: it reads it
+    with pytest.raises(ConfigError, match=r"  force: unknown key"):
+        load_config(TrainConfig, "tiny-stage1", ["force=true"], kind="train")
+
+
+def test_the_ray_sections_share_one_base():
+    from captioning.config import CaptionConfig, RayCaptionConfig
+    from pixart.features.config import ExtractConfig, RayExtractConfig
+    from pixart.train.config import RayTrainConfig, TrainConfig
+    from storage.config import RayConfig, RayDataConfig
+
+    def own(cls) -> set[str]:
+        return set(cls.__dict__.get("__annotations__", {}))
+
+    for cfg, ray in ((CaptionConfig, RayCaptionConfig), (ExtractConfig, RayExtractConfig),
+                     (TrainConfig, RayTrainConfig)):
+        assert cfg.model_fields["ray"].annotation is ray and issubclass(ray, RayConfig)
+        assert "address" in ray.model_fields and "address" not in own(ray)  # declared once, in RayConfig
+    for ray in (RayCaptionConfig, RayExtractConfig):  # the two Ray Data pools share their decoder and GPU fields
+        assert issubclass(ray, RayDataConfig) and not own(ray) & set(RayDataConfig.model_fields)
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_every_preset_loads(kind):
+    from storage.configio import preset_names
+
+    needs = {"extract": ["caption_set=x"], "sample": ["checkpoint=/c"], "export": ["checkpoint=/c", "out=/o"]}
+    names = preset_names(kind)
+    assert names
+    for name in names:
+        extra = ["data.caption_set=x"] if kind == "train" and "stage1" not in name else needs.get(kind, [])
+        load_config(config_class(kind), name, extra, kind=kind)

@@ -103,7 +103,7 @@ def test_exported_transformer_is_the_ema_or_the_model(stage2, tmp_path):
 
 def test_an_export_starts_the_next_stage_only_with_the_weights_asked_for(stage2, tmp_path):
     """init_weights=model (default, the official load_from) from an EMA export is refused, naming the checkpoint
-    to start from; with init_weights=ema it starts from the EMA; an export made with --no-ema starts a default run
+    to start from; with init_weights=ema it starts from the EMA; an export made with weights=model starts a default run
     from the trained weights. The run's log names the weights and the file."""
     trainer, ckpt = stage2
     ema, raw = (load_file(f"{ckpt}/{d}/{WEIGHTS}") for d in ("ema", "transformer"))
@@ -240,7 +240,7 @@ def test_a_corrupt_ema_is_refused_and_nothing_is_published(stage2, tmp_path):
     save_file(state, str(weights))  # readable, but not the model its config describes
     with pytest.raises(ExportError, match="missing: "):
         export(str(copy), str(out))
-    result = CliRunner().invoke(app, ["export", str(copy), str(out)])
+    result = CliRunner().invoke(app, ["export", "pipeline", f"checkpoint={copy}", f"out={out}"])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert [line for line in result.output.splitlines() if line.startswith("error:")], result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]  # no export, no temporaries
@@ -253,7 +253,8 @@ def test_cli_export_names_the_force_flag(stage2, tmp_path):
 
     _, ckpt = stage2
     out = str(tmp_path / "e")
-    assert CliRunner().invoke(app, ["export", ckpt, out]).exit_code == 0
-    again = CliRunner().invoke(app, ["export", ckpt, out, "--no-ema"])
+    args = ["export", "pipeline", f"checkpoint={ckpt}", f"out={out}"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    again = CliRunner().invoke(app, [*args, "weights=model"])
     assert again.exit_code == 2 and "--force" in again.output and "force=True" not in again.output, again.output
-    assert CliRunner().invoke(app, ["export", ckpt, out, "--no-ema", "--force"]).exit_code == 0
+    assert CliRunner().invoke(app, [*args, "weights=model", "--force"]).exit_code == 0

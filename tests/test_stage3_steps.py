@@ -1,5 +1,5 @@
-"""Stage 3 is three steps (paper Table 4): hq256 -> hq512 -> ms1024. Each has a preset that names it, the CLI makes
-`--stage 3` name its step, the README's cost table counts what the presets run, and the demo runs the same chain."""
+"""Stage 3 is three steps (paper Table 4): hq256 -> hq512 -> ms1024. Each has a preset that names it, the CLI refuses
+a stage 3 without its step, the README's cost table counts what the presets run, and the demo runs the same chain."""
 
 from __future__ import annotations
 
@@ -63,12 +63,13 @@ def one_error(result) -> str:
 
 
 def test_train_stage3_without_a_step_is_refused_listing_the_steps(tmp_path):
-    error = one_error(cli("--stage", "3", f"output_root={tmp_path}", "data.caption_set=x"))
-    assert "--step" in error
-    positions = [error.index(f"{s} (stage3-{SIZES[s][0]})") for s in ("hq256", "hq512", "ms1024")]
+    error = one_error(cli("stage3", f"output_root={tmp_path}", "data.caption_set=x"))
+    positions = [error.index(f"stage3-{SIZES[s][0]}") for s in ("hq256", "hq512", "ms1024")]
     assert positions == sorted(positions)  # in the order they run
-    assert "--step" in one_error(cli("--stage", "2", "--step", "hq256", f"output_root={tmp_path}"))
-    assert "hq256" in one_error(cli("--stage", "3", "--step", "hq1024", f"output_root={tmp_path}"))
+    text = [f"output_root={tmp_path}", "data.caption_set=x"]
+    assert "stage 3 is three steps" in one_error(cli("stage3-256", "stage_step=null", *text))
+    assert "is a step of stage 3" in one_error(cli("stage2", "stage_step=hq256", *text))
+    assert "hq256" in one_error(cli("stage3-256", "stage_step=hq1024", f"output_root={tmp_path}"))
     assert not list(tmp_path.iterdir())  # nothing of a run written
 
 
@@ -84,7 +85,7 @@ def test_train_stage3_step_runs_that_steps_preset(step, tmp_path, monkeypatch):
                 "paper_v100_days": PAPER[step][3]}
 
     monkeypatch.setattr(flows.train_stage, "run_training", run_training)
-    result = cli("--stage", "3", "--step", step, f"output_root={tmp_path}", "data.caption_set=x")
+    result = cli(STAGE_PRESETS[(3, step)], f"output_root={tmp_path}", "data.caption_set=x")
     assert result.exit_code == 0, result.output
     assert seen[0].stage_step == step and seen[0].data.base_size == SIZES[step][0]
     assert f"paper stage 3 {step}: {PAPER[step][3]} V100-days" in result.output

@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 from pixart.buckets import BucketError, assign, fixed_bucket
+from storage.config import DEFAULT_MAX_TOKENS
 
 TAR_OVERHEAD = 2 * 1024 + 128 + 200  # two tar headers (+ padding), the npy header, a small json member
 
@@ -34,7 +35,7 @@ def latent_bytes(height: int, width: int, base_size: int, multi_scale: bool, pol
 
 
 def estimate(sizes: list[tuple[int, int]], tokens: list[int], *, base_size: int, multi_scale: bool, policy: str,
-             d_model: int, max_tokens: int = 120) -> dict[str, Any]:
+             d_model: int, max_tokens: int = DEFAULT_MAX_TOKENS) -> dict[str, Any]:
     """Totals and per-sample means for this layout and for the official fp32, 120-token padded one."""
     text = [min(t, max_tokens) * d_model * 2 + TAR_OVERHEAD for t in tokens]
     lat = [latent_bytes(h, w, base_size, multi_scale, policy, 2) + TAR_OVERHEAD for h, w in sizes]

@@ -4,7 +4,7 @@ stage3-256, stage3-512, stage3-1024, plus tiny variants); any key can be overrid
 Stage 3 is three steps (paper Table 4), each its own run initialised from the one before: hq256 (90K steps at 256
 on the high-aesthetics data, from stage 2; the official PixArt_xl2_img256_internal), hq512 (100K steps at 512) and
 ms1024 (16K steps at 1024 multi-scale). A stage-3 config names its step (`stage_step`), so none is skipped silently:
-`pixart train --stage 3` needs `--step hq256|hq512|ms1024` (`STAGE_PRESETS`).
+the presets are `stage3-256`, `stage3-512` and `stage3-1024` (`STAGE_PRESETS`).
 
 Learning rate and batch size. PixArt-alpha's configs write lr 2e-5 and inherit `auto_lr = dict(rule="sqrt")`,
 which multiplies it by sqrt(global_batch / 256) before building the optimizer (176 x 64 GPUs: x6.6, ~1.3e-4); the
@@ -14,22 +14,18 @@ paper just says "constant 2e-5". `optim.lr_scaling: sqrt` reproduces the officia
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
 from pixart.models import PRESETS, ModelConfig
-from storage.config import StageConfig
+from storage.config import DEFAULT_MAX_TOKENS, DEFAULT_T5, DEFAULT_VAE, Dataset, OutputConfig, RayConfig
 from storage.configio import StrictModel
-
-DEFAULT_T5 = "DeepFloyd/t5-v1_1-xxl"
-DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
-
 
 # Stage 3's steps in the paper's order: the resolution each trains at and whether it must be multi-scale
 # (hq256 and hq512 may also run multi-scale, as the official *_internalms configs do; ms1024 must).
 STAGE3_STEPS: dict[str, tuple[int, bool]] = {"hq256": (256, False), "hq512": (512, False), "ms1024": (1024, True)}
-# `pixart train --stage N [--step S]` -> preset under configs/train/
+# (stage, stage 3's step) -> its preset under configs/train/
 STAGE_PRESETS: dict[tuple[int, str | None], str] = {(1, None): "stage1", (2, None): "stage2",
                                                     (3, "hq256"): "stage3-256", (3, "hq512"): "stage3-512",
                                                     (3, "ms1024"): "stage3-1024"}
@@ -38,13 +34,13 @@ STAGE_PRESETS: dict[tuple[int, str | None], str] = {(1, None): "stage1", (2, Non
 class DataConfig(StrictModel):
     """Which committed feature shards to stream (see `pixart.data.loader.feature_shards`)."""
 
-    dataset: str = Field(description="Feature dataset: imagenet (stage 1), sam (stage 2), journeydb (stage 3).")
+    dataset: Dataset = Field(description="Feature dataset: imagenet (stage 1), sam (stage 2), journeydb (stage 3).")
     caption_set: str | None = Field(None, description="Caption set of the text features; None for imagenet.")
     base_size: Literal[256, 512, 1024] = Field(256, description="Latents under features/<dataset>/latents/<size>.")
     multi_scale: bool = Field(False, description="Aspect-ratio bucketed latents (latents/<size>-ms).")
     batch_size: int = Field(32, gt=0, description="Samples per step per worker (global batch = x num_workers).")
     seed: int = Field(0, description="Seeds the shard order, the posterior noise, timesteps and dropout.")
-    max_tokens: int = Field(120, gt=0, description="T5 tokens per caption after padding.")
+    max_tokens: int = Field(DEFAULT_MAX_TOKENS, gt=0, description="T5 tokens per caption after padding.")
     prefetch: int | None = Field(None, ge=0, description="Batches read ahead in a background thread; None: 2 on "
                                  "GPU, 0 on CPU (where the step's own threads need the cores).")
     finish: Literal["auto", "loader", "device"] = Field(
@@ -61,12 +57,19 @@ class OptimConfig(StrictModel):
     lr: float = Field(2e-5, gt=0, description="Peak learning rate (before lr_scaling).")
     lr_scaling: Literal["none", "sqrt"] = Field("none", description="sqrt: lr x sqrt(global_batch / 256), the "
                                                 "official configs' auto_lr; none: lr as written.")
-    weight_decay: float = Field(0.03, ge=0)
-    eps: float = Field(1e-10, gt=0)
-    betas: tuple[float, float] = Field((0.9, 0.999))
+    weight_decay: float = Field(0.03, ge=0, description="AdamW weight decay.")
+    eps: float = Field(1e-10, gt=0, description="AdamW epsilon.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     warmup_steps: int = Field(1000, ge=0, description="Linear warm-up from 0, then constant.")
     grad_clip: float = Field(0.01, gt=0, description="Max global gradient norm (0.01 in every alpha config).")
     ema_decay: float | None = Field(0.9999, gt=0, lt=1, description="EMA of the weights; None: no EMA.")
+
+
+# The fixed prompts and ImageNet classes of sample grids (training's and `pixart sample`'s).
+SAMPLE_PROMPTS = ("a photograph of a red fox in the snow", "a watercolor painting of a lighthouse",
+                  "a bowl of ramen, studio lighting", "an astronaut riding a horse on mars")
+SAMPLE_CLASSES = (207, 360, 387, 974)
+ClassId = Annotated[int, Field(ge=0, lt=1000)]
 
 
 class ScheduleConfig(StrictModel):
@@ -75,11 +78,10 @@ class ScheduleConfig(StrictModel):
     keep_checkpoints: int = Field(3, gt=0, description="Checkpoints kept; older ones are deleted.")
     log_every: int = Field(10, gt=0, description="Steps between metric lines (metrics.jsonl).")
     sample_every: int = Field(0, ge=0, description="Steps between sample grids; 0: only at the end.")
-    sample_prompts: list[str] = Field(
-        default_factory=lambda: ["a photograph of a red fox in the snow", "a watercolor painting of a lighthouse",
-                                 "a bowl of ramen, studio lighting", "an astronaut riding a horse on mars"],
-        description="Fixed prompts of the sample grids (stage 1: the class ids of sample_classes).")
-    sample_classes: list[int] = Field(default_factory=lambda: [207, 360, 387, 974], description="Stage 1 grids.")
+    sample_prompts: list[str] = Field(default_factory=lambda: list(SAMPLE_PROMPTS), description="Fixed prompts of "
+                                      "the sample grids (stage 1: the class ids of sample_classes).")
+    sample_classes: list[ClassId] = Field(default_factory=lambda: list(SAMPLE_CLASSES),
+                                          description="ImageNet class ids of stage 1's grids.")
     sample_steps: int = Field(20, gt=0, description="DPM-Solver++ steps.")
     cfg_scale: float = Field(4.5, ge=1, description="Classifier-free guidance scale of the sample grids.")
 
@@ -92,10 +94,9 @@ class LossConfig(StrictModel):
         "official code's approximation (default); exact, the true CDF, which moves the t = 0 VB term by 0.5-1 %.")
 
 
-class RayTrainConfig(StrictModel):
+class RayTrainConfig(RayConfig):
     """Ray Train execution (the `train` flow and `pixart train executor=ray`)."""
 
-    address: str | None = Field(None, description="Cluster address; None: RAY_ADDRESS if set, else a local Ray.")
     num_workers: int = Field(1, gt=0, description="Training workers (one per GPU).")
     use_gpu: bool = Field(False, description="One GPU per worker.")
     strategy: Literal["ddp", "fsdp"] = Field("ddp", description="Data parallelism: ddp (a full replica per worker) "
@@ -106,13 +107,15 @@ class RayTrainConfig(StrictModel):
     object_store_memory: int = Field(300_000_000, gt=0, description="Local Ray only: object store bytes (the "
                                      "loader reads shards itself, so Ray needs little).")
     include_dashboard: bool = Field(False, description="Local Ray only: start the dashboard.")
-    cpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per training worker.")
 
 
-class TrainConfig(StageConfig):
+class TrainConfig(OutputConfig):
     """One training stage: PixArt-alpha stage 1 (class-conditional DiT on ImageNet), 2 (text-image alignment on
     SAM) or one step of 3 (high aesthetics at 256, then 512, then 1024 multi-scale). Outputs go to
     `<output_root>/runs/<run>/`."""
+
+    renamed_keys = {"precision": "dtype"}
 
     stage: Literal[1, 2, 3] = Field(description="1: DiT on ImageNet classes; 2 and 3: PixArt on T5 features.")
     stage_step: Literal["hq256", "hq512", "ms1024"] | None = Field(
@@ -137,9 +140,9 @@ class TrainConfig(StageConfig):
     t5_model: str = Field(DEFAULT_T5, description="T5 the features came from: encodes the null caption and the "
                           "sample prompts, and is named in the export.")
     vae_model: str = Field(DEFAULT_VAE, description="VAE of the latents: decodes sample grids; named in the export.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto")
-    precision: Literal["auto", "bfloat16", "float32"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 "
-                                                               "on CPU.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available.")
+    dtype: Literal["auto", "bfloat16", "float32"] = Field("auto", description="Compute dtype; auto: bf16 autocast on "
+                                                           "GPU, fp32 on CPU.")
     executor: Literal["local", "ray"] = Field("local", description="local: this process; ray: Ray Train workers.")
     optim: OptimConfig = Field(default_factory=OptimConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
@@ -176,3 +179,37 @@ class TrainConfig(StageConfig):
             raise ValueError(f"model.multi_scale={self.model.multi_scale} but data.multi_scale="
                              f"{self.data.multi_scale}: multi-scale latents need the micro-condition embedders")
         return self
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Using a run: sample grids (`pixart sample`) and diffusers exports (`pixart export`); presets in configs/sample/ and
+# configs/export/
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class SampleConfig(StrictModel):
+    """A sample grid from a committed checkpoint, with the T5 and VAE its run names."""
+
+    checkpoint: str = Field(description="A checkpoint directory, or a run directory (its latest committed one).")
+    out: str = Field("samples.png", description="PNG to write.")
+    weights: Literal["ema", "model"] = Field("ema", description="ema (the trained weights when the run kept no "
+                                             "EMA) or model.")
+    sample_prompts: list[str] = Field(default_factory=lambda: list(SAMPLE_PROMPTS), min_length=1,
+                                      description="Prompts of the grid (text stages).")
+    sample_classes: list[ClassId] = Field(default_factory=lambda: list(SAMPLE_CLASSES), min_length=1,
+                                          description="ImageNet class ids of the grid (stage 1).")
+    sample_steps: int = Field(20, gt=0, description="DPM-Solver++ steps.")
+    cfg_scale: float = Field(4.5, ge=1, description="Classifier-free guidance scale.")
+    seed: int = Field(0, description="Seeds the initial noise.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available.")
+
+
+class ExportConfig(StrictModel):
+    """A committed checkpoint as a diffusers pipeline directory (transformer + scheduler, naming the T5 and VAE)."""
+
+    checkpoint: str = Field(description="A checkpoint directory, or a run directory (its latest committed one).")
+    out: str = Field(description="Directory to write: PixArtAlphaPipeline.from_pretrained(out) loads it.")
+    weights: Literal["ema", "model"] = Field("ema", description="ema (the trained weights when the run kept no "
+                                             "EMA) or model.")
+    bundle: bool = Field(False, description="Copy the T5 and VAE in, so the export stands alone.")
+    force: bool = Field(False, description="Replace a different export at out.")

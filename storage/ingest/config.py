@@ -7,15 +7,14 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from storage.config import DecodeConfig, StageConfig
-from storage.errors import ConfigError
+from storage.config import Dataset, DecodeConfig, StageConfig
 
 
 class IngestConfig(StageConfig):
     """Turn source archives of one dataset into parquet manifests under `<output_root>/manifests/<dataset>/`."""
 
-    dataset: str = Field(description="Which source reader (storage/ingest/sources/): sam (SA-1B), journeydb, "
-                         "imagenet.")
+    dataset: Dataset = Field(description="Which source reader (storage/ingest/sources/): sam (SA-1B), journeydb, "
+                             "imagenet.")
     source: str = Field(
         description="Directory, glob or single archive URL; for sam also the links TSV (file_name<TAB>cdn_link)."
     )
@@ -35,9 +34,5 @@ class IngestConfig(StageConfig):
     def _check(self) -> IngestConfig:
         from storage.ingest.sources import get_source
 
-        try:
-            source = get_source(self.dataset)
-        except ConfigError as e:
-            raise ValueError(str(e)) from None
-        source.check(self)
+        get_source(self.dataset).check(self)  # options this source does not take or lacks
         return self
