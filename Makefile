@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test install bench lint
+.PHONY: demo test test-fast install bench lint
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -12,13 +12,20 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# Sample SA-1B / JourneyDB / ImageNet shards built from real photos -> parquet manifests in demo-output/.
+# Sample SA-1B / JourneyDB / ImageNet shards built from real photos, then every stage on tiny random models, in
+# demo-output/: ingest -> captions -> features -> training stage 1 -> stage 2 -> stage 3 (hq256, hq512, ms1024) -> export.
 demo: install
 	$(VENV)/bin/pixart demo --root demo-output
 
-# The whole suite, services included (Prefect server + worker, S3 server on 127.0.0.1). Exit 5 (no tests) fails.
+# The whole suite, services included (Prefect server + worker, Ray, S3 server on 127.0.0.1), 10 minutes per test at
+# most (pytest-timeout), the 15 slowest listed. Exit 5 (no tests) fails. Fast inner loop: `make test-fast`.
 test: install
 	@$(PY) -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+# Everything but the tests marked slow (those that start a service, and the heaviest): a couple of minutes.
+test-fast: install
+	@$(PY) -m pytest -q -m "not slow"; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 bench: install

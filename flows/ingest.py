@@ -14,11 +14,10 @@ from __future__ import annotations
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows._prefect import run_as_flow, shard_task
+from flows._prefect import run_as_flow
 from flows.ingest_stage import IngestStage
 
 MAX_TASK_THREADS = 16
-ingest_shard_task = shard_task  # tests swap in a variant with other retry settings
 
 
 @flow(name="ingest", task_runner=ThreadPoolTaskRunner(max_workers=MAX_TASK_THREADS), validate_parameters=True)
@@ -30,4 +29,4 @@ def ingest(config: str = "ingest/sam", overrides: list[str] | None = None, force
         overrides: `key=value` strings applied after the preset, e.g. `source=s3://bucket/sa1b`.
         force: re-ingest shards that are already committed.
     """
-    return run_as_flow(IngestStage(), config, overrides, force, ingest_shard_task)
+    return run_as_flow(IngestStage(), config, overrides, force)

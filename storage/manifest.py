@@ -46,10 +46,6 @@ STATUS_OK = "ok"
 STATUS_ERROR = "error"
 
 
-def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
-
-
 def write_manifest(rows: list[dict[str, Any]], url: str) -> None:
     write_table(rows, url, MANIFEST_SCHEMA)
 

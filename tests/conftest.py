@@ -1,15 +1,49 @@
-"""Shared fixtures: sample shards built from real photos, and one Prefect test server per session."""
+"""Shared fixtures: sample shards built from real photos, one Prefect test server per session, one moto S3 server
+per module that asks for it; and the `slow` marker on every test that starts a service.
+
+    pytest -m "not slow"     # the fast inner loop: no Prefect, Ray or S3 server is started
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
+import re
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# A flow run outside `prefect_server` would quietly start a temporary Prefect server of its own (slow, and unmarked);
+# with ephemeral mode off it fails at once ("No Prefect API URL provided"), so every flow test uses the fixture.
+os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "false")
 
 import pytest  # noqa: E402
 
 from storage.ingest.samples import build_samples  # noqa: E402
+
+# -- The `slow` marker: every test that starts a service --------------------------------------------------------------
+
+# Fixtures that start one (the Prefect test server; the moto S3 server, which s3_client and the S3 tests' bucket
+# fixtures build on): pytest lists a test's fixtures transitively, so a test using any of them is caught.
+SERVICE_FIXTURES = frozenset({"prefect_server", "s3_endpoint"})
+# A test body that starts Ray itself. Tests that start a service in their own way (tests/test_deployment.py's
+# Prefect server and worker) carry `@pytest.mark.slow` explicitly.
+STARTS_RAY = re.compile(r"\bray\.init\(|\bray_session\(")
+
+
+@functools.cache
+def _starts_ray(function) -> bool:
+    try:
+        return bool(STARTS_RAY.search(inspect.getsource(function)))
+    except (OSError, TypeError):
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        function = getattr(item, "function", None)
+        if SERVICE_FIXTURES.intersection(getattr(item, "fixturenames", ())) or (function and _starts_ray(function)):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -113,13 +147,14 @@ def s3_endpoint(tmp_path_factory):
     """A moto S3 server on 127.0.0.1 (free port) with the AWS environment pointed at it; everything restored after."""
     from moto.server import ThreadedMotoServer
 
-    from tests.s3server import ACCESS_KEY, AWS_VARS_TO_CLEAR, SECRET_KEY, clear_s3fs_cache
+    from tests.s3server import ACCESS_KEY, AWS_VARS_TO_CLEAR, SECRET_KEY, clear_s3fs_cache, reset_server
 
     empty = tmp_path_factory.mktemp("aws-config")
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
+    reset_server(endpoint)  # moto's state is per process: nothing left by another module's server
     with pytest.MonkeyPatch.context() as mp:
         for var in AWS_VARS_TO_CLEAR:
             mp.delenv(var, raising=False)

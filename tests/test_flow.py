@@ -6,7 +6,7 @@ import sys
 import pytest
 import yaml
 
-import flows.ingest as ingest_flow_mod
+import flows._prefect
 from flows.ingest import ingest
 from storage.manifest import committed_manifests, read_dataset
 from tests.artifacts import run_artifacts
@@ -50,8 +50,8 @@ def test_one_failing_shard_does_not_stop_the_others(prefect_server, samples, tmp
         return real(self, shard, cfg, ctx)
 
     monkeypatch.setattr(SA1B, "iter_samples", flaky)
-    monkeypatch.setattr(ingest_flow_mod, "ingest_shard_task",
-                        ingest_flow_mod.ingest_shard_task.with_options(retries=1, retry_delay_seconds=0))
+    monkeypatch.setattr(flows._prefect, "shard_task",
+                        flows._prefect.shard_task.with_options(retries=1, retry_delay_seconds=0))
     state = ingest(config="sam", overrides=[f"source={samples['sam']}", f"output_root={tmp_path}",
                                             "worker_type=thread"],  # the patch lives in this process
                    return_state=True)

@@ -270,11 +270,11 @@ def test_a_shard_busy_in_a_live_run_ends_the_command_incomplete(samples, tmp_pat
 
 
 def test_a_shard_busy_in_a_live_run_fails_the_prefect_flow(prefect_server, samples, tmp_path, monkeypatch):
+    import flows._prefect
     import flows.ingest as ingest_flow_mod
     from storage.layout import manifest_url
 
-    monkeypatch.setattr(ingest_flow_mod, "ingest_shard_task", ingest_flow_mod.ingest_shard_task.with_options(
-        retries=0))
+    monkeypatch.setattr(flows._prefect, "shard_task", flows._prefect.shard_task.with_options(retries=0))
     holder = Lease(manifest_url(str(tmp_path), "sam", "sa_000001"))
     holder.acquire()
     try:

@@ -12,7 +12,6 @@ import json
 import os
 import socket
 import tarfile
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -26,21 +25,9 @@ from storage.ingest.samples import build_samples
 from storage.ingest.shard import ingest_shard, list_shards
 from storage.manifest import STATUS_OK, manifest_url, read_dataset, read_manifest
 from storage.urls import exists, filesystem
-from tests.s3server import ACCESS_KEY, BUCKET, clear_s3fs_cache
+from tests.s3server import ACCESS_KEY, BUCKET, SECRET_KEY, clear_s3fs_cache, refused_credentials, set_auth
 
 RAW = f"s3://{BUCKET}/raw/sa1b"
-
-
-def _set_moto_auth(endpoint: str, initial_no_auth_action_count: str) -> str:
-    """Set moto's IAM authentication on the running server ("0": every request is checked; "inf": never).
-
-    Returns the previous setting, to restore it with.
-    """
-    req = urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=initial_no_auth_action_count.encode(),
-                                 headers={"Content-Type": "text/plain"}, method="POST")  # moto reads the raw body
-    with urllib.request.urlopen(req, timeout=5) as resp:
-        assert resp.status == 200
-        return json.loads(resp.read())["PREVIOUS_INITIAL_NO_AUTH_ACTION_COUNT"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -234,19 +221,14 @@ def test_missing_shard_object_is_a_source_error(sa1b_bucket):
     assert url in str(exc.value) and "\n" not in str(exc.value)
 
 
+BAD_KEY, BAD_SECRET = "AKIAPIXARTUNKNOWN000", "sEcReT/doNotLeak+0123456789abcdefghijklmn"
+
+
 @pytest.fixture
-def rejected_credentials(s3_endpoint, sa1b_bucket, monkeypatch):
+def rejected_credentials(s3_endpoint, sa1b_bucket):
     """Credentials the server refuses: moto's IAM check is switched on and the access key is unknown to it."""
-    bad_key, bad_secret = "AKIAPIXARTUNKNOWN000", "sEcReT/doNotLeak+0123456789abcdefghijklmn"
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", bad_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", bad_secret)
-    clear_s3fs_cache()  # a cached filesystem would still carry the good credentials
-    previous = _set_moto_auth(s3_endpoint, "0")
-    try:
-        yield bad_key, bad_secret
-    finally:
-        _set_moto_auth(s3_endpoint, previous)
-        clear_s3fs_cache()  # never leave a filesystem holding the bad credentials behind
+    with refused_credentials(s3_endpoint, BAD_KEY, BAD_SECRET):
+        yield BAD_KEY, BAD_SECRET
 
 
 def test_rejected_credentials_are_one_line_source_error(rejected_credentials):
@@ -265,9 +247,8 @@ def test_rejected_credentials_are_one_line_source_error(rejected_credentials):
 
 def test_rejected_credentials_when_reading_a_shard(rejected_credentials):
     """Opening a listed shard with refused credentials: the reader ingest_shard streams from raises SourceError."""
-    from storage.ingest.sources.base import SourceShard
-
     from storage.ingest.sources import sa1b
+    from storage.ingest.sources.base import SourceShard
 
     _, secret = rejected_credentials
     url = f"{RAW}/sa_000000.tar"
@@ -301,12 +282,18 @@ def test_unreachable_endpoint_is_one_line_source_error(s3_endpoint, monkeypatch)
 
 
 def test_credentials_restored_after_rejection(s3_endpoint, sa1b_bucket):
-    """The failure tests left no filesystem or setting behind: the server and the good credentials work again."""
-    cfg = IngestConfig(dataset="sam", source=RAW, output_root=f"s3://{BUCKET}/out")
+    """A rejection leaves no filesystem or setting behind: the server and the good credentials work again. The test
+    is refused first itself, so it checks the same thing whichever tests ran before it (or none)."""
+    cfg = IngestConfig(dataset="sam", source=RAW, output_root=f"s3://{BUCKET}/out-restored")
+    assert len(list_shards(cfg)) == 2  # a filesystem with the good credentials is cached now
+    with refused_credentials(s3_endpoint, BAD_KEY, BAD_SECRET):
+        with pytest.raises(SourceError, match="access denied or credentials unusable"):
+            list_shards(cfg)
     assert len(list_shards(cfg)) == 2
-    assert os.environ["AWS_ACCESS_KEY_ID"] == ACCESS_KEY
+    assert os.environ["AWS_ACCESS_KEY_ID"] == ACCESS_KEY and os.environ["AWS_SECRET_ACCESS_KEY"] == SECRET_KEY
     assert os.environ["AWS_ENDPOINT_URL"] == s3_endpoint
     assert filesystem(RAW)[0].s3.meta.endpoint_url == s3_endpoint
+    assert set_auth(s3_endpoint, "inf") == "inf"  # IAM checks were switched off again
 
 
 def test_journeydb_index_and_ingest_on_s3(sa1b_bucket, s3_client, tmp_path):
