@@ -9,7 +9,8 @@ train-stage3-hq512 (512), train-stage3-ms1024 (1024 multi-scale).
 The work is `flows/train_stage.py` on the stage kit (`flows/_stage.py`), the same code `pixart train` runs locally:
 the run is one task, retried for transient errors only; a retry (or a re-run with the same run name) resumes from
 the run's latest checkpoint. Artifacts: `train-<run>-progress` (steps logged), `train-<run>-samples` (the last
-sample grid) and `train-<run>-cost` (GPU-hours next to the paper's).
+sample grid), `train-<run>-cost` (GPU-hours next to the paper's) and the kit's `train-<run>-shards` (the run's one
+row).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ what is the stage's own:
 - `finish`: the artifacts `train-<run>-samples` (the latest grid) and `train-<run>-cost`; `-progress` follows the
   logged steps (from metrics.jsonl on Ray).
 
-`pixart train` runs it in its own thread (Ctrl-C stops it at once) without retries (a re-run resumes), its lines
+`pixart train` runs it in the calling thread (Ctrl-C stops it at once) without retries (a re-run resumes), its lines
 through `log`, and raises the run's error as itself. Nothing here imports Ray unless executor=ray.
 """
 
@@ -32,11 +32,11 @@ from collections.abc import Callable
 from typing import Any
 
 from flows._stage import Runtime, Shard, Stage, StageOutcome, failure_message, run_stage
-from pixart.train.config import STAGE_PRESETS, TrainConfig
+from pixart.train.config import TrainConfig
 from pixart.train.monitor import metrics_url
 from pixart.train.prepare import check_run, prepare_conditions, write_config
 from storage.configio import load_config
-from storage.errors import ConfigError, PipelineError, ShardBusyError
+from storage.errors import PipelineError, ShardBusyError
 from storage.layout import run_dir
 from storage.lease import Lease
 from storage.urls import exists, filesystem, join, open_url
@@ -46,22 +46,6 @@ WATCH_SECONDS = 15  # how often progress is read from metrics.jsonl while the st
 
 class RunBusyError(PipelineError):
     """Another live process is running a run of the same name."""
-
-
-def stage_preset(stage: int | None, step: str | None = None) -> str:
-    """The preset of `pixart train --stage N [--step S]` (`STAGE_PRESETS`). Stage 3 is three runs, each from the
-    one before, so it must name its step; stages 1 and 2 have none."""
-    steps = ", ".join(f"{s} ({p})" for (n, s), p in STAGE_PRESETS.items() if n == 3)
-    if stage == 3 and step is None:
-        raise ConfigError(f"stage 3 is three steps, each its own run from the previous one's weights: give --step, "
-                          f"one of {steps}, in that order")
-    if stage in (1, 2) and step is not None:
-        raise ConfigError(f"--step {step}: only stage 3 has steps ({steps}); stage {stage} has none")
-    preset = STAGE_PRESETS.get((stage, step)) if stage is not None else None
-    if preset is None:
-        raise ConfigError(f"no preset for --stage {stage}{f' --step {step}' if step else ''}: give --stage 1|2, or "
-                          f"--stage 3 --step with one of {steps}")
-    return preset
 
 
 def load_train_config(config: str, overrides: list[str] | None = None, init: str | None = None) -> TrainConfig:
