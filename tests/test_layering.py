@@ -1,11 +1,15 @@
-"""The layering rule: Prefect and Ray are imported in flows/ only; storage/ imports no torch either."""
+"""Source checks that need no imports: the layering rule (Prefect and Ray are imported in flows/ only; storage/
+imports no torch either), no unsafe loading, and docstrings and docs that match the code (every module and package
+opens with a docstring; every module path, `pkg.module.name` and file path they name exists)."""
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("storage", "captioning", "pixart", "flows")
 FORBIDDEN = {"storage": {"prefect", "ray", "torch", "pixart", "captioning", "flows"},
              "captioning": {"prefect", "ray", "pixart", "flows"},
              "pixart": {"prefect", "ray", "captioning", "flows"}}
@@ -32,6 +36,95 @@ def test_library_packages_do_not_import_orchestration(package):
 
 def test_unsafe_loading_is_absent_from_source():
     bad = ("allow_pickle=True", "pickle.load", ".extractall(", "weights_only=False")
-    hits = [f"{p.relative_to(ROOT)}: {b}" for pkg in ("storage", "captioning", "pixart", "flows")
+    hits = [f"{p.relative_to(ROOT)}: {b}" for pkg in PACKAGES
             for p in (ROOT / pkg).rglob("*.py") for b in bad if b in p.read_text()]
     assert hits == []
+
+
+# -- Docstrings and docs match the code -------------------------------------------------------------------------------
+
+TOP_DIRS = (*PACKAGES, "tests", "benchmarks", "configs", "docker")
+DOCS = ("README.md", "ARCHITECTURE.md", "FIDELITY.md", "benchmarks/GPU.md")
+BACKTICKED = re.compile(r"`([^`\n]+)`")
+DOTTED = re.compile(rf"^(?:{'|'.join(PACKAGES)})(?:\.\w+)+$")  # storage.shard, pixart.data.finish.pad_text
+FILE_PATH = re.compile(r"^[\w./-]+(?:\.py|\.md|\.yaml|/)$")  # storage/layout.py, shard.py, configs/train/
+
+
+def all_modules() -> list[Path]:
+    return sorted(p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py"))
+
+
+def top_level_names(module: Path) -> set[str]:
+    """What `module.NAME` can refer to: its functions, classes, assignments and imports."""
+    names = set()
+    for node in ast.parse(module.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+    return names
+
+
+def dotted_exists(ref: str) -> bool:
+    """`pkg.sub.module` is a module or package; `pkg.module.name` also names something defined in the module."""
+    parts = ref.split(".")
+    for i in range(len(parts), 0, -1):
+        base = ROOT.joinpath(*parts[:i])
+        module = base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+        if module.exists():
+            return i == len(parts) or parts[i] in top_level_names(module)
+    return False
+
+
+def path_exists(ref: str, here: Path) -> bool:
+    """A path from the repository root, or a file beside the text naming it (or anywhere in the packages)."""
+    if ref.split("/")[0] in TOP_DIRS:
+        return (ROOT / ref).exists()
+    if "/" in ref:
+        return True  # under an output root (`transformer/`) or in another repository (FIDELITY.md's official code)
+    return (here / ref).exists() or any(p.name == ref for p in all_modules())
+
+
+def stale_references(text: str, here: Path) -> list[str]:
+    stale = []
+    for ref in (r.strip() for r in BACKTICKED.findall(text)):
+        if any(c in ref for c in "<>*{} ="):
+            continue  # a pattern or a command, not a name
+        if DOTTED.match(ref) and not dotted_exists(ref):
+            stale.append(ref)
+        elif FILE_PATH.match(ref) and ("/" in ref or ref.endswith(".py")) and not path_exists(ref, here):
+            stale.append(ref)
+    return stale
+
+
+def test_every_module_and_package_has_a_docstring():
+    missing = [str(p.relative_to(ROOT)) for p in all_modules() if not ast.get_docstring(ast.parse(p.read_text()))]
+    assert missing == [], "every module opens with a docstring saying what it is (ARCHITECTURE.md, rule 1)"
+    packages = {p.parent for p in all_modules()}
+    assert [str(d.relative_to(ROOT)) for d in packages if not (d / "__init__.py").exists()] == []
+
+
+def test_docstrings_name_only_modules_and_files_that_exist():
+    stale = {str(p.relative_to(ROOT)): refs for p in all_modules()
+             if (refs := stale_references(ast.get_docstring(ast.parse(p.read_text())) or "", p.parent))}
+    assert stale == {}
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_docs_name_only_modules_and_files_that_exist(doc):
+    assert stale_references((ROOT / doc).read_text(), (ROOT / doc).parent) == []
+
+
+def test_the_captioning_package_docstring_lists_every_module():
+    init = ROOT / "captioning" / "__init__.py"
+    doc = ast.get_docstring(ast.parse(init.read_text()))
+    assert "Filled in" not in doc
+    modules = sorted(p.stem for p in init.parent.glob("*.py") if p.stem != "__init__")
+    assert [m for m in modules if f"`{m}`" not in doc] == [], "package docstring lists every module"
+    captioner = ROOT / "captioning" / "captioner.py"
+    doc = next(ast.get_docstring(n) for n in ast.parse(captioner.read_text()).body
+               if isinstance(n, ast.ClassDef) and n.name == "Captioner")
+    assert "prepare_image" not in doc and "prep" in doc
