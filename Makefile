@@ -15,7 +15,7 @@ install: $(VENV)/.installed
 # Sample SA-1B / JourneyDB / ImageNet shards built from real photos, then every stage on tiny random models, in
 # demo-output/: ingest -> captions -> features -> training stage 1 -> stage 2 -> stage 3 (hq256, hq512, ms1024) -> export.
 demo: install
-	$(VENV)/bin/pixart demo --root demo-output
+	$(VENV)/bin/pixart pipeline demo
 
 # The whole suite, services included (Prefect server + worker, Ray, S3 server on 127.0.0.1), 10 minutes per test at
 # most (pytest-timeout), the 15 slowest listed. Exit 5 (no tests) fails. Fast inner loop: `make test-fast`.

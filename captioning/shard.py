@@ -23,7 +23,7 @@ from storage.ingest.dedupe import duplicate_error, duplicates_identity, duplicat
 from storage.layout import caption_url, duplicates_url, shard_of
 from storage.lineage import lineage
 from storage.manifest import read_manifest
-from storage.shard import Row, ShardResult, ShardWriter, current
+from storage.shard import Row, ShardResult, ShardWriter, current, why_pending
 
 
 @dataclass
@@ -73,9 +73,14 @@ def skipped_result(manifest_url: str, cfg: CaptionConfig) -> ShardResult | None:
     return result
 
 
-def pending_manifests(manifests: Iterable[str], cfg: CaptionConfig) -> list[str]:
-    """Committed manifests whose caption shard is missing or stale (all of them with force)."""
-    return [m for m in manifests if skipped_result(m, cfg) is None]
+def pending_manifests(manifests: Iterable[str], cfg: CaptionConfig) -> dict[str, str]:
+    """{manifest: why} for the committed manifests whose caption shard is missing or stale (all with force)."""
+    out = {}
+    for m in manifests:
+        why = "forced" if cfg.force else why_pending(output_url(m, cfg), caption_lineage(m, cfg))
+        if why:
+            out[m] = why
+    return out
 
 
 def _count(rows: list[Row], result: ShardResult) -> None:

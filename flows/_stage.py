@@ -38,6 +38,7 @@ class Shard:
 
     name: str
     item: Any
+    why: str = ""  # why it is pending: "missing", "stale: <reason>", "forced"
 
 
 @dataclass

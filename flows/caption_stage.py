@@ -50,8 +50,8 @@ class CaptionStage(Stage):
         self.committed_before = len(manifests) - len(pending)
         log(f"caption {cfg.dataset} into set {cfg.resolved_caption_set()}: {len(pending)} of {len(manifests)} "
             f"shards pending, executor={cfg.executor}")
-        self.order = pending
-        return [Shard(shard_of(u), u) for u in pending]
+        self.order = list(pending)
+        return [Shard(shard_of(u), u, why) for u, why in pending.items()]
 
     def open(self, cfg: CaptionConfig) -> None:
         if cfg.executor == "local":

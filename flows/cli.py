@@ -52,6 +52,8 @@ CONFIGS = {
     "sample": "pixart.train.config:SampleConfig",
     "export": "pixart.train.config:ExportConfig",
     "audit": "captioning.audit:AuditConfig",
+    "pipeline": "flows.pipeline_config:PipelineConfig",
+    "status": "flows.pipeline_config:PipelineConfig",
 }
 
 # The arguments every command but `demo` takes.
@@ -127,7 +129,8 @@ class _ConfigCommand(TyperCommand):
     def format_help(self, ctx: Any, formatter: Any) -> None:
         from storage.configio import preset_names
 
-        paragraphs = [f"Presets (configs/{self.name}/): {', '.join(preset_names(self.name))}",
+        kind = "pipeline" if self.name == "status" else self.name  # status reads the pipeline's presets
+        paragraphs = [f"Presets (configs/{kind}/): {', '.join(preset_names(kind))}",
                       "Config keys (override with key=value):", *_config_keys(_config_class(self.name))]
         if self.rich_markup_mode == "rich":
             from rich.markup import escape
@@ -297,112 +300,55 @@ def export(preset: Preset, overrides: Overrides = None, force: Force = False) ->
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The demo
+# The pipeline: every step as one DAG (flows/pipeline.py); the demo is its `demo` preset
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def _pipeline_config(preset: str, overrides: list[str] | None):
+    from flows.pipeline import demo_inputs
+
+    cfg = _config("pipeline", preset, overrides)
+    with _errors():
+        return demo_inputs(cfg)
+
+
+@app.command(cls=_ConfigCommand)
+def pipeline(preset: Preset, overrides: Overrides = None) -> None:
+    """Run the whole pipeline (ingest -> caption -> extract -> stage 1 -> stage 2 -> stage 3 -> export) as one DAG:
+    every step that is not done for its current inputs and config runs, the others are skipped and say so. Ends
+    with the summary table; exit 1 when a step failed."""
+    from flows.pipeline import local_runner, run_pipeline, summary_table
+
+    cfg = _pipeline_config(preset, overrides)
+    with _errors():
+        outcome = run_pipeline(cfg, local_runner(cfg), log=lambda m: typer.echo(m, err=True))
+    typer.echo(summary_table(outcome, cfg))
+    if not outcome.ok:
+        raise typer.Exit(1)
+
+
+@app.command(cls=_ConfigCommand)
+def status(preset: Preset, overrides: Overrides = None) -> None:
+    """Print the pipeline's DAG with each step's state, running nothing: done, pending (missing, or stale and
+    why), or waiting for an upstream step."""
+    from flows.pipeline import plan, state
+
+    cfg = _pipeline_config(preset, overrides)
+    done: set[str] = set()
+    with _errors():
+        for step in plan(cfg):
+            s = state(cfg, step, done)
+            if s.state == "done":
+                done.add(step.name)
+            after = f"  <- {', '.join(step.after)}" if step.after else ""
+            typer.echo(f"{step.name:<24} {s.state:<8} {s.detail}{after}")
+
+
 @app.command()
-def demo(
-    root: Annotated[Path, typer.Option(help="Where sample data and outputs are written.")] = Path("demo-output"),
-    short_side: Annotated[int, typer.Option(help="Short side of the sample SA-1B images (real: 1500).")] = 768,
-    caption_model: Annotated[str | None, typer.Option(help="LLaVA id or dir; default: a tiny random one.")] = None,
-    t5_tokenizer: Annotated[str | None, typer.Option(help="T5 tokenizer id or dir; default: a tiny one.")] = None,
-    t5_encoder: Annotated[str | None, typer.Option(help="T5 encoder id or dir; default: a tiny one.")] = None,
-    vae: Annotated[str | None, typer.Option(help="AutoencoderKL id or dir; default: a tiny one.")] = None,
-) -> None:
-    """Sample SA-1B, JourneyDB and ImageNet shards from real photos -> manifests -> LLaVA captions -> T5 features and
-    VAE latents (256 and 512 px, and 1024 px in aspect-ratio buckets) -> the three training stages on tiny models
-    (stage 3 in its three steps, hq256 -> hq512 -> ms1024) -> export.
-
-    Without --caption-model the captions come from a tiny random LLaVA built on the spot (no downloads), so
-    they are noise: the demo shows the pipeline and its outputs, not caption quality. The same holds for the tiny
-    T5 encoder and VAE."""
-    from captioning.tiny import make_tiny_llava, make_tiny_t5_tokenizer
-    from flows.caption_stage import CaptionStage
-    from flows.extract_stage import ExtractStage, feature_counts
-    from flows.ingest_stage import IngestStage
-    from storage.ingest.samples import build_samples
-    from storage.manifest import read_dataset
-
-    root = root.resolve()
-    raw = build_samples(root / "raw", short_side=short_side)
-    out = str(root / "pixart")
-    runs = {
-        "sam": [f"source={raw['sam_links']}"],
-        "journeydb": [f"source={raw['journeydb']}", f"annotations={raw['journeydb_annotations']}"],
-        "imagenet": [f"source={raw['imagenet']}", f"synset_mapping={raw['synset_mapping']}"],
-    }
-    for preset, overrides in runs.items():
-        _run(IngestStage(), preset, [*overrides, f"output_root={out}"], force=True)
-    model = caption_model or make_tiny_llava(root / "models" / "tiny-llava")
-    t5 = t5_tokenizer or make_tiny_t5_tokenizer(root / "models" / "tiny-t5")
-    captions = {}
-    for dataset in ("sam", "journeydb"):
-        captions[dataset] = _run(CaptionStage(), dataset, [f"output_root={out}", f"model={model}",
-                                                           f"t5_tokenizer={t5}", "generation.max_new_tokens=40",
-                                                           "batch_size=4"], force=True)
-    from pixart.tiny import make_tiny_t5_encoder, make_tiny_vae
-
-    t5_model = t5_encoder or make_tiny_t5_encoder(root / "models" / "tiny-t5-encoder", t5)
-    vae_model = vae or make_tiny_vae(root / "models" / "tiny-vae")
-    features = {}
-    models = [f"output_root={out}", f"t5_model={t5_model}", f"vae_model={vae_model}"]
-    sam_set = f"caption_set={captions['sam']['caption_set']}"
-    for name, preset, extra in (("sam-256", "sam-256", [sam_set]),
-                                ("sam-512", "sam-256", [sam_set, "what=latents", "base_size=512"]),  # stage 3 hq512
-                                ("sam-1024", "sam-1024", [sam_set, "what=latents"]),
-                                ("imagenet-256", "imagenet-256", [])):
-        features[name] = _run(ExtractStage(), preset, [*models, *extra], force=True)
-    trained = _demo_training(out, captions["sam"]["caption_set"], t5_model, vae_model)
-    typer.echo(f"\nmanifests under {out}/manifests:")
-    for dataset in runs:
-        table = read_dataset(out, dataset).to_pylist()
-        ok = [r for r in table if r["status"] == "ok"]
-        typer.echo(f"  {dataset:<10} {len(ok)} ok / {len(table)} rows, e.g. {ok[0]['key']} "
-                   f"{ok[0]['width']}x{ok[0]['height']} {ok[0]['prompt'] or ok[0]['wnid'] or ''}")
-    typer.echo(f"captions under {out}/captions (quality report: quality.md in each caption set):")
-    for dataset, res in captions.items():
-        typer.echo(f"  {dataset:<10} set {res['caption_set']}: {res['captions']} captions, {res['errors']} error "
-                   f"rows, exactly-once {'verified' if res['exactly_once'] else 'NOT verified'}")
-    typer.echo(f"features under {out}/features (bucket histogram: buckets.png beside the latents):")
-    for preset, res in features.items():
-        typer.echo(f"  {preset:<13} {feature_counts(res['ok_by_kind'])}, {res['num_error']} error rows")
-    typer.echo(f"training runs under {out}/runs (metrics.jsonl, loss.png, samples/, checkpoints/):")
-    for name, res in trained.items():
-        typer.echo(f"  {name:<14} {res['steps']} steps, final loss {res['final_loss']:.4f}")
-    typer.echo(f"export (PixArtAlphaPipeline.from_pretrained): {out}/export")
-
-
-def _demo_training(out: str, caption_set: str, t5_model: str, vae_model: str) -> dict:
-    """The training chain of the full presets on tiny models, each run started from the previous run's directory
-    (its latest checkpoint, trained weights): a class-conditional DiT on ImageNet latents (stage 1); PixArt at 256
-    re-parameterised from it (stage 2); stage 3's three steps, hq256 at 256, hq512 at 512 and ms1024 (PixArt-MS at
-    1024 in aspect-ratio buckets), on the SAM features (the demo extracts no JourneyDB features); then the
-    export."""
-    from flows.train_stage import load_train_config, run_training
-    from pixart.export import export as export_checkpoint
-    from pixart.train import checkpoint
-    from storage.layout import run_dir
-
-    common = [f"output_root={out}", f"t5_model={t5_model}", f"vae_model={vae_model}"]
-    text = [f"data.caption_set={caption_set}"]
-
-    def single(size: int) -> list[str]:
-        return [f"data.base_size={size}", "data.multi_scale=false", "model.multi_scale=false"]
-
-    stages = {"stage 1": ("tiny-stage1", "demo-stage1", []),
-              "stage 2": ("tiny-stage2", "demo-stage2", text),
-              "stage 3 hq256": ("tiny-stage3", "demo-stage3-hq256", [*text, "stage_step=hq256", *single(256)]),
-              "stage 3 hq512": ("tiny-stage3", "demo-stage3-hq512", [*text, "stage_step=hq512", *single(512)]),
-              "stage 3 ms1024": ("tiny-stage3", "demo-stage3-ms1024", [*text, "stage_step=ms1024",
-                                                                       "data.base_size=1024"])}
-    results, previous = {}, None
-    for name, (preset, run, extra) in stages.items():
-        cfg = load_train_config(preset, [*common, *extra, f"run={run}"], run_dir(out, previous) if previous else None)
-        results[name] = run_training(cfg, log=lambda m: None)
-        previous = run
-    export_checkpoint(checkpoint.latest(out, previous), f"{out}/export", force=True)
-    return results
+def demo() -> None:
+    """The same as `pixart pipeline demo`: sample SA-1B, JourneyDB and ImageNet shards from real photos and tiny
+    random models (built offline under demo-output/ once) through every step, on this machine."""
+    pipeline("demo", None)
 
 
 def main() -> None:

@@ -63,7 +63,9 @@ class ExtractStage(Stage):
             listed += [Shard(f"text-{shard_of(u)}", ("text", u)) for u in committed_captions(cfg)[: cfg.max_shards]]
         if cfg.what in ("latents", "both"):
             listed += [Shard(f"latents-{shard_of(u)}", ("latents", u)) for u in manifests]
-        shards = [s for s in listed if pending(*s.item, cfg)]  # missing, or made from other inputs or settings
+        for s in listed:
+            s.why = pending(*s.item, cfg) or ""  # missing, or made from other inputs or settings
+        shards = [s for s in listed if s.why]
         self.committed_before = len(listed) - len(shards)
         log(f"extract {cfg.dataset}: {len(shards)} shards pending ({cfg.what}, base size {cfg.base_size}"
             f"{', multi-scale' if cfg.multi_scale else ''})")
@@ -126,13 +128,15 @@ class ExtractStage(Stage):
         if cfg.what in ("latents", "both"):
             table, extra = histogram(cfg)
             out = latents_dir(cfg.output_root, cfg.dataset, cfg.base_size, cfg.multi_scale)
-            with commit_shard(join(out, "buckets.parquet")) as tmp:
-                write_table(table, tmp)
             title = f"{cfg.dataset} @ {cfg.base_size}{' multi-scale' if cfg.multi_scale else ''}"
-            write_atomic(join(out, "buckets.png"), histogram_png(table, title))
+            if not _same_table(join(out, "buckets.parquet"), table):  # an unchanged histogram keeps its files
+                with commit_shard(join(out, "buckets.parquet")) as tmp:
+                    write_table(table, tmp)
+                write_atomic(join(out, "buckets.png"), histogram_png(table, title))
             runtime.table(f"extract-{cfg.dataset}-buckets".lower(),
                           [r for r in table.to_pylist() if r["count"]], f"bucket histogram, {title}")
-            outcome.extra.update(extra)
+            used = sum(1 for c in table["count"].to_pylist() if c) if cfg.multi_scale else 1  # square crops: one
+            outcome.extra.update(extra, buckets=used)
         kinds: dict[str, int] = {}  # a `both` run counts each image twice (text and latents): say which is which
         for r in outcome.results:
             kind = r["stage"].removeprefix("extract-")
@@ -148,6 +152,13 @@ def feature_counts(kinds: dict[str, int]) -> str:
     """'8 text, 8 latents samples' from {"text": 8, "latents": 8}."""
     return ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items(), reverse=True)) + " samples" if kinds else \
         "0 samples"
+
+
+def _same_table(url: str, table) -> bool:
+    try:
+        return exists(url) and read_table(url).equals(table)
+    except PipelineError:  # unreadable: rewrite it
+        return False
 
 
 def histogram(cfg: ExtractConfig):

@@ -13,8 +13,9 @@ from flows._stage import Shard, Stage, StageOutcome, failure_message
 from storage.configio import load_config
 from storage.ingest.config import IngestConfig
 from storage.ingest.dedupe import write_duplicates
-from storage.ingest.shard import ingest_shard, ingest_shard_record, list_shards, prepare
-from storage.layout import manifest_dir
+from storage.ingest.shard import ingest_lineage, ingest_shard, ingest_shard_record, list_shards, prepare
+from storage.layout import manifest_dir, manifest_url
+from storage.shard import why_pending
 from storage.urls import check_output_root
 
 
@@ -38,7 +39,11 @@ class IngestStage(Stage):
         if self.ctx.get("num_error"):
             log(f"annotation lines rejected: {self.ctx['num_error']} (first: {self.ctx['errors'][0]})")
         self.workers = cfg.workers
-        return [Shard(s.name, s) for s in shards]
+        listed = [Shard(s.name, s, "forced" if cfg.force else why_pending(
+            manifest_url(cfg.output_root, cfg.dataset, s.name), ingest_lineage(s, cfg))) for s in shards]
+        pending = [s for s in listed if s.why]
+        self.committed_before = len(listed) - len(pending)
+        return pending
 
     def open(self, cfg: IngestConfig) -> None:
         if cfg.worker_type == "process":

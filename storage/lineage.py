@@ -13,6 +13,7 @@ Every done marker holds a lineage record and the output's content identity:
   rerunning with more workers redoes nothing. A field says it is such a field with `json_schema_extra=RUNTIME`.
 - `models` holds the model ids or local directories the output was made with.
 
+Inputs are compared by content id, in order, not by URL: a whole root copied or moved elsewhere stays current.
 `stale_reason(marker, lineage)` says why a committed output no longer matches (None when it does): the writer
 (`storage.shard.ShardWriter`) redoes such a shard instead of skipping it.
 """
@@ -29,7 +30,7 @@ from storage.commit import read_done
 from storage.urls import filesystem
 
 RUNTIME = {"runtime": True}  # json_schema_extra of a field that does not change the output
-ALWAYS_RUNTIME = frozenset({"force", "max_shards", "create_bucket"})
+ALWAYS_RUNTIME = frozenset({"force", "max_shards", "create_bucket", "output_root"})  # where, not what
 
 
 def _effective(model: BaseModel) -> dict[str, Any]:
@@ -61,15 +62,24 @@ def marker_hash(url: str) -> str | None:
         return None
 
 
+def _stamp(info: dict[str, Any]) -> str:
+    stamp = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+    return f"{info.get('size')}:{stamp}".strip('"')
+
+
 def source_identity(url: str) -> str:
-    """Size plus mtime or etag of a source file: enough to notice it was replaced or grew."""
+    """Size plus mtime or etag of a source file: enough to notice it was replaced or grew. A folder (an ImageNet
+    class folder) is identified by the names, sizes and stamps of every file in it, so replacing one image counts."""
     fs, path = filesystem(url)
     try:
         info = fs.info(path)
+        if info.get("type") != "directory":
+            return _stamp(info)
+        files = fs.find(path, detail=True)
     except (FileNotFoundError, OSError):
         return "missing"
-    stamp = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
-    return f"{info.get('size')}:{stamp}".strip('"')
+    listing = sorted((name[len(path):], _stamp(i)) for name, i in files.items())
+    return f"dir:{len(listing)}:" + hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
 
 
 def committed_identity(url: str) -> str | None:
@@ -114,15 +124,12 @@ def stale_reason(marker: dict[str, Any], wanted: dict[str, Any]) -> str | None:
     have = marker.get("lineage") or {}
     if not have or "config" not in have:
         return "it was written without lineage (by an older version)"
-    old_inputs = {i["url"]: i["id"] for i in have.get("inputs", [])}
-    for entry in wanted["inputs"]:
-        if entry["url"] not in old_inputs:
-            return f"input {entry['url']} is new"
-        if old_inputs[entry["url"]] != entry["id"]:
+    old, new = have.get("inputs", []), wanted["inputs"]
+    if len(old) != len(new):
+        return f"its inputs changed ({len(old)} then, {len(new)} now)"
+    for was, entry in zip(old, new, strict=True):  # by content: a root moved or copied elsewhere stays current
+        if was["id"] != entry["id"]:
             return f"input {entry['url']} changed"
-    gone = sorted(old_inputs.keys() - {i["url"] for i in wanted["inputs"]})
-    if gone:
-        return f"input {gone[0]} is no longer an input"
     if have.get("models") != wanted.get("models"):
         changed = sorted(k for k in set(have.get("models", {})) | set(wanted.get("models", {}))
                          if have.get("models", {}).get(k) != wanted.get("models", {}).get(k))

@@ -81,6 +81,15 @@ def current(output_url: str, wanted: dict[str, Any]) -> dict[str, Any] | None:
     return record if record is not None and stale_reason(record, wanted) is None else None
 
 
+def why_pending(output_url: str, wanted: dict[str, Any]) -> str | None:
+    """Why `output_url` must be (re)made for the `wanted` lineage: "missing", "stale: <reason>"; None if current."""
+    record = read_done(output_url)
+    if record is None:
+        return "missing"
+    reason = stale_reason(record, wanted)
+    return None if reason is None else f"stale: {reason}"
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Parts: committed progress of an unfinished shard
 # ---------------------------------------------------------------------------------------------------------------------
@@ -134,14 +143,14 @@ class PartStore:
             write_table(rows, tmp, self.schema)
 
     def clear(self) -> None:
-        """Remove this shard's parts, and `_parts/` itself once no other shard has any left."""
+        """Remove this shard's parts, and `_parts/` itself once no other shard has any left. The parent goes by a
+        non-recursive rmdir, which fails while another shard's writer has its folder there: a recursive delete
+        after an "is it empty" check once removed a folder another shard had just created."""
         if self.fs.exists(self.path):
             self.fs.rm(self.path, recursive=True)
-        parent = self.fs._parent(self.path)
         try:
-            if self.fs.exists(parent) and not self.fs.ls(parent):
-                self.fs.rm(parent, recursive=True)
-        except (FileNotFoundError, OSError):  # another shard's attempt wrote or removed it meanwhile
+            self.fs.rmdir(self.fs._parent(self.path))
+        except (FileNotFoundError, OSError, NotImplementedError):  # not empty, already gone, or no folders (s3)
             pass
 
 
@@ -301,6 +310,9 @@ class ShardWriter:
             result.seconds = round(result.seconds + time.perf_counter() - self.start, 3)
             with commit_shard(self.output_url) as tmp:
                 write_table(rows, tmp, self.schema)
+            if not result.bytes:  # bytes written, unless the stage counts its own (ingest: image bytes read)
+                fs, path = filesystem(self.output_url)
+                result.bytes = int(fs.size(path))
             result.config_hash = self.lineage.get("config", "")
             result.content_id = content_id(self.output_url, self.lineage)
             extra = {**(marker_extra or {}), **({"tar_url": tar_url} if self.tar_url is not None else {})}

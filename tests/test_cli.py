@@ -12,9 +12,14 @@ import typer.main
 from typer.testing import CliRunner
 
 from flows.cli import app
-from tests.test_configio import CONFIGS, config_class
+from tests.test_configio import CONFIGS
+from tests.test_configio import config_class as _config_class
 
-COMMANDS = list(CONFIGS)
+COMMANDS = [*CONFIGS, "status"]  # status reads the pipeline's config
+
+
+def config_class(command: str) -> type:
+    return _config_class("pipeline" if command == "status" else command)
 
 
 def invoke(*args: str):
@@ -51,7 +56,9 @@ def test_help_lists_the_presets_and_every_key_with_its_description(command):
     result = invoke(command, "--help")
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())  # rich wraps the lines
-    assert f"Presets (configs/{command}/): {', '.join(preset_names(command))}" in text
+    kind = "pipeline" if command == "status" else command  # status reads the pipeline's presets
+    assert preset_names(kind), kind
+    assert f"Presets (configs/{kind}/): {', '.join(preset_names(kind))}" in text
     keys = leaf_keys(config_class(command))
     for key, description in keys.items():
         assert description, f"{command}: {key} has no description"

@@ -109,7 +109,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"ingest": "storage.ingest.config:IngestConfig", "caption": "captioning.config:CaptionConfig",
            "extract": "pixart.features.config:ExtractConfig", "train": "pixart.train.config:TrainConfig",
            "sample": "pixart.train.config:SampleConfig", "export": "pixart.train.config:ExportConfig",
-           "audit": "captioning.audit:AuditConfig"}
+           "audit": "captioning.audit:AuditConfig", "pipeline": "flows.pipeline_config:PipelineConfig"}
 
 
 def config_class(command: str) -> type:

@@ -45,7 +45,7 @@ from storage.layout import manifest_url as manifest_url_of
 from storage.lineage import lineage
 from storage.parquet import read_rows
 from storage.readers import iter_manifest_images
-from storage.shard import Row, ShardResult, ShardWriter, current
+from storage.shard import Row, ShardResult, ShardWriter, why_pending
 
 
 def clean_caption(text: str) -> str:
@@ -91,13 +91,14 @@ def latent_lineage(manifest_url: str, cfg: ExtractConfig, firsts: dict[str, str]
     return lineage([manifest_url], latent_settings(cfg), {"vae": cfg.vae_model}, extra_inputs=dups)
 
 
-def pending(kind: str, input_url: str, cfg: ExtractConfig) -> bool:
-    """Is the `kind` ("text" or "latents") feature shard of this input missing or stale (always, with force)?"""
+def pending(kind: str, input_url: str, cfg: ExtractConfig) -> str | None:
+    """Why the `kind` ("text" or "latents") feature shard of this input must be made ("missing", "stale: ...",
+    "forced"); None when it is current."""
     if cfg.force:
-        return True
+        return "forced"
     if kind == "text":
-        return current(text_files_of(cfg, shard_of(input_url)).index, text_lineage(input_url, cfg)) is None
-    return current(latent_files_of(cfg, shard_of(input_url)).index, latent_lineage(input_url, cfg)) is None
+        return why_pending(text_files_of(cfg, shard_of(input_url)).index, text_lineage(input_url, cfg))
+    return why_pending(latent_files_of(cfg, shard_of(input_url)).index, latent_lineage(input_url, cfg))
 
 
 class FeatureShard:

@@ -1,5 +1,5 @@
-"""The fixed text conditions of a run, encoded once by T5 before training (`pixart.train.prepare.prepare_conditions`: in
-the driver's process locally, in a Ray task on a GPU worker with executor=ray) and read by every worker:
+"""The fixed text conditions of a run, encoded once by T5 before training (`pixart.train.prepare.prepare_conditions`:
+in the driver's process locally, in a Ray task on a GPU worker with executor=ray) and read by every worker:
 
 - the null caption, T5("") with its mask: captions dropped for classifier-free guidance are replaced by it, and
   it is the negative prompt at sampling (diffusers' PixArtAlphaPipeline uses the same), so guidance matches training;

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from storage.config import Dataset, DecodeConfig, StageConfig
+from storage.lineage import RUNTIME
 
 
 class IngestConfig(StageConfig):
@@ -16,14 +17,17 @@ class IngestConfig(StageConfig):
     dataset: Dataset = Field(description="Which source reader (storage/ingest/sources/): sam (SA-1B), journeydb, "
                              "imagenet.")
     source: str = Field(
+        json_schema_extra=RUNTIME,  # which archives: their identities are each manifest's lineage inputs
         description="Directory, glob or single archive URL; for sam also the links TSV (file_name<TAB>cdn_link)."
     )
-    annotations: str | None = Field(None, description="JourneyDB annotation jsonl (.jsonl, .jsonl.gz or .tgz).")
-    synset_mapping: str | None = Field(None, description="ImageNet LOC_synset_mapping.txt (line number = class).")
-    workers: int = Field(2, gt=0, description="Shards processed concurrently.")
+    annotations: str | None = Field(None, json_schema_extra=RUNTIME,
+                                    description="JourneyDB annotation jsonl (.jsonl, .jsonl.gz or .tgz).")
+    synset_mapping: str | None = Field(None, json_schema_extra=RUNTIME,
+                                       description="ImageNet LOC_synset_mapping.txt (line number = class).")
+    workers: int = Field(2, gt=0, json_schema_extra=RUNTIME, description="Shards processed concurrently.")
     worker_type: Literal["process", "thread"] = Field(
-        "process", description="process: one process per worker (scales with cores); thread: in-process threads "
-        "(no start-up cost, per-image progress)."
+        "process", json_schema_extra=RUNTIME, description="process: one process per worker (scales with cores); "
+        "thread: in-process threads (no start-up cost, per-image progress)."
     )
     hash: Literal["xxh3_128", "sha256"] = Field(
         "xxh3_128", description="Content hash per image (`hash` column): xxh3_128 (fast) or sha256 (also fills the "

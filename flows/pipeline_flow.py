@@ -1,0 +1,90 @@
+"""Prefect flow `pixart-pipeline`: the whole DAG of `flows/pipeline.py`, each step a subflow of its stage's flow
+(`ingest`, `caption`, `extract`, `train`) plus the export as a task, so every step shows in the UI as its own run
+with its own artifacts, and a Retry redoes only what is not done.
+
+    prefect deployment run pixart-pipeline/pixart-pipeline-demo
+    prefect deployment run pixart-pipeline/pixart-pipeline -p output_root=/data/pixart -p t5=/models/t5-v1_1-xxl
+
+Parameters are typed fields (the storage root, the models, the steps to run, the caption prompt) with `overrides`
+for any other key of the pipeline config. The flow ends Completed only when every selected step is done; the
+summary table (samples, errors, buckets, losses, time and bytes per step, the export's path) is an artifact.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed, Failed
+
+from flows.pipeline import Step, demo_inputs, export_step, run_pipeline, summary_table
+from flows.pipeline_config import PipelineConfig
+from storage.configio import load_config
+from storage.errors import PipelineError
+
+StepKind = Literal["ingest", "caption", "extract", "train", "export"]
+
+
+@task(name="export", cache_policy=NO_CACHE)
+def _export_task(cfg: PipelineConfig, train_step: str) -> dict:
+    return export_step(cfg, train_step)
+
+
+def _subflow(step: Step, preset: str, args: list[str], cfg: PipelineConfig) -> dict:
+    if step.kind == "export":
+        return _export_task(cfg, args[0])
+    from flows.caption import caption
+    from flows.extract import extract
+    from flows.ingest import ingest
+    from flows.train import train
+
+    flows = {"ingest": ingest, "caption": caption, "extract": extract, "train": train}
+    state = flows[step.kind].with_options(flow_run_name=step.name)(config=preset, overrides=args, return_state=True)
+    if not state.is_completed():
+        raise PipelineError(state.message or f"{step.name} ended {state.name}")
+    data = state.result(raise_on_failure=False)
+    data = data if isinstance(data, dict) else {}
+    return {"samples": data.get("num_ok"), "errors": data.get("num_error"), "buckets": data.get("buckets"),
+            "loss": data.get("final_loss"), "steps": data.get("steps")}
+
+
+@flow(name="pixart-pipeline", validate_parameters=True)
+def pixart_pipeline(config: str = "pipeline/demo", output_root: str | None = None, steps: list[StepKind] | None = None,
+                    only: list[str] | None = None, llava: str | None = None, t5: str | None = None,
+                    vae: str | None = None, caption_prompt: str | None = None,
+                    overrides: list[str] | None = None):
+    """Raw shards -> manifests -> captions -> features -> the three training stages -> a diffusers export.
+
+    Args:
+        config: a pipeline preset (`demo`, `pixart-alpha`) or a YAML path.
+        output_root: where every output goes (local path or s3://...); default: the preset's.
+        steps: which kinds of step to run (ingest, caption, extract, train, export); default: all.
+        only: run only these steps by name, e.g. `caption-sam` (see `pixart status`).
+        llava: LLaVA id or local dir. t5: T5 encoder id or local dir. vae: VAE id or local dir.
+        caption_prompt: the captioning prompt (default: the paper's).
+        overrides: any other `key=value` of the pipeline config.
+    """
+    logger = get_run_logger()
+    args = list(overrides or [])
+    args += [f"output_root={output_root}"] if output_root else []
+    args += [f"steps=[{','.join(steps)}]"] if steps else []
+    args += [f"only=[{','.join(only)}]"] if only else []
+    args += [f"models.{k}={v}" for k, v in (("llava", llava), ("t5", t5), ("vae", vae)) if v]
+    try:
+        cfg = load_config(PipelineConfig, config, args, kind="pipeline")
+        if caption_prompt:
+            cfg = cfg.model_copy(update={"caption": [*cfg.caption, f"prompt={caption_prompt}"]})
+        cfg = demo_inputs(cfg)
+    except PipelineError as e:
+        logger.error(str(e))
+        return Failed(message=str(e))
+    outcome = run_pipeline(cfg, lambda step, preset, a: _subflow(step, preset, a, cfg),
+                           log=lambda message: logger.log(logging.INFO, message))
+    table = summary_table(outcome, cfg)
+    create_markdown_artifact(table, key="pixart-pipeline-summary", description="steps, samples, losses, time")
+    if not outcome.ok:
+        return Failed(message="; ".join(f"{k}: {v}" for k, v in outcome.failed.items()))
+    return Completed(message=f"{len(outcome.rows)} steps done or current", data=outcome.rows)

@@ -1,0 +1,108 @@
+"""The pipeline DAG on the demo data: run twice (the second run skips every step), and lineage decides what a
+change re-runs: a new caption prompt, a new VAE, a changed source image."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from flows.pipeline import demo_inputs, local_runner, plan, run_pipeline, state
+from flows.pipeline_config import PipelineConfig
+from storage.configio import load_config
+
+CAPTION = ["generation.max_new_tokens=40", "batch_size=4"]
+
+
+def pipeline(root: Path, inputs: Path, *overrides: str) -> dict[str, str]:
+    cfg = load_config(PipelineConfig, "demo", [f"output_root={root / 'pixart'}", f"demo_inputs={inputs}", *overrides],
+                      kind="pipeline")
+    cfg = demo_inputs(cfg)
+    outcome = run_pipeline(cfg, local_runner(cfg), log=lambda message: None)
+    assert outcome.ok, outcome.failed
+    return {r["step"]: r["state"] for r in outcome.rows}
+
+
+def snapshot(root: Path, *parts: str) -> dict[str, tuple[int, bytes]]:
+    """Every file under root/pixart/<part>: (mtime_ns, bytes)."""
+    out = {}
+    for part in parts:
+        for p in sorted((root / "pixart" / part).rglob("*")):
+            if p.is_file():
+                out[str(p.relative_to(root))] = (p.stat().st_mtime_ns, p.read_bytes())
+    return out
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The demo pipeline, run once: (its root, the shared sample shards and tiny models)."""
+    inputs = tmp_path_factory.mktemp("demo-inputs")
+    root = tmp_path_factory.mktemp("pipeline")
+    first = pipeline(root, inputs)
+    assert set(first.values()) == {"done"}, first
+    return root, inputs
+
+
+def copy_of(demo, tmp_path: Path) -> Path:
+    """The demo's outputs copied (mtimes kept) to a root of their own: the same content, so the same lineage."""
+    shutil.copytree(demo[0] / "pixart", tmp_path / "copy" / "pixart")
+    return tmp_path / "copy"
+
+
+def test_a_second_run_skips_every_step_and_status_says_done(demo):
+    root, inputs = demo
+    again = pipeline(root, inputs)
+    assert set(again.values()) == {"skipped"}, again
+    cfg = demo_inputs(load_config(PipelineConfig, "demo", [f"output_root={root / 'pixart'}",
+                                                           f"demo_inputs={inputs}"], kind="pipeline"))
+    done: set[str] = set()
+    for step in plan(cfg):
+        s = state(cfg, step, done)
+        assert s.state == "done", (step.name, s)
+        done.add(step.name)
+    assert (root / "pixart" / "export" / "model_index.json").is_file()
+
+
+def test_a_new_caption_prompt_reruns_captions_text_and_training_only(demo, tmp_path):
+    root = copy_of(demo, tmp_path)
+    assert set(pipeline(root, demo[1]).values()) == {"skipped"}  # a copied root is as current as its original
+    kept = snapshot(root, "manifests", "features/sam/latents", "features/imagenet", "runs")
+    prompt = ["caption=[" + ",".join(f'"{o}"' for o in [*CAPTION, "prompt=Describe this image briefly"]) + "]"]
+    states = pipeline(root, demo[1], *prompt)
+    assert states["ingest-sam"] == states["extract-sam-512"] == states["extract-imagenet-256"] == "skipped"
+    assert states["train-stage1"] == "skipped"
+    assert states["caption-sam"] == states["extract-sam-256"] == states["train-stage2"] == "done", states
+    assert states["train-stage3-ms1024"] == states["export"] == "done"
+    assert snapshot(root, "manifests", "features/sam/latents", "features/imagenet", "runs").items() >= kept.items()
+    assert set(pipeline(root, demo[1], *prompt).values()) == {"skipped"}
+
+
+def test_a_new_vae_reencodes_latents_and_retrains_but_keeps_captions_and_text(demo, tmp_path):
+    root = copy_of(demo, tmp_path)
+    kept = snapshot(root, "manifests", "captions", "features/sam/text")
+    other = tmp_path / "other-vae"
+    shutil.copytree(demo[1] / "models" / "tiny-vae", other)  # the same weights under another id
+    states = pipeline(root, demo[1], f"models.vae={other}")
+    assert states["caption-sam"] == states["ingest-imagenet"] == "skipped"
+    assert states["extract-sam-256"] == states["extract-imagenet-256"] == states["train-stage1"] == "done", states
+    assert snapshot(root, "manifests", "captions", "features/sam/text") == kept
+
+
+def test_a_changed_source_reingests_its_shard_and_redoes_its_dependants_only(tmp_path):
+    inputs, root = tmp_path / "inputs", tmp_path / "root"
+    assert set(pipeline(root, inputs).values()) == {"done"}
+    manifests = root / "pixart" / "manifests" / "imagenet"
+    before = {p.name: p.read_bytes() for p in manifests.glob("*.parquet*")}
+    sources = sorted(p for p in (inputs / "raw" / "imagenet").rglob("*") if p.is_file() and p.parent.name != "wds"
+                     and p.suffix != ".txt")
+    assert sources, list((inputs / "raw" / "imagenet").rglob("*"))
+    changed = sources[0]
+    os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))  # replaced in place
+    states = pipeline(root, inputs)
+    assert states["ingest-imagenet"] == "done" and states["ingest-sam"] == "skipped", states
+    assert states["caption-sam"] == states["extract-sam-256"] == states["extract-sam-1024"] == "skipped", states
+    assert states["extract-imagenet-256"] == states["train-stage1"] == "done", sorted(states.items())
+    assert states["train-stage2"] == "done"  # it starts from stage 1's weights, which changed
+    after = {p.name: p.read_bytes() for p in manifests.glob("*.parquet*")}
+    changed_files = sorted(n for n in after if after[n] != before.get(n))
+    assert changed_files and len({n.split(".")[0] for n in changed_files}) == 1, changed_files  # one shard only
