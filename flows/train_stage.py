@@ -34,7 +34,7 @@ from typing import Any
 from flows._stage import Runtime, Shard, Stage, StageOutcome, failure_message, run_stage
 from pixart.train.config import TrainConfig
 from pixart.train.monitor import metrics_url
-from pixart.train.prepare import check_run, prepare_conditions, write_config
+from pixart.train.prepare import check_run, prepare_conditions, with_recorded_encoders, write_config
 from storage.configio import load_config
 from storage.errors import PipelineError, ShardBusyError
 from storage.layout import run_dir
@@ -49,8 +49,9 @@ class RunBusyError(PipelineError):
 
 
 def load_train_config(config: str, overrides: list[str] | None = None, init: str | None = None) -> TrainConfig:
+    """The run's config; t5_model and vae_model, when not given, are the ones the features record."""
     extra = list(overrides or []) + ([f"init={init}"] if init else [])
-    return load_config(TrainConfig, config, extra, kind="train")
+    return with_recorded_encoders(load_config(TrainConfig, config, extra, kind="train"))
 
 
 def run_lease(cfg: TrainConfig) -> Lease:

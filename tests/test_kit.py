@@ -152,3 +152,26 @@ def test_a_new_vae_redoes_the_latents_and_leaves_the_text_features_alone(feature
     assert marker["lineage"]["models"] == {"vae": other}
     # a base-size change is a latent setting, not a text one
     assert lineage([captions], {"a": 1}) != lineage([captions], {"a": 2})
+
+
+def test_training_refuses_features_of_another_t5_and_takes_the_recorded_one_when_not_told(features_copy,
+                                                                                          tiny_t5_encoder, tiny_vae,
+                                                                                          tmp_path):
+    from flows.train_stage import load_train_config
+    from pixart.train.prepare import check_features
+
+    cfg = ExtractConfig(dataset="sam", caption_set="tiny", output_root=features_copy, t5_model=tiny_t5_encoder,
+                        vae_model=tiny_vae)
+    for m in committed_manifests(features_copy, "sam"):
+        extract_text_shard(caption_url(features_copy, "sam", "tiny", m.rsplit("/", 1)[-1][:-8]), cfg,
+                           TextEncoder(tiny_t5_encoder))
+        extract_latent_shard(m, cfg, LatentEncoder(tiny_vae))
+    base = [f"output_root={features_copy}", "data.caption_set=tiny", "run=r"]
+    told = load_train_config("tiny-stage2", base)  # neither encoder given: the features' lineage names both
+    assert (told.t5_model, told.vae_model) == (tiny_t5_encoder, tiny_vae)
+    assert check_features(told)["shards"] == 2
+    other = str(tmp_path / "other-t5")  # the same width (the same weights, even): only the lineage tells them apart
+    shutil.copytree(tiny_t5_encoder, other)
+    wrong = load_train_config("tiny-stage2", [*base, f"t5_model={other}"])
+    with pytest.raises(PipelineError, match=r"shard sa_000000 was encoded with t5 .*t5_model="):
+        check_features(wrong)

@@ -134,27 +134,22 @@ def test_the_readme_cost_table_counts_what_the_presets_run():
         assert cells[5] == f"{days[name]} ({days[name] * 24})", line
 
 
-def test_the_demo_runs_stage3_as_its_three_steps_each_from_the_previous_run(tmp_path, monkeypatch):
-    import flows.train_stage
-    import pixart.export
-    import pixart.train.checkpoint
-    from flows.cli import _demo_training
+def test_the_demo_pipeline_runs_stage3_as_its_three_steps_each_from_the_previous_run(tmp_path):
+    from flows.pipeline import plan
+    from flows.pipeline_config import PipelineConfig
+    from flows.train_stage import load_train_config
+    from storage.configio import load_config
 
-    seen = []
-
-    def run_training(cfg, log=print, progress=None):
-        seen.append(cfg)
-        return {"steps": 4, "final_loss": 0.5}
-
-    monkeypatch.setattr(flows.train_stage, "run_training", run_training)
-    monkeypatch.setattr(pixart.train.checkpoint, "latest", lambda root, run: f"{root}/runs/{run}/checkpoints/step-4")
-    exported = []
-    monkeypatch.setattr(pixart.export, "export", lambda url, out, **kw: exported.append(url))
-    out = str(tmp_path)
-    results = _demo_training(out, "tiny", "t5", "vae")
-    assert list(results) == ["stage 1", "stage 2", "stage 3 hq256", "stage 3 hq512", "stage 3 ms1024"]
+    out = str(tmp_path / "pixart")
+    cfg = load_config(PipelineConfig, "demo", [f"output_root={out}", f"demo_inputs={tmp_path}",
+                                               "models={llava: l, t5_tokenizer: t, t5: t5, vae: vae}"],
+                      kind="pipeline")
+    steps = [s for s in plan(cfg) if s.kind in ("train", "export")]
+    assert [s.name for s in steps] == ["train-stage1", "train-stage2", "train-stage3-hq256", "train-stage3-hq512",
+                                       "train-stage3-ms1024", "export"]
+    seen = [load_train_config(*s.resolve()) for s in steps[:-1]]
     assert [(c.stage, c.stage_step, c.resolution, c.data.multi_scale) for c in seen] == [
         (1, None, 256, False), (2, None, 256, False), (3, "hq256", 256, False), (3, "hq512", 512, False),
         (3, "ms1024", 1024, True)]
     assert [c.init for c in seen] == [None, *(f"{out}/runs/{c.run}" for c in seen[:-1])]  # each from the one before
-    assert exported == [f"{out}/runs/{seen[-1].run}/checkpoints/step-4"]
+    assert steps[-1].after == ["train-stage3-ms1024"] and steps[-1].resolve()[1] == ["stage3-ms1024"]

@@ -26,7 +26,7 @@ from pixart.models import PRESETS
 from pixart.train.conditions import Conditions
 from pixart.train.config import TrainConfig
 from pixart.train.weights import check_init
-from storage.commit import write_atomic
+from storage.commit import read_done, write_atomic
 from storage.configio import dump_yaml
 from storage.errors import ConfigError
 from storage.layout import run_dir
@@ -48,10 +48,52 @@ def _shards(cfg: TrainConfig) -> list[FeatureShard]:
     return shards
 
 
+def recorded_encoders(shards: list[FeatureShard]) -> dict[str, dict[str, str]]:
+    """{"t5": {shard: model}, "vae": {shard: model}}: the encoders the feature shards' done markers record."""
+    out: dict[str, dict[str, str]] = {"t5": {}, "vae": {}}
+    for s in shards:
+        for kind, index in (("vae", s.latents), ("t5", s.text)):
+            models = ((read_done(index) or {}).get("lineage") or {}).get("models", {}) if index else {}
+            if models.get(kind):
+                out[kind][s.name] = models[kind]
+    return out
+
+
+def with_recorded_encoders(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with t5_model and vae_model taken from the features' lineage where the config did not set them (and
+    every shard records the same one): a run need not be told again which encoders made its features."""
+    unset = [k for k, field in (("t5", "t5_model"), ("vae", "vae_model")) if field not in cfg.model_fields_set]
+    if not unset:
+        return cfg
+    try:
+        recorded = recorded_encoders(_shards(cfg))
+    except ConfigError:
+        return cfg  # no features: check_features says so
+    found = {k: set(recorded[k].values()) for k in unset}
+    update = {f"{k}_model": next(iter(models)) for k, models in found.items() if len(models) == 1}
+    return cfg.model_copy(update=update) if update else cfg
+
+
+def check_encoders(cfg: TrainConfig, shards: list[FeatureShard]) -> None:
+    """Refuse features made by another T5 or VAE than the run's: the width alone cannot tell two T5s apart. An
+    encoder the config leaves unset is the one the features record (`with_recorded_encoders`), so only a given
+    one is compared."""
+    recorded = recorded_encoders(shards)
+    for kind, field, want in (("t5", "t5_model", cfg.t5_model), ("vae", "vae_model", cfg.vae_model)):
+        if (kind == "t5" and cfg.stage == 1) or field not in cfg.model_fields_set:
+            continue
+        other = {name: model for name, model in recorded[kind].items() if model != want}
+        if other:
+            name, model = sorted(other.items())[0]
+            raise ConfigError(f"{_where(cfg)}: shard {name} was encoded with {kind} {model!r}, but this run's "
+                              f"{field} is {want!r}; pass {field}={model} or re-extract the features with {want}")
+
+
 def check_features(cfg: TrainConfig) -> dict[str, Any]:
     data = cfg.data
     shards = _shards(cfg)
     where = _where(cfg)
+    check_encoders(cfg, shards)
     found = peek(shards[0])
     channels, h, w = found["latent"]
     arch = PRESETS[cfg.model.preset]
