@@ -11,6 +11,7 @@ from pydantic import Field, model_validator
 
 from storage.config import DEFAULT_MAX_TOKENS, DEFAULT_T5, Dataset, DecodeConfig, RayDataConfig, StageConfig
 from storage.configio import StrictModel
+from storage.lineage import RuntimeField
 
 PAPER_PROMPT = "Describe this image and its style in a very detailed manner"
 DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
@@ -47,21 +48,21 @@ class CaptionConfig(StageConfig):
     renamed_keys = {"max_t5_tokens": "max_tokens"}
 
     dataset: Dataset = Field(description="Which ingested dataset to caption (sam, journeydb).")
-    caption_set: str | None = Field(
+    caption_set: str | None = RuntimeField(
         None, description="Name of this (model, prompt, generation) combination; default <model>-<hash>."
     )
     model: str = Field(DEFAULT_MODEL, description="Any LLaVA-family image-text-to-text model id or local dir.")
     prompt: str = Field(PAPER_PROMPT, min_length=1, description="User prompt, sent through the chat template.")
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     pad_to_square: bool = Field(True, description="Pad images to square (LLaVA-1.5 training) instead of cropping.")
-    batch_size: int | Literal["auto"] = Field(
+    batch_size: int | Literal["auto"] = RuntimeField(
         16, description="Images per generate() call; auto: the most whose KV cache fits in the GPU's free memory "
         "(captioning/sizing.py; with engine=refill it sizes refill_rows and takes 4x that per call), 16 on CPU.")
-    engine: Literal["generate", "refill"] = Field(
+    engine: Literal["generate", "refill"] = RuntimeField(
         "generate", description="generate: transformers' generate() (the reference); refill: greedy continuous "
         "batching (captioning.engine), same greedy captions, a finished row's slot takes the next image."
     )
-    refill_rows: int | None = Field(
+    refill_rows: int | None = RuntimeField(
         None, gt=0, description="engine=refill: rows decoded together, refilled from the batch_size images of a "
         "call (None: batch_size, so no refills; set batch_size to a few times this)."
     )
@@ -74,11 +75,13 @@ class CaptionConfig(StageConfig):
     training_text: Literal["llava", "prompt", "caption"] = Field(
         "llava", description="JourneyDB: text used for training: LLaVA caption, Midjourney prompt, or Task2.Caption."
     )
-    part_rows: int = Field(256, gt=0, description="Rows per resumable part file (a crash loses at most this many).")
-    prefetch_batches: int = Field(2, ge=1, description="Batches decoded ahead of generation on CPU threads.")
+    part_rows: int = RuntimeField(256, gt=0,
+                                  description="Rows per resumable part file (a crash loses at most this many).")
+    prefetch_batches: int = RuntimeField(2, ge=1, description="Batches decoded ahead of generation on CPU threads.")
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
-    executor: Literal["local", "ray"] = Field("local", description="local: in process; ray: Ray Data actor pool.")
-    ray: RayCaptionConfig = Field(default_factory=RayCaptionConfig)
+    executor: Literal["local", "ray"] = RuntimeField("local",
+                                                     description="local: in process; ray: Ray Data actor pool.")
+    ray: RayCaptionConfig = RuntimeField(default_factory=RayCaptionConfig)
 
     @model_validator(mode="after")
     def _check(self) -> CaptionConfig:

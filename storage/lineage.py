@@ -10,7 +10,7 @@ Every done marker holds a lineage record and the output's content identity:
   dependants stay current; a changed source image changes it, so they do not.
 - `config` hashes the effective config (`settings`) only: the fields that change what is written. Fields that
   only change how the work runs (workers, executor, batch sizes, `force`, `max_shards`...) are left out, so
-  rerunning with more workers redoes nothing. A field says it is such a field with `json_schema_extra=RUNTIME`.
+  rerunning with more workers redoes nothing. Such a field is declared with `RuntimeField(...)`.
 - `models` holds the model ids or local directories the output was made with.
 
 Inputs are compared by content id, in order, not by URL: a whole root copied or moved elsewhere stays current.
@@ -24,12 +24,17 @@ import hashlib
 import json
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from storage.commit import read_done
 from storage.urls import filesystem
 
 RUNTIME = {"runtime": True}  # json_schema_extra of a field that does not change the output
+
+
+def RuntimeField(*args: Any, **kwargs: Any) -> Any:  # noqa: N802 - used like pydantic's Field
+    """A pydantic Field that changes how a stage runs, not what it writes: left out of the lineage."""
+    return Field(*args, json_schema_extra=RUNTIME, **kwargs)
 ALWAYS_RUNTIME = frozenset({"force", "max_shards", "create_bucket", "output_root"})  # where, not what
 
 

@@ -175,3 +175,18 @@ def test_training_refuses_features_of_another_t5_and_takes_the_recorded_one_when
     wrong = load_train_config("tiny-stage2", [*base, f"t5_model={other}"])
     with pytest.raises(PipelineError, match=r"shard sa_000000 was encoded with t5 .*t5_model="):
         check_features(wrong)
+
+
+def test_how_a_stage_runs_is_not_part_of_its_lineage_but_what_it_writes_is():
+    from captioning.config import CaptionConfig
+    from storage.ingest.config import IngestConfig
+    from storage.lineage import effective_config
+
+    base = CaptionConfig(dataset="sam")
+    for runtime in ({"batch_size": 4}, {"executor": "ray"}, {"part_rows": 3}, {"output_root": "/elsewhere"},
+                    {"force": True}, {"max_shards": 1}, {"ray": {"num_replicas": 8}}):
+        assert effective_config(base.model_copy(update=runtime)) == effective_config(base), runtime
+    for setting in ({"prompt": "Describe it."}, {"model": "other/llava"}, {"max_tokens": 77}):
+        assert effective_config(base.model_copy(update=setting)) != effective_config(base), setting
+    ingest = IngestConfig(dataset="sam", source="/a")
+    assert effective_config(ingest.model_copy(update={"source": "/b", "workers": 8})) == effective_config(ingest)

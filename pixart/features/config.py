@@ -15,6 +15,7 @@ from storage.config import (
     RayDataConfig,
     StageConfig,
 )
+from storage.lineage import RuntimeField
 
 
 class RayExtractConfig(RayDataConfig):
@@ -45,8 +46,8 @@ class ExtractConfig(StageConfig):
                                 "(DeepFloyd-IF clean_caption, twice: lower case; URLs, HTML, CJK, IDs and "
                                 "punctuation runs stripped), and as diffusers' PixArtAlphaPipeline cleans prompts "
                                 "by default. false encodes the raw caption (a departure from the official recipe).")
-    text_batch_size: int = Field(64, gt=0, description="Captions per T5 forward pass.")
-    image_batch_size: int | None = Field(
+    text_batch_size: int = RuntimeField(64, gt=0, description="Captions per T5 forward pass.")
+    image_batch_size: int | None = RuntimeField(
         None, gt=0, description="Images per VAE forward pass (one bucket per batch); None: 16 on a GPU, 4 on a CPU, "
         "where a conv net's activations at larger batches overflow the caches and run slower (bench_extract.py).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available.")
@@ -57,11 +58,12 @@ class ExtractConfig(StageConfig):
         "work). Off by default: the official transform decodes in full. Measured from 1500 px sources "
         "(benchmarks/jpeg_draft_error.py): crops differ by 0.55-0.75 levels on average, up to 44 levels at single "
         "pixels, at 256 and 512; not at all at 1024.")
-    decode_threads: int = Field(2, gt=0, description="Local executor: threads decoding and cropping JPEGs.")
-    part_rows: int = Field(256, gt=0, description="Samples committed together as one part of an unfinished shard: "
-                           "a crash loses at most this many; a re-run resumes after the committed parts.")
-    executor: Literal["local", "ray"] = Field("local", description="local: this process; ray: Ray Data actor pools.")
-    ray: RayExtractConfig = Field(default_factory=RayExtractConfig)
+    decode_threads: int = RuntimeField(2, gt=0, description="Local executor: threads decoding and cropping JPEGs.")
+    part_rows: int = RuntimeField(256, gt=0, description="Samples committed together as one part of an unfinished "
+                                  "shard: a crash loses at most this many; a re-run resumes past them.")
+    executor: Literal["local", "ray"] = RuntimeField("local",
+                                                     description="local: this process; ray: Ray Data actor pools.")
+    ray: RayExtractConfig = RuntimeField(default_factory=RayExtractConfig)
 
     def vae_batch_size(self, on_gpu: bool) -> int:
         return self.image_batch_size or (16 if on_gpu else 4)

@@ -21,6 +21,7 @@ from pydantic import Field, model_validator
 from pixart.models import PRESETS, ModelConfig
 from storage.config import DEFAULT_MAX_TOKENS, DEFAULT_T5, DEFAULT_VAE, Dataset, OutputConfig, RayConfig
 from storage.configio import StrictModel
+from storage.lineage import RuntimeField
 
 # Stage 3's steps in the paper's order: the resolution each trains at and whether it must be multi-scale
 # (hq256 and hq512 may also run multi-scale, as the official *_internalms configs do; ms1024 must).
@@ -41,9 +42,10 @@ class DataConfig(StrictModel):
     batch_size: int = Field(32, gt=0, description="Samples per step per worker (global batch = x num_workers).")
     seed: int = Field(0, description="Seeds the shard order, the posterior noise, timesteps and dropout.")
     max_tokens: int = Field(DEFAULT_MAX_TOKENS, gt=0, description="T5 tokens per caption after padding.")
-    prefetch: int | None = Field(None, ge=0, description="Batches read ahead in a background thread; None: 2 on "
+    prefetch: int | None = RuntimeField(None, ge=0,
+                                        description="Batches read ahead in a background thread; None: 2 on "
                                  "GPU, 0 on CPU (where the step's own threads need the cores).")
-    finish: Literal["auto", "loader", "device"] = Field(
+    finish: Literal["auto", "loader", "device"] = RuntimeField(
         "auto", description="Where each batch is finished (latents sampled from the stored posterior, T5 padded to "
         "max_tokens with its mask): loader (on its CPU thread), device (in the step, on the training device: the "
         "loader hands over the fp16 posterior, noise seeds and only the valid T5 rows, so there is no noise to draw "
@@ -74,16 +76,17 @@ ClassId = Annotated[int, Field(ge=0, lt=1000)]
 
 class ScheduleConfig(StrictModel):
     max_steps: int = Field(description="Optimizer steps of this stage (a re-run continues up to it).", gt=0)
-    checkpoint_every: int = Field(1000, gt=0, description="Steps between checkpoints (and one at the end).")
-    keep_checkpoints: int = Field(3, gt=0, description="Checkpoints kept; older ones are deleted.")
-    log_every: int = Field(10, gt=0, description="Steps between metric lines (metrics.jsonl).")
-    sample_every: int = Field(0, ge=0, description="Steps between sample grids; 0: only at the end.")
-    sample_prompts: list[str] = Field(default_factory=lambda: list(SAMPLE_PROMPTS), description="Fixed prompts of "
+    checkpoint_every: int = RuntimeField(1000, gt=0, description="Steps between checkpoints (and one at the end).")
+    keep_checkpoints: int = RuntimeField(3, gt=0, description="Checkpoints kept; older ones are deleted.")
+    log_every: int = RuntimeField(10, gt=0, description="Steps between metric lines (metrics.jsonl).")
+    sample_every: int = RuntimeField(0, ge=0, description="Steps between sample grids; 0: only at the end.")
+    sample_prompts: list[str] = RuntimeField(default_factory=lambda: list(SAMPLE_PROMPTS),
+                                             description="Fixed prompts of "
                                       "the sample grids (stage 1: the class ids of sample_classes).")
-    sample_classes: list[ClassId] = Field(default_factory=lambda: list(SAMPLE_CLASSES),
+    sample_classes: list[ClassId] = RuntimeField(default_factory=lambda: list(SAMPLE_CLASSES),
                                           description="ImageNet class ids of stage 1's grids.")
-    sample_steps: int = Field(20, gt=0, description="DPM-Solver++ steps.")
-    cfg_scale: float = Field(4.5, ge=1, description="Classifier-free guidance scale of the sample grids.")
+    sample_steps: int = RuntimeField(20, gt=0, description="DPM-Solver++ steps.")
+    cfg_scale: float = RuntimeField(4.5, ge=1, description="Classifier-free guidance scale of the sample grids.")
 
 
 class LossConfig(StrictModel):
@@ -143,11 +146,12 @@ class TrainConfig(OutputConfig):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available.")
     dtype: Literal["auto", "bfloat16", "float32"] = Field("auto", description="Compute dtype; auto: bf16 autocast on "
                                                            "GPU, fp32 on CPU.")
-    executor: Literal["local", "ray"] = Field("local", description="local: this process; ray: Ray Train workers.")
+    executor: Literal["local", "ray"] = RuntimeField("local",
+                                                     description="local: this process; ray: Ray Train workers.")
     optim: OptimConfig = Field(default_factory=OptimConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     schedule: ScheduleConfig
-    ray: RayTrainConfig = Field(default_factory=RayTrainConfig)
+    ray: RayTrainConfig = RuntimeField(default_factory=RayTrainConfig)
 
     @property
     def resolution(self) -> int:

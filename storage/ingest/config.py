@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from storage.config import Dataset, DecodeConfig, StageConfig
-from storage.lineage import RUNTIME
+from storage.lineage import RuntimeField
 
 
 class IngestConfig(StageConfig):
@@ -16,17 +16,16 @@ class IngestConfig(StageConfig):
 
     dataset: Dataset = Field(description="Which source reader (storage/ingest/sources/): sam (SA-1B), journeydb, "
                              "imagenet.")
-    source: str = Field(
-        json_schema_extra=RUNTIME,  # which archives: their identities are each manifest's lineage inputs
+    source: str = RuntimeField(  # which archives: their identities are each manifest's lineage inputs
         description="Directory, glob or single archive URL; for sam also the links TSV (file_name<TAB>cdn_link)."
     )
-    annotations: str | None = Field(None, json_schema_extra=RUNTIME,
+    annotations: str | None = RuntimeField(None,
                                     description="JourneyDB annotation jsonl (.jsonl, .jsonl.gz or .tgz).")
-    synset_mapping: str | None = Field(None, json_schema_extra=RUNTIME,
+    synset_mapping: str | None = RuntimeField(None,
                                        description="ImageNet LOC_synset_mapping.txt (line number = class).")
-    workers: int = Field(2, gt=0, json_schema_extra=RUNTIME, description="Shards processed concurrently.")
-    worker_type: Literal["process", "thread"] = Field(
-        "process", json_schema_extra=RUNTIME, description="process: one process per worker (scales with cores); "
+    workers: int = RuntimeField(2, gt=0, description="Shards processed concurrently.")
+    worker_type: Literal["process", "thread"] = RuntimeField(
+        "process", description="process: one process per worker (scales with cores); "
         "thread: in-process threads (no start-up cost, per-image progress)."
     )
     hash: Literal["xxh3_128", "sha256"] = Field(
