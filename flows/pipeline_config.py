@@ -88,6 +88,10 @@ class PipelineConfig(StrictModel):
                 raise ValueError(f"train.{name}: init {t.init!r} is not a train step ({', '.join(self.train)})")
         if self.export is not None and self.export not in self.train:
             raise ValueError(f"export: {self.export!r} is not a train step ({', '.join(self.train)})")
+        missing = [name for name, spec in self.datasets.items() if spec.source is None]
+        if missing and not self.demo_inputs:
+            raise ValueError(f"datasets.{missing[0]}.source: fill in where the raw {missing[0]} shards are (a "
+                             f"directory, glob or archive; see `pixart ingest --help`)")
         if "tiny" in self.models.model_dump().values() and not self.demo_inputs:
             raise ValueError("models: `tiny` needs demo_inputs=<dir> to build them in")
         return self

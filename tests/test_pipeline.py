@@ -106,3 +106,36 @@ def test_a_changed_source_reingests_its_shard_and_redoes_its_dependants_only(tmp
     after = {p.name: p.read_bytes() for p in manifests.glob("*.parquet*")}
     changed_files = sorted(n for n in after if after[n] != before.get(n))
     assert changed_files and len({n.split(".")[0] for n in changed_files}) == 1, changed_files  # one shard only
+
+
+def test_the_pixart_pipeline_flow_runs_its_steps_as_subflows_and_publishes_a_summary(prefect_server, tmp_path):
+    """Through Prefect: the selected steps run as subflows of the stage flows, the rest are not run, and the
+    summary table is an artifact of the pipeline's run; a second run skips what the first made."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    from flows.pipeline_flow import pixart_pipeline
+    from tests.artifacts import run_artifacts
+
+    args = dict(config="demo", output_root=str(tmp_path / "pixart"), only=["ingest-sam", "caption-sam"],
+                overrides=[f"demo_inputs={tmp_path / 'inputs'}"])
+    state = pixart_pipeline(**args, return_state=True)
+    assert state.is_completed(), state.message
+    rows = {r["step"]: r["state"] for r in state.result()}
+    assert rows["ingest-sam"] == rows["caption-sam"] == "done" and rows["ingest-imagenet"] == "not run", rows
+    with get_client(sync_client=True) as client:
+        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[state.state_details.flow_run_id])))
+    assert sorted(r.name for r in children) == ["caption-sam", "ingest-sam"]
+    assert all(r.state.is_completed() for r in children)
+    summary = run_artifacts(state, ["pixart-pipeline-summary"])["pixart-pipeline-summary"].data
+    assert "| ingest-sam | done | 8 | 0 |" in summary
+    again = pixart_pipeline(**args, return_state=True)
+    assert {r["step"]: r["state"] for r in again.result()}["caption-sam"] == "skipped"
+
+
+def test_a_quick_run_of_the_full_pipeline_without_sources_says_which_field_to_fill(prefect_server):
+    from flows.pipeline_flow import pixart_pipeline
+
+    state = pixart_pipeline(config="pixart-alpha", return_state=True)
+    assert state.is_failed() and "datasets.sam.source: fill in" in state.message, state.message
