@@ -23,7 +23,7 @@ from storage.ingest.dedupe import duplicate_error, duplicates_identity, duplicat
 from storage.layout import caption_url, duplicates_url, shard_of
 from storage.lineage import lineage
 from storage.manifest import read_manifest
-from storage.shard import Row, ShardResult, ShardWriter, current, why_pending
+from storage.shard import OpenShard, Row, ShardResult, ShardWriter, current, why_pending
 
 
 @dataclass
@@ -87,7 +87,7 @@ def _count(rows: list[Row], result: ShardResult) -> None:
     result.stats["num_degenerate"] = sum(bool(r["degenerate"]) for r in rows)
 
 
-class CaptionShard:
+class CaptionShard(OpenShard):
     """The captioning state of one manifest shard; see the module docstring."""
 
     def __init__(self, manifest_url: str, cfg: CaptionConfig, counter) -> None:
@@ -101,7 +101,6 @@ class CaptionShard:
         self.writer = ShardWriter.open(result.output_url, self._keys, CAPTION_SCHEMA, result,
                                        caption_lineage(manifest_url, cfg, self.firsts), config=config_dict(cfg),
                                        force=cfg.force, part_rows=cfg.part_rows)
-        self.done = self.writer.done
         self.todo: list[Row] = []
         if self.done is not None:
             return
@@ -121,14 +120,6 @@ class CaptionShard:
         """The manifest's keys, read under the lease."""
         self.by_key = {r["key"]: r for r in read_manifest(self.manifest_url).to_pylist()}
         return list(self.by_key)
-
-    @property
-    def name(self) -> str:
-        return self.result.shard
-
-    @property
-    def complete(self) -> bool:
-        return self.writer.complete
 
     def row(self, outcome: Outcome) -> Row:
         manifest_row = self.by_key[outcome.key]
@@ -152,6 +143,3 @@ class CaptionShard:
         self.result.stats["generate_seconds"] = round(self.result.stats["generate_seconds"], 3)
         return self.writer.finalize(extra, _count)
 
-    def abort(self) -> None:
-        """Stop without finalizing: release the lease, keep committed parts for the next attempt."""
-        self.writer.abort()

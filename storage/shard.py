@@ -75,6 +75,36 @@ class ShardResult:
         return cls(**{**fields, **fixed})
 
 
+class OpenShard:
+    """What every stage's shard object shares (`captioning.shard.CaptionShard`, `pixart.features.extract.TextShard`
+    and `LatentShard`): its writer, result and stored result (`done`), and the protocol the executors drive (the
+    local loops and `flows/_ray_stage.py`): `name`, `complete`, `finalize`, `abort`."""
+
+    writer: ShardWriter
+    result: ShardResult
+
+    @property
+    def done(self) -> ShardResult | None:
+        """The stored result when the output is committed for this lineage (then nothing else is set up)."""
+        return self.writer.done
+
+    @property
+    def name(self) -> str:
+        return self.result.shard
+
+    @property
+    def complete(self) -> bool:
+        """Every input key has its row (sample or error)."""
+        return self.writer.complete
+
+    def finalize(self) -> ShardResult:
+        return self.writer.finalize()
+
+    def abort(self) -> None:
+        """Give up: nothing is published, committed parts stay for the next attempt, the lease is released."""
+        self.writer.abort()
+
+
 def current(output_url: str, wanted: dict[str, Any]) -> dict[str, Any] | None:
     """The marker of `output_url` when it is committed for the `wanted` lineage, else None (missing or stale)."""
     record = read_done(output_url)

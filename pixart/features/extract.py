@@ -45,7 +45,7 @@ from storage.layout import manifest_url as manifest_url_of
 from storage.lineage import lineage
 from storage.parquet import read_rows
 from storage.readers import iter_manifest_images
-from storage.shard import Row, ShardResult, ShardWriter, why_pending
+from storage.shard import OpenShard, Row, ShardResult, ShardWriter, why_pending
 
 
 def clean_caption(text: str) -> str:
@@ -101,7 +101,7 @@ def pending(kind: str, input_url: str, cfg: ExtractConfig) -> str | None:
     return why_pending(latent_files_of(cfg, shard_of(input_url)).index, latent_lineage(input_url, cfg))
 
 
-class FeatureShard:
+class FeatureShard(OpenShard):
     """One output feature shard on the kit's writer. `writer.done` is the stored result when the shard is
     committed for the same lineage (nothing else is set up then); `todo` lists what is left to encode."""
 
@@ -116,7 +116,6 @@ class FeatureShard:
         self.writer = ShardWriter.open(index_url, self.keys, INDEX_SCHEMA, result, lineage_record,
                                        config=config_dict(cfg),
                                        tar_url=tar_url, force=cfg.force, part_rows=cfg.part_rows)
-        self.done = self.writer.done
         self.result = result
         if self.done is None:
             try:
@@ -128,22 +127,6 @@ class FeatureShard:
     def keys(self) -> list[str]:
         """Every key the output must hold a row for; read under the shard's lease. Fills `errors`."""
         raise NotImplementedError
-
-    @property
-    def name(self) -> str:
-        return self.result.shard
-
-    @property
-    def complete(self) -> bool:
-        """Every input key has its row (sample or error)."""
-        return self.writer.complete
-
-    def abort(self, error: BaseException | None = None) -> None:
-        """Give up: nothing is published, committed parts stay for the next attempt, the lease is released."""
-        self.writer.abort()
-
-    def finalize(self) -> ShardResult:
-        return self.writer.finalize()
 
 
 def run_local(shard: FeatureShard, work: Callable[[], None]) -> ShardResult:
