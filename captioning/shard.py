@@ -66,7 +66,7 @@ def skipped_result(manifest_url: str, cfg: CaptionConfig) -> ShardResult | None:
     if cfg.force:
         return None
     record = current(output_url(manifest_url, cfg), caption_lineage(manifest_url, cfg))
-    if record is None:
+    if record is None or (cfg.redo == "errors" and record.get("num_error")):
         return None
     result = ShardResult.from_marker(record, output_url=output_url(manifest_url, cfg))
     result.skipped = True
@@ -77,7 +77,8 @@ def pending_manifests(manifests: Iterable[str], cfg: CaptionConfig) -> dict[str,
     """{manifest: why} for the committed manifests whose caption shard is missing or stale (all with force)."""
     out = {}
     for m in manifests:
-        why = "forced" if cfg.force else why_pending(output_url(m, cfg), caption_lineage(m, cfg))
+        why = "forced" if cfg.force else why_pending(output_url(m, cfg), caption_lineage(m, cfg),
+                                                     cfg.redo == "errors")
         if why:
             out[m] = why
     return out
@@ -100,7 +101,8 @@ class CaptionShard(OpenShard):
         self.result = result
         self.writer = ShardWriter.open(result.output_url, self._keys, CAPTION_SCHEMA, result,
                                        caption_lineage(manifest_url, cfg, self.firsts), config=config_dict(cfg),
-                                       force=cfg.force, part_rows=cfg.part_rows)
+                                       force=cfg.force, redo_errors=cfg.redo == "errors",
+                                       part_rows=cfg.part_rows)
         self.todo: list[Row] = []
         if self.done is not None:
             return

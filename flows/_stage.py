@@ -232,6 +232,10 @@ def run_stage(stage: Stage, config: str, overrides: list[str], force: bool, runt
         cfg = stage.load(config, list(overrides) + (["force=true"] if force else []))
         where = getattr(cfg, "source", None) or cfg.output_root
         shards = stage.shards(cfg, runtime.log)
+        if getattr(cfg, "shards", None):  # shards=[...]: only these (by input shard name)
+            wanted = set(cfg.shards)
+            shards = [s for s in shards if s.name in wanted or (s.name.startswith(("text-", "latents-"))
+                                                                and s.name.split("-", 1)[1] in wanted)]
         where = cfg.output_root
         if shards:
             stage.open(cfg)  # before anything is written: a model that cannot load leaves no empty folders

@@ -40,7 +40,8 @@ class IngestStage(Stage):
             log(f"annotation lines rejected: {self.ctx['num_error']} (first: {self.ctx['errors'][0]})")
         self.workers = cfg.workers
         listed = [Shard(s.name, s, "forced" if cfg.force else why_pending(
-            manifest_url(cfg.output_root, cfg.dataset, s.name), ingest_lineage(s, cfg))) for s in shards]
+            manifest_url(cfg.output_root, cfg.dataset, s.name), ingest_lineage(s, cfg), cfg.redo == "errors"))
+            for s in shards]
         pending = [s for s in listed if s.why]
         self.committed_before = len(listed) - len(pending)
         return pending

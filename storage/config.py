@@ -61,6 +61,11 @@ class StageConfig(OutputConfig):
 
     max_shards: int | None = Field(None, gt=0, description="Only the first N shards (smoke runs).")
     force: bool = Field(False, description="Redo shards that are already committed.")
+    redo: Literal["stale", "errors"] = Field(
+        "stale", description="stale: do what is missing or stale; errors: also redo the error rows of committed "
+        "shards (their ok rows are kept).")
+    shards: list[str] = Field(default_factory=list, description="Only these shards, by name (e.g. [sa_000001]); "
+                              "empty: all.")
     create_bucket: bool = Field(False, description="s3 output_root: create the bucket if it does not exist "
                                 "(otherwise a missing bucket is an error, so a typo never creates one).")
 

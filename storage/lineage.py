@@ -35,7 +35,7 @@ RUNTIME = {"runtime": True}  # json_schema_extra of a field that does not change
 def RuntimeField(*args: Any, **kwargs: Any) -> Any:  # noqa: N802 - used like pydantic's Field
     """A pydantic Field that changes how a stage runs, not what it writes: left out of the lineage."""
     return Field(*args, json_schema_extra=RUNTIME, **kwargs)
-ALWAYS_RUNTIME = frozenset({"force", "max_shards", "create_bucket", "output_root"})  # where, not what
+ALWAYS_RUNTIME = frozenset({"force", "redo", "shards", "max_shards", "create_bucket", "output_root"})  # how, not what
 
 
 def _effective(model: BaseModel) -> dict[str, Any]:

@@ -111,13 +111,18 @@ def current(output_url: str, wanted: dict[str, Any]) -> dict[str, Any] | None:
     return record if record is not None and stale_reason(record, wanted) is None else None
 
 
-def why_pending(output_url: str, wanted: dict[str, Any]) -> str | None:
-    """Why `output_url` must be (re)made for the `wanted` lineage: "missing", "stale: <reason>"; None if current."""
+def why_pending(output_url: str, wanted: dict[str, Any], redo_errors: bool = False) -> str | None:
+    """Why `output_url` must be (re)made for the `wanted` lineage: "missing", "stale: <reason>", or (with
+    redo_errors) "redo: N error rows"; None if current."""
     record = read_done(output_url)
     if record is None:
         return "missing"
     reason = stale_reason(record, wanted)
-    return None if reason is None else f"stale: {reason}"
+    if reason is not None:
+        return f"stale: {reason}"
+    if redo_errors and record.get("num_error"):
+        return f"redo: {record['num_error']} error rows"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -237,16 +242,18 @@ class ShardWriter:
     def open(cls, output_url: str, keys: list[str] | Callable[[], list[str]] | None, schema: pa.Schema,
              result: ShardResult,
              lineage: dict[str, Any], *, config: dict[str, Any] | None = None, tar_url: str | None = None,
-             force: bool = False, part_rows: int = 256, lease_ttl: float = DEFAULT_TTL) -> ShardWriter:
+             force: bool = False, redo_errors: bool = False, part_rows: int = 256,
+             lease_ttl: float = DEFAULT_TTL) -> ShardWriter:
         """Skip (`.done` set, no lease), or lease the shard and resume its parts. Raises ShardBusyError. `keys` may
-        be a callable, called under the lease only when the shard is not skipped (it may read the input)."""
+        be a callable, called under the lease only when the shard is not skipped (it may read the input).
+        `redo_errors`: a current shard with error rows is reopened with its ok rows kept, so only those keys run."""
         writer = cls(output_url, None, schema, result, lineage, config=config, tar_url=tar_url, part_rows=part_rows)
-        if not force and writer._current() is not None:
+        if not force and writer._skip(redo_errors):
             return writer
         writer.lease = Lease(output_url, lease_ttl)
         writer.lease.acquire()
         try:
-            if not force and writer._current() is not None:  # finished by another run meanwhile
+            if not force and writer._skip(redo_errors):  # finished by another run meanwhile
                 writer.lease.release()
                 return writer
             writer.parts = PartStore(parts_dir(output_url), schema)
@@ -254,6 +261,9 @@ class ShardWriter:
                 writer.parts.clear()  # made for other inputs or another config: nothing to resume
             if writer.parts.lineage() is None:
                 writer.parts.set_lineage(lineage)
+            if writer.done is not None:  # redo_errors: the committed ok rows become a part, the rest is to do
+                writer._adopt_committed()
+                writer.done = None
             writer.have = {r["key"] for r in writer.parts.read()}
             writer.keys = keys() if callable(keys) else keys
         except BaseException:
@@ -265,6 +275,26 @@ class ShardWriter:
         writer.remaining = set(writer.todo)
         writer.start = time.perf_counter()
         return writer
+
+    def _skip(self, redo_errors: bool) -> bool:
+        """Committed for this lineage, and (with redo_errors) without error rows."""
+        done = self._current()
+        if done is not None and redo_errors and done.num_error:
+            self.result.stats["redone"] = f"redo: {done.num_error} error rows"
+            return False
+        return done is not None
+
+    def _adopt_committed(self) -> None:
+        """The committed output's ok rows (and their tar bytes) as one part, so that they are kept as they are."""
+        rows = [r for r in read_rows(self.output_url) if r["status"] == "ok"]
+        if not rows:
+            return
+        stem = self.parts.next_name()
+        if self.tar_url is not None:
+            fs, path = filesystem(self.tar_url)
+            with commit_shard(stem + ".tar") as tmp:
+                fs.copy(path, filesystem(tmp)[1])  # the same filesystem: the output root's
+        self.parts.write(rows, stem)
 
     def _current(self) -> ShardResult | None:
         """The stored result when the output is committed for this lineage (else None; a stale reason is noted)."""

@@ -6,6 +6,7 @@ import random
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -226,3 +227,35 @@ def test_runner_decodes_the_next_shard_ahead(sam_root, tiny_llava, tiny_t5):
     finally:
         runner.close()
     assert audit_caption_set(sam_root, "sam", "ahead")["ok"]
+
+
+def test_redo_errors_of_one_shard_recaptions_only_its_error_rows(sam_root, tiny_llava, tiny_t5, monkeypatch):
+    """`redo=errors shards=[sa_000001]`: the error rows of that shard run again, its ok rows are kept as they were
+    (no generate() for them), and the other shard is not touched; a plain re-run afterwards skips both."""
+    from flows._stage import LocalRuntime, run_stage
+    from flows.caption_stage import CaptionStage
+
+    args = [f"output_root={sam_root}", f"model={tiny_llava}", f"t5_tokenizer={tiny_t5}",
+            "generation.max_new_tokens=6", "batch_size=3"]
+    assert run_stage(CaptionStage(), "sam", args, False, LocalRuntime(retry_delays=())).ok
+    cfg = config(sam_root, tiny_llava, tiny_t5, generation={"max_new_tokens": 6}, batch_size=3)
+    before = read_rows(cfg)
+    errors = sorted(k for k, r in before.items() if r["status"] == "error" and "decodable" in (r["error"] or ""))
+    assert errors == ["sa_11"]
+    d = Path(caption_set_dir(sam_root, "sam", cfg.resolved_caption_set()))
+    untouched = (d / "sa_000000.parquet").stat().st_mtime_ns
+    decoded = []
+    real = Captioner.encode
+    monkeypatch.setattr(Captioner, "encode", lambda self, images: decoded.append(len(images)) or real(self, images))
+    outcome = run_stage(CaptionStage(), "sam", [*args, "redo=errors", "shards=[sa_000001]"], False,
+                        LocalRuntime(retry_delays=()))
+    assert outcome.ok and [r["shard"] for r in outcome.results] == ["sa_000001"], outcome
+    result = outcome.results[0]
+    assert result["resumed_rows"] == 2 and result["stats"]["redone"] == "redo: 2 error rows", result
+    assert decoded == []  # the one image still fails to decode; no ok row was captioned again
+    after = read_rows(cfg)
+    assert {k: r for k, r in after.items() if r["status"] == "ok"} == {k: r for k, r in before.items()
+                                                                        if r["status"] == "ok"}
+    assert (d / "sa_000000.parquet").stat().st_mtime_ns == untouched
+    again = run_stage(CaptionStage(), "sam", args, False, LocalRuntime(retry_delays=()))
+    assert again.ok and again.total == 0  # nothing pending

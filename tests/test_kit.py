@@ -190,3 +190,39 @@ def test_how_a_stage_runs_is_not_part_of_its_lineage_but_what_it_writes_is():
         assert effective_config(base.model_copy(update=setting)) != effective_config(base), setting
     ingest = IngestConfig(dataset="sam", source="/a")
     assert effective_config(ingest.model_copy(update={"source": "/b", "workers": 8})) == effective_config(ingest)
+
+
+def test_redo_errors_keeps_the_committed_samples_and_fills_in_the_failed_ones(features_copy, tiny_vae, monkeypatch):
+    """A latent that came out non-finite is an error row; `redo=errors` re-encodes only that key and merges it
+    with the committed samples, whose tar bytes are carried over: the index then reads back every key exactly."""
+    cfg = ExtractConfig(dataset="sam", what="latents", output_root=features_copy, vae_model=tiny_vae)
+    manifest = committed_manifests(features_copy, "sam")[0]
+    encoder = LatentEncoder(tiny_vae)
+    real = encoder.encode
+    calls = []
+
+    def first_nan(images):
+        mean, std = real(images)
+        calls.append(len(images))
+        if len(calls) == 1:
+            mean[0] = np.nan
+        return mean, std
+
+    monkeypatch.setattr(encoder, "encode", first_nan)
+    first = extract_latent_shard(manifest, cfg, encoder)
+    assert (first.num_ok, first.num_error) == (3, 1)
+    files = latent_files_of(cfg, "sa_000000")
+    kept = {r["key"]: r for r in read_rows(files.index) if r["status"] == "ok"}
+    old_tar = Path(files.tar).read_bytes()
+    calls.clear()
+    calls.append(0)  # no NaN from here on
+    redone = extract_latent_shard(manifest, cfg.model_copy(update={"redo": "errors"}), encoder)
+    assert (redone.num_ok, redone.num_error, redone.resumed_rows) == (4, 0, 3) and calls[1:] == [1], redone
+    data = Path(files.tar).read_bytes()
+    for r in read_rows(files.index):
+        members = sample_members(data[r["offset"]:r["offset"] + r["bytes"]], r["key"])
+        if r["key"] in kept:  # carried over byte for byte
+            o = kept[r["key"]]
+            assert bytes(members[LATENT_MEMBER]) == bytes(sample_members(
+                old_tar[o["offset"]:o["offset"] + o["bytes"]], r["key"])[LATENT_MEMBER])
+    assert extract_latent_shard(manifest, cfg.model_copy(update={"redo": "errors"}), encoder).skipped

@@ -96,9 +96,10 @@ def pending(kind: str, input_url: str, cfg: ExtractConfig) -> str | None:
     "forced"); None when it is current."""
     if cfg.force:
         return "forced"
+    redo = cfg.redo == "errors"
     if kind == "text":
-        return why_pending(text_files_of(cfg, shard_of(input_url)).index, text_lineage(input_url, cfg))
-    return why_pending(latent_files_of(cfg, shard_of(input_url)).index, latent_lineage(input_url, cfg))
+        return why_pending(text_files_of(cfg, shard_of(input_url)).index, text_lineage(input_url, cfg), redo)
+    return why_pending(latent_files_of(cfg, shard_of(input_url)).index, latent_lineage(input_url, cfg), redo)
 
 
 class FeatureShard(OpenShard):
@@ -115,7 +116,8 @@ class FeatureShard(OpenShard):
                              output_url=index_url)
         self.writer = ShardWriter.open(index_url, self.keys, INDEX_SCHEMA, result, lineage_record,
                                        config=config_dict(cfg),
-                                       tar_url=tar_url, force=cfg.force, part_rows=cfg.part_rows)
+                                       tar_url=tar_url, force=cfg.force, redo_errors=cfg.redo == "errors",
+                                       part_rows=cfg.part_rows)
         self.result = result
         if self.done is None:
             try:

@@ -101,7 +101,7 @@ def ingest_shard(shard: SourceShard, cfg: IngestConfig, ctx: dict[str, Any] | No
     out = manifest_url(cfg.output_root, cfg.dataset, shard.name)
     result = ShardResult(stage="ingest", dataset=cfg.dataset, shard=shard.name, input_url=shard.url, output_url=out)
     writer = ShardWriter.open(out, None, MANIFEST_SCHEMA, result, ingest_lineage(shard, cfg),
-                              config=config_dict(cfg), force=cfg.force)
+                              config=config_dict(cfg), force=cfg.force, redo_errors=cfg.redo == "errors")
     if writer.done is not None:
         return writer.done
     with writer:  # aborts (keeping committed parts) on any error
