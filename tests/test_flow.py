@@ -34,9 +34,12 @@ def test_flow_ingests_all_three_datasets(prefect_server, samples, tmp_path):
 
 def test_flow_rerun_skips_and_force_redoes(prefect_server, samples, tmp_path):
     args = dict(config="sam", overrides=[f"source={samples['sam']}", f"output_root={tmp_path}"])
-    assert ingest(**args, return_state=True).result()["skipped"] == 0
-    assert ingest(**args, return_state=True).result()["skipped"] == 2
-    assert ingest(**args, force=True, return_state=True).result()["skipped"] == 0
+    first = ingest(**args, return_state=True).result()
+    assert (first["to_run"], first["committed"]) == (2, 0)
+    again = ingest(**args, return_state=True).result()  # current shards are not even listed to run
+    assert (again["to_run"], again["committed"], again["all_shards"]) == (0, 2, 2)
+    forced = ingest(**args, force=True, return_state=True).result()
+    assert (forced["to_run"], forced["committed"]) == (2, 0)
 
 
 def test_one_failing_shard_does_not_stop_the_others(prefect_server, samples, tmp_path, monkeypatch):
