@@ -214,6 +214,8 @@ def audit(preset: Preset, overrides: Overrides = None) -> None:
     cfg = _config("audit", preset, overrides)
     from captioning.audit import audit_caption_set
     from storage.ingest.dedupe import duplicate_report
+    from storage.layout import caption_url
+    from storage.manifest import committed_manifests
 
     with _errors():
         cfg.check()
@@ -222,6 +224,11 @@ def audit(preset: Preset, overrides: Overrides = None) -> None:
     ok = dups["unlisted_duplicates"] == 0
     typer.echo(f"{cfg.dataset} manifests: {dups['listed_duplicates']} keys listed as duplicates of an earlier "
                f"shard, {dups['unlisted_duplicates']} keys in two shards not listed")
+    _print_reasons(f"{cfg.dataset} manifests", committed_manifests(cfg.output_root, cfg.dataset))
+    if report is not None:
+        _print_reasons(f"{cfg.dataset}/{cfg.caption_set} captions", [
+            caption_url(cfg.output_root, cfg.dataset, cfg.caption_set, s["shard"]) for s in report["shards"]
+            if s["committed"]])
     if report is not None:
         for s in report["shards"]:
             if not s["committed"] or s["missing"] or s["duplicated"] or s["unknown"]:
@@ -234,6 +241,17 @@ def audit(preset: Preset, overrides: Overrides = None) -> None:
     typer.echo("OK" if ok else "FAILED")
     if not ok:
         raise typer.Exit(1)
+
+
+def _print_reasons(what: str, urls: list[str]) -> None:
+    """Error rows by reason, most frequent first, each with one example."""
+    from storage.manifest import error_reasons
+
+    reasons = error_reasons(urls)
+    typer.echo(f"{what}: {sum(r['rows'] for r in reasons) if reasons else 0} error rows"
+               + (" by reason:" if reasons else ""))
+    for r in reasons:
+        typer.echo(f"  {r['rows']:>6}  {r['reason']}   (e.g. {r['example'][:160]})")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

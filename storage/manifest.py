@@ -6,6 +6,7 @@ and a one-line `error`; good rows have `status="ok"` and width/height after EXIF
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pyarrow as pa
@@ -67,3 +68,26 @@ def read_dataset(root: str, dataset: str) -> pa.Table:
     """All committed manifests of a dataset as one table."""
     tables = [read_manifest(u) for u in committed_manifests(root, dataset)]
     return pa.concat_tables(tables) if tables else MANIFEST_SCHEMA.empty_table()
+
+
+def _reason(error: str) -> str:
+    """An error message with its particulars (quoted names, paths, numbers) blanked, so that rows group by cause."""
+    text = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", error)
+    text = re.sub(r"(?:[a-z]+://|/)[^\s:,;)]+", "<path>", text)
+    return re.sub(r"\d+", "N", text).strip()
+
+
+def error_reasons(urls: list[str], most: int = 10) -> list[dict[str, Any]]:
+    """Error rows of committed outputs (manifests, caption shards, feature indexes) by reason, most frequent first:
+    [{"reason", "rows", "example": "<shard>/<key>: <error>"}]."""
+    counts: dict[str, dict[str, Any]] = {}
+    for url in urls:
+        t = read_table(url, ["key", "status", "error"])
+        for key, status, error in zip(t["key"].to_pylist(), t["status"].to_pylist(), t["error"].to_pylist(),
+                                      strict=True):
+            if status == STATUS_ERROR:
+                reason = _reason(error or "no reason given")
+                entry = counts.setdefault(reason, {"reason": reason, "rows": 0,
+                                                   "example": f"{url.rsplit('/', 1)[-1]}/{key}: {error}"})
+                entry["rows"] += 1
+    return sorted(counts.values(), key=lambda e: (-e["rows"], e["reason"]))[:most]

@@ -205,6 +205,11 @@ def test_audit_command_catches_a_duplicate(sam_root, tiny_llava, tiny_t5):
     for _ in range(10):  # this command once aborted at exit ("terminate called ...") in most runs
         ok = subprocess.run(cmd, capture_output=True, text=True)
         assert ok.returncode == 0 and ok.stdout.rstrip().endswith("OK") and not ok.stderr, (ok.stdout, ok.stderr)
+    lines = ok.stdout.splitlines()  # error rows by reason, the particulars blanked, each with one example
+    assert "sam manifests: 1 error rows by reason:" in lines, ok.stdout
+    assert any(line.split()[0] == "1" and "image not decodable" in line and "sa_000001.parquet/sa_11" in line
+               for line in lines), ok.stdout
+    assert any(line.split()[0] == "1" and line.split()[1:3] == ["not", "ingested:"] for line in lines), ok.stdout
     path = f"{caption_set_dir(sam_root, 'sam', name)}/sa_000000.parquet"
     table = pq.read_table(path)
     pq.write_table(pa.concat_tables([table, table.slice(0, 1)]), path)  # one key twice
