@@ -23,7 +23,7 @@ test: install
 	@$(PY) -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
-# Everything but the tests marked slow (those that start a service, and the heaviest): a couple of minutes.
+# Everything but the tests marked slow (those that start a service, and the heaviest): under 2 minutes on 2 cores.
 test-fast: install
 	@$(PY) -m pytest -q -m "not slow"; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc

@@ -27,8 +27,59 @@ from storage.ingest.samples import build_samples  # noqa: E402
 # fixtures build on): pytest lists a test's fixtures transitively, so a test using any of them is caught.
 SERVICE_FIXTURES = frozenset({"prefect_server", "s3_endpoint"})
 # A test body that starts Ray itself. Tests that start a service in their own way (tests/test_deployment.py's
-# Prefect server and worker) carry `@pytest.mark.slow` explicitly.
+# Prefect server and worker) carry `@pytest.mark.slow` explicitly. `pytest -m "not slow"` must stay a fast loop:
+# about 2 minutes on 2 cores.
 STARTS_RAY = re.compile(r"\bray\.init\(|\bray_session\(")
+# The heaviest of the rest (several seconds each on 2 cores, with `--durations`): whole pipelines, training runs,
+# `pixart` commands in subprocesses that import torch, kill -9 and concurrent runs. "file" marks a whole module,
+# "file::test" one test with all its parameters. tests/test_layering.py checks that each entry names a test.
+HEAVY = frozenset({
+    # whole pipelines and trained models
+    "test_pipeline.py",  # the demo pipeline end to end, then re-runs after changes
+    "test_export.py",  # a stage-2 run trained for the module, exported and loaded into diffusers pipelines
+    "test_train.py::test_a_compiled_model_trains_like_the_eager_one",
+    "test_train.py::test_a_sharded_dit_trains_like_the_plain_one",
+    "test_train.py::test_cli_train_resumes_and_reports",
+    "test_train.py::test_finishing_batches_in_the_step_gives_the_same_run",
+    "test_train.py::test_init_from_a_run_directory_takes_its_latest_checkpoint_and_says_which_weights",
+    "test_train.py::test_an_epoch_that_runs_dry_is_an_error_not_a_hang",
+    "test_train.py::test_stage1_dit_then_stage2_from_its_reparameterisation",
+    "test_train.py::test_stage1_runs_are_deterministic",
+    "test_train.py::test_stage2_steps_checkpoints_and_resumes_exactly",
+    "test_train.py::test_stage3_multi_scale_starts_from_stage2_and_feeds_micro_conditions",
+    "test_train.py::test_the_readmes_stage2_from_a_stage1_run_directory_works",
+    "test_train_failures.py::test_a_corrupt_checkpoint_safetensors_is_named_in_one_line",
+    "test_train_failures.py::test_a_full_disk_during_a_checkpoint_save_is_one_line",
+    "test_train_failures.py::test_a_pickled_optimizer_state_is_refused_in_one_line",
+    "test_train_failures.py::test_a_resume_applies_a_changed_lr_and_records_it",
+    "test_train_failures.py::test_checkpoint_temporaries_of_a_killed_save_are_swept_when_a_run_starts",
+    "test_train_failures.py::test_metrics_survive_a_kill_next_to_a_checkpoint_commit",
+    "test_train_failures.py::test_trainer_json_loader_state_is_the_trained_step_under_prefetch",
+    "test_leftovers.py::test_the_trainer_resumes_exactly_across_epochs_that_start_with_carried_leftovers",
+    # captioning whole shards, or comparing many generations, with the tiny LLaVA
+    "test_captioner.py::test_batch_generation_is_deterministic_and_batch_independent",
+    "test_caption_shards.py::test_audit_command_catches_a_duplicate",
+    "test_caption_shards.py::test_every_key_gets_one_row_and_bad_images_lose_nothing",
+    "test_caption_shards.py::test_journeydb_keeps_prompt_and_caption_and_chooses_training_text",
+    "test_caption_shards.py::test_runner_decodes_the_next_shard_ahead",
+    "test_engine.py::test_finished_rows_free_their_slot_for_the_next_image",
+    "test_engine.py::test_refill_captions_are_byte_identical_to_generate",
+    "test_engine.py::test_refill_captions_real_shards_exactly_once_like_generate",
+    "test_engine.py::test_refill_deterministic_batches",
+    "test_engine.py::test_refill_journeydb_training_text",
+    "test_engine.py::test_refill_runner_decodes_the_next_shard_ahead",
+    # `pixart` commands in subprocesses (each imports torch), kill -9 and concurrent runs, huge inputs
+    "test_features.py::test_extract_command_estimates_runs_and_skips",
+    "test_features.py::test_the_drop_policy_turns_extreme_ratios_into_error_rows",
+    "test_concurrency.py::test_two_caption_runs_at_once_are_exactly_once",
+    "test_concurrency.py::test_two_journeydb_ingests_at_once_both_succeed_and_lose_nothing",
+    "test_defects.py::test_corrupt_committed_manifest_is_one_error_line_naming_it",
+    "test_leases.py::test_kill_9_during_captioning_then_an_immediate_rerun_is_complete",
+    "test_leases.py::test_kill_9_during_extraction_then_an_immediate_rerun_is_complete",
+    "test_model_loading.py::test_building_a_captioner_logs_no_torchvision_warning_and_no_progress_bar",
+    "test_hostile.py::test_huge_annotation_line_is_one_malformed_line",
+    "test_hostile.py::test_huge_member_of_a_tgz_is_streamed_past",
+})
 
 
 @functools.cache
@@ -39,10 +90,16 @@ def _starts_ray(function) -> bool:
         return False
 
 
+def _is_heavy(item) -> bool:
+    file = item.path.name
+    return file in HEAVY or f"{file}::{getattr(item, 'originalname', item.name)}" in HEAVY
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         function = getattr(item, "function", None)
-        if SERVICE_FIXTURES.intersection(getattr(item, "fixturenames", ())) or (function and _starts_ray(function)):
+        if (SERVICE_FIXTURES.intersection(getattr(item, "fixturenames", ())) or (function and _starts_ray(function))
+                or _is_heavy(item)):
             item.add_marker(pytest.mark.slow)
 
 

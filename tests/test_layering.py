@@ -128,3 +128,17 @@ def test_the_captioning_package_docstring_lists_every_module():
     doc = next(ast.get_docstring(n) for n in ast.parse(captioner.read_text()).body
                if isinstance(n, ast.ClassDef) and n.name == "Captioner")
     assert "prepare_image" not in doc and "prep" in doc
+
+
+def test_the_heavy_tests_named_in_conftest_exist():
+    """tests/conftest.py marks these `slow` by name: a renamed test would silently join the fast loop."""
+    from tests.conftest import HEAVY
+
+    def names(path: Path) -> set[str]:  # test functions, and tests reused under another name (test_x = other.test_y)
+        body = ast.parse(path.read_text()).body
+        return ({n.name for n in body if isinstance(n, ast.FunctionDef)}
+                | {t.id for n in body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)})
+
+    missing = [e for e in sorted(HEAVY) if not (ROOT / "tests" / e.split("::")[0]).exists()
+               or ("::" in e and e.split("::")[1] not in names(ROOT / "tests" / e.split("::")[0]))]
+    assert missing == []
