@@ -365,7 +365,8 @@ def status(preset: Preset, overrides: Overrides = None) -> None:
 @app.command()
 def demo() -> None:
     """The same as `pixart pipeline demo`: sample SA-1B, JourneyDB and ImageNet shards from real photos and tiny
-    random models (built offline under demo-output/ once) through every step, on this machine."""
+    random models (built offline under demo-output/ once) through every step, on this machine: ingest -> captions
+    -> T5 features and VAE latents -> training stage 1 -> stage 2 -> stage 3 (hq256 -> hq512 -> ms1024) -> export."""
     pipeline("demo", None)
 
 
