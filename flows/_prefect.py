@@ -38,6 +38,23 @@ def shard_task(stage_name: str, shard_name: str, call) -> dict[str, Any]:
     return call()
 
 
+GPU_LIMIT = "pixart-gpu"  # the global concurrency limit of GPU slots: `prefect gcl create pixart-gpu --limit N`
+
+
+def _on_gpus(slots: int, call):
+    """Run `call` holding `slots` of the `pixart-gpu` global concurrency limit (strict: the limit must exist)."""
+    from prefect.concurrency.sync import concurrency
+
+    try:
+        with concurrency(GPU_LIMIT, occupy=slots, strict=True):
+            return call()
+    except Exception as e:
+        if GPU_LIMIT in str(e) and ("must be created" in str(e) or "not found" in str(e).lower()):
+            raise PipelineError(f"no global concurrency limit {GPU_LIMIT!r}: create it with `prefect gcl create "
+                                f"{GPU_LIMIT} --limit <GPUs>` (docker/README)") from None
+        raise
+
+
 class PrefectRuntime(Runtime):
     """Shard calls as Prefect tasks (at most `stage.workers` at once), logs to the run logger, UI artifacts."""
 
@@ -50,12 +67,15 @@ class PrefectRuntime(Runtime):
         self.logger.log(level, message)
 
     def run_shards(self, stage: Stage, cfg, shards, on_done) -> None:
+        slots = stage.gpu_slots(cfg)
         pending = list(reversed(shards))
         running = {}
         while pending or running:
             while pending and len(running) < max(1, stage.workers):
                 shard = pending.pop()
                 call = (lambda s: lambda: stage.run_shard(s, cfg, lambda n: None))(shard)
+                if slots:  # wait for free GPU slots; a missing limit is an error, not a silent no-op
+                    call = (lambda c, n: lambda: _on_gpus(n, c))(call, slots)
                 running[self.task_fn.submit(stage.name, shard.name, call)] = shard
             future = next(as_completed(list(running)))
             shard = running.pop(future)

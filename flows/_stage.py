@@ -97,6 +97,11 @@ class Stage:
     def run_shard(self, shard: Shard, cfg: Any, progress: Callable[[int], None]) -> dict[str, Any]:
         raise NotImplementedError
 
+    def gpu_slots(self, cfg: Any) -> int:
+        """GPUs one shard call holds. Under Prefect each call then waits for that many slots of the `pixart-gpu`
+        global concurrency limit, so stages sharing a cluster never oversubscribe its GPUs."""
+        return 0
+
     def ray_pipelines(self, cfg: Any, shards: list[Shard]) -> list:
         """The stage's Ray Data pipelines (`flows._ray_stage.RayPipeline`), for executor=ray."""
         raise PipelineError(f"{self.name} has no Ray executor")
@@ -116,7 +121,9 @@ class Stage:
             on_done(by_name[name], None, err)
 
     def finish(self, cfg: Any, outcome: StageOutcome, runtime: Runtime) -> str:
-        """After every shard: dataset-wide steps, artifacts; returns the one-line success message."""
+        """After every shard: dataset-wide steps, artifacts; returns the one-line message (the failures first)."""
+        if not outcome.ok:
+            return failure_message(outcome)
         return f"{outcome.counts()['num_ok']} ok, {outcome.counts()['num_error']} error rows"
 
 
@@ -304,6 +311,16 @@ def shard_table(outcome: StageOutcome) -> list[dict[str, Any]]:
         rows += [{"shard": name, "state": state, **dict.fromkeys(SHARD_COLUMNS), "output": None, "reason": why}
                  for name, why in shards.items()]
     return sorted(rows, key=lambda row: row["shard"])
+
+
+def local_gpus(cfg: Any) -> int:
+    """1 when a stage's shard calls run here (executor=local) on a GPU (device cuda, or auto with one), else 0:
+    with executor=ray, Ray's resources place the GPU work instead."""
+    if getattr(cfg, "executor", "local") != "local" or getattr(cfg, "device", "cpu") == "cpu":
+        return 0
+    import torch
+
+    return 1 if torch.cuda.is_available() else 0
 
 
 def manifests_to_read(cfg: Any) -> list[str]:

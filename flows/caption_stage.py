@@ -19,7 +19,7 @@ from captioning.quality import QualityAccumulator, quality_markdown
 from captioning.records import ensure_caption_set
 from captioning.shard import CaptionShard, outcome_of, pending_manifests
 from flows._ray_stage import RayPipeline
-from flows._stage import Shard, Stage, StageOutcome, failure_message, manifests_to_read
+from flows._stage import Shard, Stage, StageOutcome, failure_message, local_gpus, manifests_to_read
 from storage.commit import is_done, write_atomic
 from storage.configio import load_config
 from storage.layout import caption_set_dir, shard_of
@@ -42,6 +42,9 @@ class CaptionStage(Stage):
 
     def output_dir(self, cfg: CaptionConfig) -> str:
         return caption_set_dir(cfg.output_root, cfg.dataset, cfg.resolved_caption_set())
+
+    def gpu_slots(self, cfg: CaptionConfig) -> int:
+        return local_gpus(cfg)
 
     def shards(self, cfg: CaptionConfig, log) -> list[Shard]:
         manifests = manifests_to_read(cfg)

@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from flows._ray_stage import RayPipeline
-from flows._stage import Shard, Stage, StageOutcome, failure_message, manifests_to_read
+from flows._stage import Shard, Stage, StageOutcome, failure_message, local_gpus, manifests_to_read
 from pixart.features.bucket_report import bucket_histogram, histogram_png
 from pixart.features.config import ExtractConfig
 from pixart.features.estimate import estimate, t5_width
@@ -55,6 +55,9 @@ class ExtractStage(Stage):
 
     def output_dir(self, cfg: ExtractConfig) -> str:
         return features_dir(cfg.output_root, cfg.dataset)
+
+    def gpu_slots(self, cfg: ExtractConfig) -> int:
+        return local_gpus(cfg)
 
     def shards(self, cfg: ExtractConfig, log) -> list[Shard]:
         manifests = manifests_to_read(cfg)

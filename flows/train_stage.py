@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from flows._stage import Runtime, Shard, Stage, StageOutcome, failure_message, run_stage
+from flows._stage import Runtime, Shard, Stage, StageOutcome, failure_message, local_gpus, run_stage
 from pixart.train.config import TrainConfig
 from pixart.train.monitor import metrics_url
 from pixart.train.prepare import check_run, prepare_conditions, with_recorded_encoders, write_config
@@ -87,6 +87,9 @@ class TrainStage(Stage):
 
     def output_dir(self, cfg: TrainConfig) -> str:
         return run_dir(cfg.output_root, cfg.run)
+
+    def gpu_slots(self, cfg: TrainConfig) -> int:
+        return local_gpus(cfg)
 
     def shards(self, cfg: TrainConfig, log: Callable[[str], None]) -> list[Shard]:
         from pixart.train import checkpoint

@@ -139,3 +139,49 @@ def test_a_quick_run_of_the_full_pipeline_without_sources_says_which_field_to_fi
 
     state = pixart_pipeline(config="pixart-alpha", return_state=True)
     assert state.is_failed() and "datasets.sam.source: fill in" in state.message, state.message
+
+
+def test_gpu_shard_calls_wait_for_the_strict_gpu_limit(prefect_server, tmp_path):
+    """A stage whose shard calls hold a GPU runs them under the `pixart-gpu` global concurrency limit: without the
+    limit the shard fails naming it (strict, not a silent no-op); with it, the shards run, one at a time."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    from flows._prefect import GPU_LIMIT, run_as_flow
+    from flows._stage import Shard, Stage
+
+    class GpuStage(Stage):
+        name = "gpu-test"
+        workers = 2
+
+        def load(self, config, overrides):
+            from storage.config import StageConfig
+
+            return StageConfig(output_root=str(tmp_path))
+
+        def output_dir(self, cfg):
+            return str(tmp_path)
+
+        def shards(self, cfg, log):
+            return [Shard("a", 1), Shard("b", 2)]
+
+        def gpu_slots(self, cfg):
+            return 1
+
+        def run_shard(self, shard, cfg, progress):
+            return {"shard": shard.name, "num_ok": 1, "num_error": 0}
+
+    @flow(name="gpu-test")
+    def gpu_flow():
+        return run_as_flow(GpuStage(), "", [], False)
+
+    missing = gpu_flow(return_state=True)
+    assert missing.is_failed() and f"no global concurrency limit {GPU_LIMIT!r}" in missing.message, missing.message
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=1))
+        try:
+            ran = gpu_flow(return_state=True)
+        finally:
+            client.delete_global_concurrency_limit_by_name(GPU_LIMIT)
+    assert ran.is_completed(), ran.message
