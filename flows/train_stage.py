@@ -37,7 +37,7 @@ from pixart.train.monitor import metrics_url
 from pixart.train.prepare import check_run, prepare_conditions, with_recorded_encoders, write_config
 from storage.configio import load_config
 from storage.errors import PipelineError, ShardBusyError
-from storage.layout import run_dir
+from storage.layout import run_dir, samples_dir
 from storage.lease import Lease
 from storage.urls import exists, filesystem, join, open_url
 
@@ -231,14 +231,35 @@ def _last_logged_step(cfg: TrainConfig) -> int:
     return int(json.loads(lines[-1])["step"]) if lines else 0
 
 
+THUMBNAIL = 512  # longest side of an image sent to Prefect as an artifact (a 1024 grid as-is is MBs of base64)
+
+
+def thumbnail_markdown(png: bytes, alt: str, where: str) -> str:
+    """An image as inline markdown, shrunk to a JPEG thumbnail; the full-size file is named below it."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as im:
+        im = im.convert("RGB")
+        im.thumbnail((THUMBNAIL, THUMBNAIL))
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=85)
+    return f"![{alt}](data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()})\n\n`{where}`"
+
+
 def _latest_grid(cfg: TrainConfig) -> str | None:
-    """The run's latest sample grid as markdown (the PNG inline), or None before the first."""
-    fs, path = filesystem(join(run_dir(cfg.output_root, cfg.run), "samples"))
+    """The run's latest sample grid (labelled with its prompts or classes) and its loss curve as markdown
+    thumbnails, or None before the first grid."""
+    fs, path = filesystem(samples_dir(cfg.output_root, cfg.run))
     grids = sorted(fs.glob(f"{path}/step-*.png"))
     if not grids:
         return None
-    data = base64.b64encode(fs.cat_file(grids[-1])).decode()
-    return f"![samples](data:image/png;base64,{data})\n\n`{grids[-1]}`"
+    text = thumbnail_markdown(fs.cat_file(grids[-1]), "samples", grids[-1])
+    loss = join(run_dir(cfg.output_root, cfg.run), "loss.png")
+    if exists(loss):
+        text += "\n\n" + thumbnail_markdown(filesystem(loss)[0].cat_file(filesystem(loss)[1]), "loss", loss)
+    return text
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -132,19 +132,36 @@ def sample_classes(dit: DiTTransformer2DModel, vae: AutoencoderKL, class_ids: li
                 generator=torch.Generator().manual_seed(seed)).images
 
 
-def grid(images: list[Image.Image], cols: int) -> Image.Image:
-    """Tiles left to right, top to bottom, on black; every tile takes the first image's size."""
-    from PIL import Image
+LABEL_HEIGHT = 14  # pixels of the caption strip under each tile
+
+
+def grid(images: list[Image.Image], cols: int, labels: list[str] | None = None) -> Image.Image:
+    """Tiles left to right, top to bottom, on black; every tile takes the first image's size. `labels` (a prompt
+    or a class per image) are written under their tiles, cut to the tile's width."""
+    from PIL import Image, ImageDraw
 
     if not images or cols <= 0:
         raise ValueError(f"a grid needs images and cols > 0 (got {len(images)} images, cols {cols})")
+    if labels is not None and len(labels) != len(images):
+        raise ValueError(f"{len(labels)} labels for {len(images)} images")
     w, h = images[0].size
+    cell = h + (LABEL_HEIGHT if labels else 0)
     rows = math.ceil(len(images) / cols)
-    out = Image.new("RGB", (cols * w, rows * h))
+    out = Image.new("RGB", (cols * w, rows * cell))
+    draw = ImageDraw.Draw(out)
     for i, im in enumerate(images):
-        out.paste(im.convert("RGB").resize((w, h)) if im.size != (w, h) else im.convert("RGB"),
-                  ((i % cols) * w, (i // cols) * h))
+        x, y = (i % cols) * w, (i // cols) * cell
+        out.paste(im.convert("RGB").resize((w, h)) if im.size != (w, h) else im.convert("RGB"), (x, y))
+        if labels:
+            text = labels[i]
+            while text and draw.textlength(text) > w - 4:
+                text = text[:-2] + "…" if len(text) > 1 else ""
+            draw.text((x + 2, y + h + 1), text, fill=(230, 230, 230))
     return out
+
+
+def class_label(class_id: int) -> str:
+    return "null class" if class_id == 1000 else f"class {class_id}"
 
 
 def samples_url(root: str, run: str, step: int) -> str:
@@ -191,7 +208,9 @@ def save_samples(trainer: Any, step: int | None = None) -> str | None:
     finally:
         model.train(was_training)
     buf = io.BytesIO()
-    grid(images, math.ceil(math.sqrt(len(images)))).save(buf, format="PNG")
+    labels = ([class_label(c) for c in sched.sample_classes] if cfg.stage == 1 else list(sched.sample_prompts))
+    grid(images, math.ceil(math.sqrt(len(images))), labels if len(labels) == len(images) else None).save(
+        buf, format="PNG")
     url = samples_url(cfg.output_root, cfg.run, step)
     write_atomic(url, buf.getvalue())
     return url
@@ -226,7 +245,9 @@ def sample_checkpoint(url: str, prompts: list[str] | None = None, classes: list[
               "device": dev}
     with torch.no_grad():
         if cfg["stage"] == 1:
-            images = sample_classes(model, vae, list(classes or [207, 360, 387, 974]), **common)
+            classes = list(classes or [207, 360, 387, 974])
+            images = sample_classes(model, vae, classes, **common)
+            return grid(images, math.ceil(math.sqrt(len(images))), [class_label(c) for c in classes])
         else:
             if not prompts:
                 raise ValueError("give at least one prompt")
@@ -234,4 +255,4 @@ def sample_checkpoint(url: str, prompts: list[str] | None = None, classes: list[
                 ["", *prompts])
             text, mask = pad_features(feats, cfg["data"]["max_tokens"])
             images = sample_text(model, vae, text[1:], mask[1:], text[0], mask[0], **common)
-    return grid(images, math.ceil(math.sqrt(len(images))))
+    return grid(images, math.ceil(math.sqrt(len(images))), list(prompts))
