@@ -260,11 +260,14 @@ def run_stage(stage: Stage, config: str, overrides: list[str], force: bool, runt
     start = time.perf_counter()
 
     reported: set[str] = set()
+    tally = {"samples": 0, "percent": -1, "at": 0.0}  # progress: on each new percent or every 2 s, not per shard
 
     def on_done(shard: Shard, result: dict | None, err: BaseException | None) -> None:
         reported.add(shard.name)
         if err is None:
             outcome.results.append(result)
+            if not result.get("skipped"):
+                tally["samples"] += result["num_ok"] + result["num_error"]
             redone = (result.get("stats") or {}).get("redone")
             runtime.log(f"{shard.name}: {result['num_ok']} ok, {result['num_error']} errors"
                         + (" (already committed)" if result.get("skipped") else "")
@@ -277,9 +280,12 @@ def run_stage(stage: Stage, config: str, overrides: list[str], force: bool, runt
             runtime.log(f"{shard.name} failed{' after retries' if is_transient(err) else ''}: {one_line(err)}",
                         logging.ERROR)
         done = len(outcome.results) + len(outcome.failed) + len(outcome.busy)
-        rate = sum(r["num_ok"] + r["num_error"] for r in outcome.results if not r.get("skipped")) / max(
-            1e-9, time.perf_counter() - start)
-        runtime.progress(done / max(1, len(shards)), f"{done}/{len(shards)} shards, {rate:.1f} samples/s")
+        now = time.perf_counter()
+        percent = 100 * done // max(1, len(shards))
+        if percent != tally["percent"] or now - tally["at"] > 2.0 or done == len(shards):
+            tally.update(percent=percent, at=now)
+            rate = tally["samples"] / max(1e-9, now - start)
+            runtime.progress(done / max(1, len(shards)), f"{done}/{len(shards)} shards, {rate:.1f} samples/s")
 
     try:
         if shards:
