@@ -8,9 +8,9 @@ import pytest
 import webdataset as wds
 
 from storage.commit import commit_shard, is_done, read_done, write_done
+from storage.ingest import shard as ingest_mod
 from storage.ingest.config import IngestConfig
 from storage.ingest.shard import ingest_shard, list_shards
-from storage.ingest import shard as ingest_mod
 from storage.manifest import committed_manifests, read_manifest
 from storage.wds import EmptyShardError, ShardTarWriter
 

@@ -14,9 +14,9 @@ from pixart.features.config import ExtractConfig
 from pixart.features.encoders import LatentEncoder, TextEncoder
 from pixart.features.extract import extract_latent_shard, extract_text_shard, latent_files_of, text_files_of
 from storage.layout import caption_url
+from storage.lineage import committed_identity
 from storage.manifest import committed_manifests
 from storage.parquet import read_rows
-from storage.lineage import committed_identity
 
 
 def members(tar_url: str) -> dict[str, bytes]:

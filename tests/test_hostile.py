@@ -14,11 +14,11 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from storage.ingest.sources.journeydb import iter_annotations
 
 from storage.ingest.config import IngestConfig
 from storage.ingest.samples import add_member
 from storage.ingest.shard import prepare
+from storage.ingest.sources.journeydb import iter_annotations
 from tests.archives import file_member, sa1b_pair
 from tests.hostile import (
     GB,

@@ -5,11 +5,11 @@ import shutil
 import tarfile
 
 import pytest
-from storage.ingest.sources.journeydb import strip_midjourney_flags
 
 from storage.errors import SourceError
 from storage.ingest.config import IngestConfig
 from storage.ingest.shard import ingest_shard, list_shards, prepare
+from storage.ingest.sources.journeydb import strip_midjourney_flags
 from storage.manifest import read_dataset
 
 

@@ -12,8 +12,8 @@ import re
 from collections.abc import Iterator
 
 from storage.errors import SourceError
-from storage.layout import safe_name, shard_name_of
 from storage.ingest.sources.base import Source, SourceSample, SourceShard, list_archives, register
+from storage.layout import safe_name, shard_name_of
 from storage.tarstream import DEFAULT_MAX_MEMBER_BYTES, iter_tar, member_stem, too_large, utf8_name
 from storage.urls import describe_error, filesystem, read_text, to_url
 

@@ -13,8 +13,8 @@ import re
 from collections.abc import Iterator
 
 from storage.errors import SourceError
-from storage.layout import safe_name, shard_name_of
 from storage.ingest.sources.base import Source, SourceSample, SourceShard, list_archives, register
+from storage.layout import safe_name, shard_name_of
 from storage.tarstream import iter_tar, member_stem
 from storage.urls import read_text
 
