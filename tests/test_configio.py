@@ -225,7 +225,8 @@ def test_the_ray_sections_share_one_base():
 def test_every_preset_loads(kind):
     from storage.configio import preset_names
 
-    needs = {"extract": ["caption_set=x"], "sample": ["checkpoint=/c"], "export": ["checkpoint=/c", "out=/o"]}
+    needs = {"extract": ["caption_set=x"], "sample": ["checkpoint=/c"], "export": ["checkpoint=/c", "out=/o"],
+             "pipeline": ["datasets.sam.source=/a", "datasets.journeydb.source=/b", "datasets.imagenet.source=/c"]}
     names = preset_names(kind)
     assert names
     for name in names:
