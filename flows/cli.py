@@ -53,6 +53,7 @@ CONFIGS = {
     "export": "pixart.train.config:ExportConfig",
     "audit": "captioning.audit:AuditConfig",
     "pipeline": "flows.pipeline_config:PipelineConfig",
+    "setup": "flows.setup:SetupConfig",
     "status": "flows.pipeline_config:PipelineConfig",
 }
 
@@ -360,6 +361,18 @@ def status(preset: Preset, overrides: Overrides = None) -> None:
                 done.add(step.name)
             after = f"  <- {', '.join(step.after)}" if step.after else ""
             typer.echo(f"{step.name:<24} {s.state:<8} {s.detail}{after}")
+
+
+@app.command(cls=_ConfigCommand)
+def setup(preset: Preset, overrides: Overrides = None) -> None:
+    """Create, once per cluster, what the Prefect side expects (PREFECT_API_URL must point at the server): the
+    pixart-gpu global concurrency limit and the automation that marks runs without heartbeats Crashed."""
+    from flows.setup import setup_prefect
+
+    cfg = _config("setup", preset, overrides)
+    with _errors():
+        for line in setup_prefect(cfg):
+            typer.echo(line)
 
 
 @app.command()

@@ -109,7 +109,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"ingest": "storage.ingest.config:IngestConfig", "caption": "captioning.config:CaptionConfig",
            "extract": "pixart.features.config:ExtractConfig", "train": "pixart.train.config:TrainConfig",
            "sample": "pixart.train.config:SampleConfig", "export": "pixart.train.config:ExportConfig",
-           "audit": "captioning.audit:AuditConfig", "pipeline": "flows.pipeline_config:PipelineConfig"}
+           "audit": "captioning.audit:AuditConfig", "pipeline": "flows.pipeline_config:PipelineConfig",
+           "setup": "flows.setup:SetupConfig"}
 
 
 def config_class(command: str) -> type:

@@ -185,3 +185,27 @@ def test_gpu_shard_calls_wait_for_the_strict_gpu_limit(prefect_server, tmp_path)
         finally:
             client.delete_global_concurrency_limit_by_name(GPU_LIMIT)
     assert ran.is_completed(), ran.message
+
+
+def test_setup_creates_the_gpu_limit_and_the_zombie_automation_once(prefect_server):
+    from prefect.automations import Automation
+    from prefect.client.orchestration import get_client
+
+    from flows._prefect import GPU_LIMIT
+    from flows.setup import AUTOMATION, SetupConfig, setup_prefect
+
+    try:
+        first = setup_prefect(SetupConfig(gpu_slots=4, heartbeat_timeout_s=60))
+        again = setup_prefect(SetupConfig(gpu_slots=2, heartbeat_timeout_s=60))  # idempotent: updates, no copies
+        assert "created" in first[0] and "set to 2 slots" in again[0] and "replaced" in again[1]
+        with get_client(sync_client=True) as client:
+            assert client.read_global_concurrency_limit_by_name(GPU_LIMIT).limit == 2
+            assert len(client.read_automations_by_name(AUTOMATION)) == 1
+        automation = Automation.read(name=AUTOMATION)
+        trigger = automation.trigger
+        assert trigger.posture == "Proactive" and trigger.after == {"prefect.flow-run.heartbeat"}
+        assert trigger.within.total_seconds() == 60 and automation.actions[0].state == "CRASHED"
+    finally:
+        with get_client(sync_client=True) as client:
+            client.delete_global_concurrency_limit_by_name(GPU_LIMIT)
+        Automation.read(name=AUTOMATION).delete()
