@@ -18,7 +18,7 @@ from pixart.models import ModelConfig, build_pixart
 from pixart.train import checkpoint
 from pixart.train.diffusion import IDDPM
 from pixart.train.prepare import prepare_run
-from pixart.train.sampling import make_scheduler, sample_text, save_samples
+from pixart.train.sampling import LABEL_HEIGHT, make_scheduler, sample_text, save_samples
 from pixart.train.trainer import Trainer
 from storage.errors import PipelineError
 from tests.test_train import config
@@ -132,7 +132,7 @@ def test_save_samples_writes_a_deterministic_grid(stage2, monkeypatch):
     url = save_samples(trainer, 4)
     assert url.endswith("runs/export-stage2/samples/step-000000004.png")
     first = Path(url).read_bytes()
-    assert Image.open(io.BytesIO(first)).size == (2 * 256, 256)  # two prompts, 256 px tiles
+    assert Image.open(io.BytesIO(first)).size == (2 * 256, 256 + LABEL_HEIGHT)  # two prompts, 256 px tiles, labelled
     vae = trainer._sample_vae
     assert save_samples(trainer, 4) == url and Path(url).read_bytes() == first and trainer._sample_vae is vae
     monkeypatch.setattr(trainer, "ema", None)  # no EMA: the model itself, back in train mode afterwards
@@ -150,7 +150,7 @@ def test_stage1_samples_classes_and_exports_a_dit_pipeline(features, tiny_vae, t
     list(trainer.fit())
     url = save_samples(trainer, trainer.step)
     first = Path(url).read_bytes()
-    assert Image.open(io.BytesIO(first)).size == (2 * 256, 2 * 256)  # four classes, 2 x 2
+    assert Image.open(io.BytesIO(first)).size == (2 * 256, 2 * (256 + LABEL_HEIGHT))  # four classes, 2 x 2
     assert Path(save_samples(trainer, trainer.step)).read_bytes() == first
     out = export(checkpoint.latest(features, "samples-stage1"), str(tmp_path / "dit"))
     pipe = DiTPipeline.from_pretrained(out, vae=AutoencoderKL.from_pretrained(tiny_vae))
