@@ -200,7 +200,7 @@ def test_kill_9_during_captioning_then_an_immediate_rerun_is_complete(sam_root, 
 
     args = ["caption", "sam", f"output_root={sam_root}", f"model={tiny_llava}", f"t5_tokenizer={tiny_t5}",
             "generation.max_new_tokens=6", "batch_size=1", "part_rows=1", "caption_set=k"]
-    run_until_paused_then_kill(args, "storage.shard", "PartStore", "write")
+    run_until_paused_then_kill(args, "storage.parts", "PartStore", "write")
     assert lease_files(sam_root), "the kill should leave the shard's lease behind"
     again = pixart(*args)  # at once: no waiting for the dead run's lease
     assert again.exit_code == 0, again.output
@@ -231,7 +231,7 @@ def test_kill_9_during_extraction_then_an_immediate_rerun_is_complete(captioned_
 
     args = ["extract", "sam-256", f"output_root={captioned_copy}", "caption_set=tiny", f"t5_model={tiny_t5_encoder}",
             f"vae_model={tiny_vae}", "part_rows=1"]
-    run_until_paused_then_kill(args, "storage.shard", "PartStore", "write")
+    run_until_paused_then_kill(args, "storage.parts", "PartStore", "write")
     assert lease_files(captioned_copy), "the kill should leave the shard's lease behind"
     again = pixart(*args)  # at once: no waiting for the dead run's lease
     assert again.exit_code == 0, again.output
