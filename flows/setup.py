@@ -4,7 +4,9 @@
   (`flows/_prefect.py`), so a cluster without it fails loudly instead of oversubscribing its GPUs;
 - the automation `pixart-zombie-runs`: a flow run whose process stopped sending `prefect.flow-run.heartbeat` events
   (workers send one every `PREFECT_FLOWS_HEARTBEAT_FREQUENCY` seconds) for `heartbeat_timeout_s` is set Crashed, so
-  a killed worker's run does not stay Running and can be retried.
+  a killed worker's run does not stay Running and can be retried. The timeout must cover two heartbeats of this
+  machine's Prefect settings (Prefect's default is one every 180 s; docker/compose.yaml sets 30 s), else live runs
+  would be set Crashed: setup refuses a shorter one.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from datetime import timedelta
 from pydantic import Field
 
 from storage.configio import StrictModel
+from storage.errors import PipelineError
 
 AUTOMATION = "pixart-zombie-runs"
 
@@ -32,9 +35,15 @@ def setup_prefect(cfg: SetupConfig) -> list[str]:
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
     from prefect.client.schemas.objects import StateType
     from prefect.exceptions import ObjectNotFound
+    from prefect.settings import get_current_settings
 
     from flows._prefect import GPU_LIMIT
 
+    beat = get_current_settings().flows.heartbeat_frequency
+    if beat is not None and cfg.heartbeat_timeout_s < 2 * beat:
+        raise PipelineError(f"heartbeat_timeout_s={cfg.heartbeat_timeout_s} is less than two heartbeats "
+                            f"(PREFECT_FLOWS_HEARTBEAT_FREQUENCY={beat} s): live runs would be set Crashed. Set "
+                            f"heartbeat_timeout_s>={2 * beat}, or a shorter heartbeat on the workers (30 s at least)")
     done = []
     with get_client(sync_client=True) as client:
         try:

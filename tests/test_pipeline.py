@@ -10,6 +10,7 @@ import pytest
 from flows.pipeline import demo_inputs, local_runner, plan, run_pipeline, state
 from flows.pipeline_config import PipelineConfig
 from storage.configio import load_config
+from storage.errors import PipelineError
 
 CAPTION = ["generation.max_new_tokens=40", "batch_size=4"]
 
@@ -190,13 +191,18 @@ def test_gpu_shard_calls_wait_for_the_strict_gpu_limit(prefect_server, tmp_path)
 def test_setup_creates_the_gpu_limit_and_the_zombie_automation_once(prefect_server):
     from prefect.automations import Automation
     from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     from flows._prefect import GPU_LIMIT
     from flows.setup import AUTOMATION, SetupConfig, setup_prefect
 
+    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 180}), pytest.raises(PipelineError, match=(
+            "heartbeat_timeout_s=300 is less than two heartbeats")):  # Prefect's default beat: live runs crashed
+        setup_prefect(SetupConfig(gpu_slots=4, heartbeat_timeout_s=300))
     try:
-        first = setup_prefect(SetupConfig(gpu_slots=4, heartbeat_timeout_s=60))
-        again = setup_prefect(SetupConfig(gpu_slots=2, heartbeat_timeout_s=60))  # idempotent: updates, no copies
+        with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 30}):
+            first = setup_prefect(SetupConfig(gpu_slots=4, heartbeat_timeout_s=60))
+            again = setup_prefect(SetupConfig(gpu_slots=2, heartbeat_timeout_s=60))  # idempotent: no copies
         assert "created" in first[0] and "set to 2 slots" in again[0] and "replaced" in again[1]
         with get_client(sync_client=True) as client:
             assert client.read_global_concurrency_limit_by_name(GPU_LIMIT).limit == 2
