@@ -46,7 +46,7 @@ def test_every_command_takes_a_preset_then_overrides_and_no_other_flags():
         assert [a.name for a in arguments] == ["preset", "overrides"] and arguments[1].nargs == -1, name
         flags = {o for p in params if p.param_type_name == "option" for o in p.opts} - {"--help"}
         force = {"--force"} if "force" in config_class(name).model_fields else set()
-        assert flags == force | ({"--estimate"} if name == "extract" else set()), name
+        assert flags == force | ({"--estimate"} if name in ("extract", "status") else set()), name
 
 
 @pytest.mark.parametrize("command", COMMANDS)
