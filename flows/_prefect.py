@@ -7,6 +7,7 @@ Each shard is one task run named `<stage>-<shard>` with up to 2 retries, for tra
 from __future__ import annotations
 
 import logging
+import queue
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -17,7 +18,6 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import as_completed
 from prefect.states import Completed, Failed
 
 from flows._stage import Runtime, Stage, StageOutcome, run_stage
@@ -70,15 +70,17 @@ class PrefectRuntime(Runtime):
         slots = stage.gpu_slots(cfg)
         pending = list(reversed(shards))
         running = {}
+        finished: queue.SimpleQueue = queue.SimpleQueue()  # futures, as they finish: O(1) per shard at any count
         while pending or running:
             while pending and len(running) < max(1, stage.workers):
                 shard = pending.pop()
                 call = (lambda s: lambda: stage.run_shard(s, cfg, lambda n: None))(shard)
                 if slots:  # wait for free GPU slots; a missing limit is an error, not a silent no-op
                     call = (lambda c, n: lambda: _on_gpus(n, c))(call, slots)
-                running[self.task_fn.submit(stage.name, shard.name, call)] = shard
-            future = next(as_completed(list(running)))
-            shard = running.pop(future)
+                future = self.task_fn.submit(stage.name, shard.name, call)
+                running[future] = shard
+                future.add_done_callback(finished.put)
+            shard = running.pop(future := finished.get())
             try:
                 result = future.result()
             except Exception as e:  # noqa: BLE001 - one shard's failure must not stop the others

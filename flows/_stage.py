@@ -261,6 +261,10 @@ def run_stage(stage: Stage, config: str, overrides: list[str], force: bool, runt
 
     reported: set[str] = set()
     tally = {"samples": 0, "percent": -1, "at": 0.0}  # progress: on each new percent or every 2 s, not per shard
+    # A done shard gets its own log line in runs of up to QUIET_AFTER shards; above that (thousands of lines in the
+    # run's logs, one database row each under Prefect) the progress line stands for them, at most every 2 s, and the
+    # per-shard table keeps every shard. Failed and busy shards are always logged.
+    ok_level = logging.INFO if len(shards) <= QUIET_AFTER else logging.DEBUG
 
     def on_done(shard: Shard, result: dict | None, err: BaseException | None) -> None:
         reported.add(shard.name)
@@ -271,7 +275,7 @@ def run_stage(stage: Stage, config: str, overrides: list[str], force: bool, runt
             redone = (result.get("stats") or {}).get("redone")
             runtime.log(f"{shard.name}: {result['num_ok']} ok, {result['num_error']} errors"
                         + (" (already committed)" if result.get("skipped") else "")
-                        + (f" (redone: {redone})" if redone and not result.get("skipped") else ""))
+                        + (f" (redone: {redone})" if redone and not result.get("skipped") else ""), ok_level)
         elif isinstance(err, ShardBusyError):
             outcome.busy[shard.name] = one_line(err)
             runtime.log(f"{shard.name}: {one_line(err)}", logging.WARNING)
@@ -285,7 +289,11 @@ def run_stage(stage: Stage, config: str, overrides: list[str], force: bool, runt
         if percent != tally["percent"] or now - tally["at"] > 2.0 or done == len(shards):
             tally.update(percent=percent, at=now)
             rate = tally["samples"] / max(1e-9, now - start)
-            runtime.progress(done / max(1, len(shards)), f"{done}/{len(shards)} shards, {rate:.1f} samples/s")
+            text = f"{done}/{len(shards)} shards, {rate:.1f} samples/s"
+            runtime.progress(done / max(1, len(shards)), text)
+            if ok_level != logging.INFO:
+                runtime.log(f"{stage.name} {outcome.dataset}: {text}, {len(outcome.failed)} failed, "
+                            f"{len(outcome.busy)} busy")
 
     try:
         if shards:
@@ -300,6 +308,8 @@ def run_stage(stage: Stage, config: str, overrides: list[str], force: bool, runt
     outcome.extra["message"] = message
     return outcome
 
+
+QUIET_AFTER = 100  # shards: above this, done shards are logged at DEBUG and the progress line is logged instead
 
 SHARD_COLUMNS = ("num_ok", "num_error", "resumed_rows", "bytes", "seconds")
 
