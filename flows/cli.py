@@ -347,8 +347,9 @@ def pipeline(preset: Preset, overrides: Overrides = None) -> None:
         estimates = estimate_plan(cfg, rates)
         typer.echo(estimate_text(estimates, rates), err=True)
         outcome = run_pipeline(cfg, local_runner(cfg), log=lambda m: typer.echo(m, err=True))
-    typer.echo(summary_table(outcome, cfg))
-    typer.echo("\n" + comparison_markdown(estimates, measure_plan(cfg)))
+    measured = measure_plan(cfg)
+    typer.echo(summary_table(outcome, cfg, {step: m.bytes for step, m in measured.items()}))
+    typer.echo("\n" + comparison_markdown(estimates, measured))
     if not outcome.ok:
         raise typer.Exit(1)
 

@@ -369,14 +369,15 @@ def export_step(cfg: PipelineConfig, train_step: str) -> dict[str, Any]:
 COLUMNS = ("step", "state", "samples", "errors", "buckets", "loss", "seconds", "bytes")
 
 
-def summary_table(outcome: PipelineOutcome, cfg: PipelineConfig) -> str:
+def summary_table(outcome: PipelineOutcome, cfg: PipelineConfig, stored: dict[str, int] | None = None) -> str:
     """The run as a markdown table: per step its state, samples, errors, buckets, final loss, time and bytes; then
-    the export's path."""
+    the export's path. `stored`: the bytes each step's committed outputs take (`pipeline_cost.measure_plan`), which
+    the bytes column then shows for every step alike (otherwise: what this run's shards report)."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in outcome.rows:
         cells = []
         for c in COLUMNS:
-            v = row.get(c)
+            v = stored.get(row["step"]) if c == "bytes" and stored is not None else row.get(c)
             cells.append("" if v is None else f"{v:.4f}" if c == "loss" else _size(v) if c == "bytes" else str(v))
         lines.append("| " + " | ".join(cells) + " |")
     export = next((r.get("export") for r in outcome.rows if r.get("export")), None)

@@ -93,7 +93,9 @@ def pixart_pipeline(config: str = "pipeline/demo", output_root: str | None = Non
                              description="per step, before running: samples, bytes, GPU-hours and their basis")
     outcome = run_pipeline(cfg, lambda step, preset, a: _subflow(step, preset, a, cfg),
                            log=lambda message: logger.log(logging.INFO, message))
-    summary = summary_table(outcome, cfg) + "\n\n" + comparison_markdown(estimates, measure_plan(cfg))
+    measured = measure_plan(cfg)
+    summary = (summary_table(outcome, cfg, {step: m.bytes for step, m in measured.items()}) + "\n\n"
+               + comparison_markdown(estimates, measured))
     create_markdown_artifact(summary, key="pixart-pipeline-summary",
                              description="steps, samples, losses, time; estimated vs measured")
     if not outcome.ok:
