@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -79,13 +80,19 @@ def headless_chromium(workdir: Path, width: int = 1600, height: int = 1200) -> I
         options.add_argument(flag)
     # Chromium writes crash-report settings and dconf state under $HOME and the XDG dirs even with a profile dir
     home = workdir / "home"
-    for sub in ("config", "cache", "tmp"):
+    for sub in ("config", "cache"):
         (home / sub).mkdir(parents=True, exist_ok=True)
+    # TMPDIR holds Chromium's singleton socket, whose path must fit a unix socket's 107 bytes: a short temp dir,
+    # not one under pytest's tmp_path (whose length grows with the test's name and the run's number)
+    tmp = tempfile.mkdtemp(prefix="chr-")
     env = {**os.environ, "HOME": str(home), "XDG_CONFIG_HOME": str(home / "config"),
-           "XDG_CACHE_HOME": str(home / "cache"), "TMPDIR": str(home / "tmp")}
-    service = Service(executable_path=driver_path, log_output=str(workdir / "chromedriver.log"), env=env)
-    driver = webdriver.Chrome(service=service, options=options)
+           "XDG_CACHE_HOME": str(home / "cache"), "TMPDIR": tmp}
     try:
-        yield driver
+        service = Service(executable_path=driver_path, log_output=str(workdir / "chromedriver.log"), env=env)
+        driver = webdriver.Chrome(service=service, options=options)
+        try:
+            yield driver
+        finally:
+            driver.quit()
     finally:
-        driver.quit()
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -25,9 +25,9 @@ from storage.ingest.samples import build_samples  # noqa: E402
 
 # Fixtures that start one (the Prefect test server; the moto S3 server, which s3_client and the S3 tests' bucket
 # fixtures build on): pytest lists a test's fixtures transitively, so a test using any of them is caught.
-SERVICE_FIXTURES = frozenset({"prefect_server", "s3_endpoint"})
-# A test body that starts Ray itself. Tests that start a service in their own way (tests/test_deployment.py's
-# Prefect server and worker) carry `@pytest.mark.slow` explicitly. `pytest -m "not slow"` must stay a fast loop:
+SERVICE_FIXTURES = frozenset({"prefect_server", "prefect_env", "s3_endpoint"})
+# A test body that starts Ray itself. Tests that start a service in another way (a Prefect worker, Chromium) carry
+# `@pytest.mark.slow` explicitly. `pytest -m "not slow"` must stay a fast loop:
 # about 2 minutes on 2 cores.
 STARTS_RAY = re.compile(r"\bray\.init\(|\bray_session\(")
 # The heaviest of the rest (several seconds each on 2 cores, with `--durations`): whole pipelines, training runs,
@@ -116,6 +116,16 @@ def prefect_server(tmp_path_factory):
 
     with prefect_test_harness(server_startup_timeout=60):
         yield
+
+
+@pytest.fixture
+def prefect_env(tmp_path):
+    """`prefect server start` (UI included) on a free loopback port with a temporary PREFECT_HOME: the environment
+    that points at it, for tests that drive the Prefect CLI, a worker or the UI; stopped after the test."""
+    from tests.prefect_cli import prefect_cli_server
+
+    with prefect_cli_server(tmp_path) as env:
+        yield env
 
 
 @pytest.fixture(scope="session")

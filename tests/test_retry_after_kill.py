@@ -20,7 +20,7 @@ import pytest
 from captioning.audit import audit_caption_set
 from storage.manifest import read_dataset
 from storage.parquet import read_rows
-from tests.test_deployment import PREFECT, ROOT, prefect_env, run, stop  # noqa: F401 - prefect_env is a fixture
+from tests.prefect_cli import PREFECT, run, stop
 
 # Put into the first worker's environment through PYTHONPATH: the flow-run process it starts pauses right after its
 # first committed caption part (writing its pid), so the test can kill it mid-shard.
@@ -81,7 +81,7 @@ def sam_root(samples, tmp_path):
 
 
 @pytest.mark.slow
-def test_kill_9_of_the_worker_mid_caption_shard_then_retry_captions_every_key_once(prefect_env, sam_root,  # noqa: F811
+def test_kill_9_of_the_worker_mid_caption_shard_then_retry_captions_every_key_once(prefect_env, sam_root,
                                                                                    tiny_llava, tiny_t5, tmp_path):
     env = {**prefect_env, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S)}
     run([*PREFECT, "work-pool", "create", "local", "--type", "process"], env)

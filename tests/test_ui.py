@@ -15,13 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests import test_deployment
 from tests.browser import ensure_chromium, headless_chromium
-from tests.test_deployment import ROOT
-
-# tests/test_deployment.py's fixture: `prefect server start` on a free loopback port with a temp PREFECT_HOME,
-# healthy before the test, stopped after it
-prefect_env = test_deployment.prefect_env
+from tests.prefect_cli import ROOT
 
 WAIT_S = 60
 STEPS = ["ingest-sam", "caption-sam"]  # the cheapest steps: two sub-runs, each with artifacts of its own
@@ -42,13 +37,6 @@ def chromium() -> tuple[str, str]:
         return ensure_chromium()
     except RuntimeError as e:
         pytest.fail(str(e), pytrace=False)
-
-
-@pytest.fixture(autouse=True)
-def _ui_enabled(monkeypatch):
-    """The server that `prefect_env` starts serves the UI, whatever the developer's environment says."""
-    monkeypatch.setenv("PREFECT_UI_ENABLED", "true")
-    monkeypatch.setenv("PREFECT_SERVER_UI_ENABLED", "true")
 
 
 def finished_pipeline(api_url: str):
