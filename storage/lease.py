@@ -228,6 +228,14 @@ class Lease:
             except OSError:
                 continue  # a passing storage error: try again at the next tick, the ttl allows two misses
 
+    def check_held(self) -> None:
+        """Raise ShardBusyError unless the lease is still ours: a fence before publishing. A run that stalled past
+        the ttl may have lost it to another run, which then publishes the shard itself."""
+        held = self._read()
+        if not self._mine(held):
+            raise ShardBusyError(f"{self.path.removesuffix(LEASE_SUFFIX)}: this run lost its lease "
+                                 f"(to {(held or {}).get('owner', 'nobody')}) before publishing; nothing published")
+
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:

@@ -21,6 +21,9 @@ the committed shard holds exactly one row per key, and a feature tar exactly one
 
 Tar members: `add_sample` writes into a part tar, committed before its part index. `finalize` copies each kept
 sample's byte range into the shard's tar in key order and rewrites the offsets, so the tar and its index agree.
+Before it publishes the tar, the index and the marker, it checks that the lease is still its own: a run that stalled
+past the ttl and lost the shard to another stops there (ShardBusyError, nothing more published), so two attempts
+cannot interleave their tar and index. What remains is the moment between that check and each rename.
 """
 
 from __future__ import annotations
@@ -280,6 +283,7 @@ class ShardWriter:
             if count is not None:
                 count(rows, result)
             result.seconds = round(result.seconds + time.perf_counter() - self.start, 3)
+            self._fence()
             with commit_shard(self.output_url) as tmp:
                 write_table(rows, tmp, self.schema)
             if not result.bytes:  # bytes written, unless the stage counts its own (ingest: image bytes read)
@@ -288,6 +292,7 @@ class ShardWriter:
             result.config_hash = self.lineage.get("config", "")
             result.content_id = content_id(self.output_url, self.lineage)
             extra = {**(marker_extra or {}), **({"tar_url": tar_url} if self.tar_url is not None else {})}
+            self._fence()
             write_done(self.output_url, {**extra, **result.to_dict(), "config": self.config,
                                          "lineage": self.lineage})
             self.parts.clear()
@@ -300,8 +305,8 @@ class ShardWriter:
         ok = [r for r in rows if r["status"] == "ok"]
         if not ok:
             return None
-        fs, path = filesystem(self.tar_url)
         total = 0
+        self._fence()
         with commit_shard(self.tar_url) as tmp:
             tfs, tpath = filesystem(tmp)
             with tfs.open(tpath, "wb") as out:
@@ -326,6 +331,12 @@ class ShardWriter:
             self.tar.__exit__(RuntimeError, err, None)  # the unfinished part tar is discarded
             self.tar = None
         self._release()
+
+    def _fence(self) -> None:
+        """Before each publishing step: the lease must still be ours (ShardBusyError otherwise). A run that stalled
+        past the lease's ttl and lost it stops here, so it cannot pair its tar with another attempt's index."""
+        if self.lease is not None:
+            self.lease.check_held()
 
     def _release(self) -> None:
         if self.lease is not None:

@@ -115,6 +115,35 @@ def test_tar_parts_of_two_attempts_merge_into_one_sample_per_key_with_exact_offs
     assert not (tmp_path / "_parts").exists()
 
 
+def test_an_attempt_that_lost_its_lease_publishes_nothing_so_tar_and_index_stay_paired(tmp_path):
+    """A stalled run whose lease another run took over must not publish its own merge (tar, index or marker), before
+    or after the new owner's: two attempts' merges can differ, and an index must only point into its own tar."""
+    import time
+
+    from storage.errors import ShardBusyError
+
+    out, tar = str(tmp_path / "f.parquet"), str(tmp_path / "f.tar")
+    keys = [f"k{i}" for i in range(4)]
+    lin = {"inputs": [], "config": "c", "models": {}}
+    stalled = ShardWriter.open(out, keys, INDEX_SCHEMA, _result(out), lin, tar_url=tar, part_rows=1, lease_ttl=0.05)
+    for i, k in enumerate(keys):
+        members, fields = _latent(k, i)
+        stalled.add_sample(k, members, {**fields, "status": "ok", "error": None}, LATENT_MEMBER)
+    stalled.lease._stop.set()  # it stops renewing: another copy of the task takes the shard over
+    time.sleep(0.2)
+    owner = ShardWriter.open(out, keys, INDEX_SCHEMA, _result(out), lin, tar_url=tar, part_rows=1)
+    assert owner.todo == []
+    with pytest.raises(ShardBusyError, match="lost its lease"):
+        stalled.finalize()  # before the owner's finalize: nothing of it published
+    assert not Path(out).exists() and not Path(tar).exists() and not Path(out + ".done").exists()
+    owner.finalize()
+    published = {p: Path(p).read_bytes() for p in (out, tar, out + ".done")}
+    assert [r["key"] for r in read_rows(out)] == keys
+    late = ShardWriter.open(out, keys, INDEX_SCHEMA, _result(out), lin, tar_url=tar)
+    assert late.done is not None  # committed for this lineage: skipped, nothing rewritten
+    assert {p: Path(p).read_bytes() for p in published} == published
+
+
 def test_a_t5_that_is_neither_local_nor_cached_fails_at_once_naming_the_key(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match=r"T5 tokenizer 'nobody/no-such-t5'.*t5_model=<local dir>"):
