@@ -260,7 +260,8 @@ def run_stage(stage: Stage, config: str, overrides: list[str], force: bool, runt
     start = time.perf_counter()
 
     reported: set[str] = set()
-    tally = {"samples": 0, "percent": -1, "at": 0.0}  # progress: on each new percent or every 2 s, not per shard
+    # progress (an API call under Prefect): on a new percent at most once a second, else every 2 s, and at the end
+    tally = {"samples": 0, "percent": -1, "at": 0.0}
     # A done shard gets its own log line in runs of up to QUIET_AFTER shards; above that (thousands of lines in the
     # run's logs, one database row each under Prefect) the progress line stands for them, at most every 2 s, and the
     # per-shard table keeps every shard. Failed and busy shards are always logged.
@@ -286,7 +287,8 @@ def run_stage(stage: Stage, config: str, overrides: list[str], force: bool, runt
         done = len(outcome.results) + len(outcome.failed) + len(outcome.busy)
         now = time.perf_counter()
         percent = 100 * done // max(1, len(shards))
-        if percent != tally["percent"] or now - tally["at"] > 2.0 or done == len(shards):
+        since = now - tally["at"]
+        if (percent != tally["percent"] and since >= 1.0) or since > 2.0 or done == len(shards):
             tally.update(percent=percent, at=now)
             rate = tally["samples"] / max(1e-9, now - start)
             text = f"{done}/{len(shards)} shards, {rate:.1f} samples/s"
