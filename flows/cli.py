@@ -337,13 +337,11 @@ def pipeline(preset: Preset, overrides: Overrides = None) -> None:
     every step that is not done for its current inputs and config runs, the others are skipped and say so. Ends
     with the summary table; exit 1 when a step failed."""
     from flows.pipeline import local_runner, run_pipeline, summary_table
-    from flows.pipeline_cost import comparison_markdown, estimate_plan, estimate_text, measure_plan, split_rates
-    from pixart.cost import load_rates
+    from flows.pipeline_cost import comparison_markdown, estimate_plan, estimate_text, measure_plan
 
-    table, rate_keys, rest = split_rates(overrides or [])
-    cfg = _pipeline_config(preset, rest)
+    cfg = _pipeline_config(preset, overrides)
     with _errors():
-        rates = load_rates(table, rate_keys)
+        rates = cfg.rate_card()
         estimates = estimate_plan(cfg, rates)
         typer.echo(estimate_text(estimates, rates), err=True)
         outcome = run_pipeline(cfg, local_runner(cfg), log=lambda m: typer.echo(m, err=True))
@@ -360,22 +358,20 @@ def status(
     overrides: Overrides = None,
     estimate: Annotated[bool, typer.Option("--estimate", help="Then, per step: samples, bytes written and GPU-hours, "
                                                               "each with its basis, from a measured sample of each "
-                                                              "dataset; rates.<key>=<value> overrides a rate of "
-                                                              "configs/rates/h100.yaml (rates=<table>: another).")]
+                                                              "dataset, at the rates of `rate_table` (configs/"
+                                                              "rates/) and `rates.<key>=<value>`.")]
     = False,
 ) -> None:
     """Print the pipeline's DAG with each step's state, running nothing: done, pending (missing, or stale and
     why), or waiting for an upstream step. With --estimate, then the cost and storage of every step (reading the
     first samples of each source that has no manifests yet; flows/pipeline_cost.py)."""
     from flows.pipeline import plan, state
-    from flows.pipeline_cost import estimate_plan, estimate_text, split_rates
-    from pixart.cost import load_rates
+    from flows.pipeline_cost import estimate_plan, estimate_text
 
-    table, rate_keys, rest = split_rates(overrides or [])
-    cfg = _pipeline_config(preset, rest)
+    cfg = _pipeline_config(preset, overrides)
     done: set[str] = set()
     with _errors():
-        rates = load_rates(table, rate_keys) if estimate else None  # a bad rate key fails before anything runs
+        rates = cfg.rate_card() if estimate else None  # a bad rate key fails before anything runs
         for step in plan(cfg):
             s = state(cfg, step, done)
             if s.state == "done":

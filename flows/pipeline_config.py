@@ -10,11 +10,14 @@ checkpoint to start from).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
 
 from storage.configio import StrictModel
+
+if TYPE_CHECKING:
+    from pixart.cost import Rates
 
 STEP_KINDS = ("ingest", "caption", "extract", "train", "export")
 
@@ -73,6 +76,16 @@ class PipelineConfig(StrictModel):
         list(STEP_KINDS), description="Which kinds of step to run (the others are only checked).")
     only: list[str] = Field(default_factory=list, description="Run only these steps by name (e.g. caption-sam); "
                             "empty: all of `steps`.")
+    rate_table: str = Field("h100", description="The per-GPU rates of the cost estimate: a table in configs/rates/ "
+                            "or a YAML path.")
+    rates: dict[str, float] = Field(default_factory=dict, description="Rates that override the table's, e.g. "
+                                    "rates.train_256=250 (samples/s; the keys are those of configs/rates/h100.yaml).")
+
+    def rate_card(self) -> Rates:
+        """The estimate's rates: `rate_table` with `rates` applied (PipelineError naming a key it does not have)."""
+        from pixart.cost import load_rates
+
+        return load_rates(self.rate_table, [f"{k}={v}" for k, v in self.rates.items()])
 
     @model_validator(mode="after")
     def _check(self) -> PipelineConfig:

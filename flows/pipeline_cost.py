@@ -3,7 +3,7 @@ the bytes it will write under the output root and the GPU-hours it will take, ea
 measured figures beside them. `pixart status <preset> --estimate` prints the estimate; the `pixart-pipeline` flow
 publishes it as the artifact `pixart-pipeline-estimate` before its steps run, and the comparison under its summary.
 
-    rates = load_rates(*split_rates(overrides)[:2])   # configs/rates/h100.yaml; `rates.<key>=<value>` overrides
+    rates = cfg.rate_card()                           # `rate_table` (configs/rates/h100.yaml) with `rates.<key>=`
     estimates = estimate_plan(cfg, rates)             # reads a sample of each source, committed manifests, captions
     print(estimate_text(estimates, rates))
     comparison_markdown(estimates, measure_plan(cfg)) # after the run: estimated vs measured
@@ -59,19 +59,6 @@ from storage.parquet import read_table
 from storage.urls import exists, filesystem, join, open_url, to_url
 
 SAMPLE_IMAGES = 64  # samples read from a source that has no committed manifests
-
-
-def split_rates(overrides: list[str]) -> tuple[str, list[str], list[str]]:
-    """`rates=<table>` and `rates.<key>=<value>` taken out of a pipeline's overrides: (table, its overrides, rest)."""
-    table, keys, rest = "h100", [], []
-    for item in overrides:
-        if item.startswith("rates="):
-            table = item.removeprefix("rates=")
-        elif item.startswith("rates."):
-            keys.append(item.removeprefix("rates."))
-        else:
-            rest.append(item)
-    return table, keys, rest
 
 
 @dataclass

@@ -6,7 +6,7 @@ with its own artifacts, and a Retry redoes only what is not done.
     prefect deployment run pixart-pipeline/pixart-pipeline -p output_root=/data/pixart -p t5=/models/t5-v1_1-xxl
 
 Parameters are typed fields (the storage root, the models, the steps to run, the caption prompt) with `overrides`
-for any other key of the pipeline config (and `rates.<key>=<value>` for a rate of the estimate). Before any step
+for any other key of the pipeline config (`rates.<key>=<value>` for a rate of the estimate). Before any step
 runs, the estimate of every step (samples, bytes, GPU-hours and their basis; `flows/pipeline_cost.py`) is the
 artifact `pixart-pipeline-estimate`. The flow ends Completed only when every selected step is done; the summary table
 (samples, errors, buckets, losses, time and bytes per step, the export's path), then the estimate next to what each
@@ -25,8 +25,7 @@ from prefect.states import Completed, Failed
 
 from flows.pipeline import Step, demo_inputs, export_step, run_pipeline, summary_table
 from flows.pipeline_config import PipelineConfig
-from flows.pipeline_cost import comparison_markdown, estimate_markdown, estimate_plan, measure_plan, split_rates
-from pixart.cost import load_rates
+from flows.pipeline_cost import comparison_markdown, estimate_markdown, estimate_plan, measure_plan
 from storage.configio import load_config
 from storage.errors import PipelineError
 
@@ -70,11 +69,10 @@ def pixart_pipeline(config: str = "pipeline/demo", output_root: str | None = Non
         only: run only these steps by name, e.g. `caption-sam` (see `pixart status`).
         llava: LLaVA id or local dir. t5: T5 encoder id or local dir. vae: VAE id or local dir.
         caption_prompt: the captioning prompt (default: the paper's).
-        overrides: any other `key=value` of the pipeline config; `rates.<key>=<value>` overrides a rate of the
-            estimate (configs/rates/h100.yaml), `rates=<table>` names another table.
+        overrides: any other `key=value` of the pipeline config (`rates.<key>=<value>`: a rate of the estimate).
     """
     logger = get_run_logger()
-    table, rate_keys, args = split_rates(list(overrides or []))
+    args = list(overrides or [])
     args += [f"output_root={output_root}"] if output_root else []
     args += [f"steps=[{','.join(steps)}]"] if steps else []
     args += [f"only=[{','.join(only)}]"] if only else []
@@ -84,7 +82,7 @@ def pixart_pipeline(config: str = "pipeline/demo", output_root: str | None = Non
         if caption_prompt:
             cfg = cfg.model_copy(update={"caption": [*cfg.caption, f"prompt={caption_prompt}"]})
         cfg = demo_inputs(cfg)
-        rates = load_rates(table, rate_keys)
+        rates = cfg.rate_card()
     except PipelineError as e:
         logger.error(str(e))
         return Failed(message=str(e))

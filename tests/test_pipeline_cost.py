@@ -19,7 +19,7 @@ import yaml
 from typer.testing import CliRunner
 
 from flows.pipeline_config import PipelineConfig
-from flows.pipeline_cost import comparison_markdown, estimate_plan, measure_plan, split_rates
+from flows.pipeline_cost import comparison_markdown, estimate_plan, measure_plan
 from pixart.cost import checkpoints_kept, gpu_hours, grid_bytes, human_bytes, human_hours, load_rates
 from storage.configio import load_config
 from storage.errors import ConfigError
@@ -71,7 +71,10 @@ def test_rates_come_from_the_table_and_key_value_overrides():
     assert rates.caption_at(30) == pytest.approx(10 * rates.caption)  # decode-bound: 10x fewer tokens, 10x faster
     with pytest.raises(ConfigError, match="did you mean 'train_256'"):
         load_rates("h100", ["train_265=100"])
-    assert split_rates(["rates=h100", "rates.t5=1", "output_root=/x"]) == ("h100", ["t5=1"], ["output_root=/x"])
+    cfg = load_config(PipelineConfig, "demo", ["rate_table=h100", "rates.t5=1", "output_root=/x"], kind="pipeline")
+    assert cfg.rate_card().t5 == 1 and cfg.rate_card().train(256) == 309  # the pipeline's own keys
+    with pytest.raises(ConfigError, match="did you mean 'train_256'"):
+        load_config(PipelineConfig, "demo", ["rates.train_265=1"], kind="pipeline").rate_card()
 
 
 def test_gpu_hours_checkpoints_and_units():
