@@ -102,9 +102,10 @@ def pending(kind: str, input_url: str, cfg: ExtractConfig) -> str | None:
     return why_pending(latent_files_of(cfg, shard_of(input_url)).index, latent_lineage(input_url, cfg), redo)
 
 
-class FeatureShard(OpenShard):
-    """One output feature shard on the kit's writer. `writer.done` is the stored result when the shard is
-    committed for the same lineage (nothing else is set up then); `todo` lists what is left to encode."""
+class EncodeShard(OpenShard):
+    """One feature shard being encoded, on the kit's writer (`pixart.data.index.FeatureShard` is a committed one, as
+    the loader reads it). `writer.done` is the stored result when the shard is committed for the same lineage
+    (nothing else is set up then); `todo` lists what is left to encode."""
 
     stage = ""
 
@@ -131,7 +132,7 @@ class FeatureShard(OpenShard):
         raise NotImplementedError
 
 
-def run_local(shard: FeatureShard, work: Callable[[], None]) -> ShardResult:
+def run_local(shard: EncodeShard, work: Callable[[], None]) -> ShardResult:
     if shard.done is not None:
         return shard.done
     try:
@@ -147,7 +148,7 @@ def run_local(shard: FeatureShard, work: Callable[[], None]) -> ShardResult:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class TextShard(FeatureShard):
+class TextShard(EncodeShard):
     """`chunks()`: (keys, texts) to encode, `text_batch_size` at a time; `accept(keys, texts, feats)` writes them.
     Missing or failed captions are error rows from the start."""
 
@@ -293,7 +294,7 @@ def bucket_groups(rows: list[Row], cfg: ExtractConfig, batch_size: int, threads:
         yield group(items)
 
 
-class LatentShard(FeatureShard):
+class LatentShard(EncodeShard):
     """`todo`: manifest rows to read and encode (ok and inside a bucket); `accept(group, mean, std)` writes one
     encoded bucket group; `error(key, reason)` records a failure."""
 
