@@ -30,116 +30,14 @@ A command's config class is imported only when that command runs or shows its he
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from importlib import import_module
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from typer.core import TyperCommand
 
-from storage.errors import PipelineError
+from flows.cli_config import ConfigCommand, Force, Overrides, Preset, errors, fail, load_command_config
 
 app = typer.Typer(help="PixArt-alpha data and training pipeline.", no_args_is_help=True, add_completion=False)
-
-# Each command's config model, imported when the command runs or prints its help.
-CONFIGS = {
-    "ingest": "storage.ingest.config:IngestConfig",
-    "caption": "captioning.config:CaptionConfig",
-    "extract": "pixart.features.config:ExtractConfig",
-    "train": "pixart.train.config:TrainConfig",
-    "sample": "pixart.train.config:SampleConfig",
-    "export": "pixart.train.config:ExportConfig",
-    "audit": "captioning.audit:AuditConfig",
-    "pipeline": "flows.pipeline_config:PipelineConfig",
-    "setup": "flows.setup:SetupConfig",
-    "status": "flows.pipeline_config:PipelineConfig",
-}
-
-# The arguments every command but `demo` takes.
-Preset = Annotated[str, typer.Argument(show_default=False, help="A preset under configs/<command>/ (listed "
-                                                                 "below) or a YAML path.")]
-Overrides = Annotated[list[str] | None, typer.Argument(show_default=False, help="key=value overrides, applied last "
-                                                                                "(keys listed below).")]
-Force = Annotated[bool, typer.Option("--force", help="The same as force=true.")]
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The one way a command reads its config and reports errors
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def _fail(message: str, code: int = 2) -> None:
-    """One `error:` line (a multi-line message, such as a config error's one line per key, joined) and exit."""
-    lines = [line.strip() for line in message.strip().splitlines() if line.strip()] or ["failed"]
-    typer.secho(f"error: {lines[0]}{' ' + '; '.join(lines[1:]) if lines[1:] else ''}", fg=typer.colors.RED,
-                err=True)
-    raise typer.Exit(code)
-
-
-@contextmanager
-def _errors() -> Iterator[None]:
-    """A PipelineError (ConfigError included) or an OS error (a full disk, a lost mount) -> one line, exit 2."""
-    try:
-        yield
-    except PipelineError as e:
-        _fail(str(e))
-    except OSError as e:
-        _fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
-
-
-def _config_class(command: str) -> type:
-    module, name = CONFIGS[command].split(":")
-    return getattr(import_module(module), name)
-
-
-def _config(command: str, preset: str, overrides: list[str] | None, force: bool = False,
-            load: Callable[[str, list[str]], Any] | None = None) -> Any:
-    """The command's config from PRESET + overrides (+ force=true); anything wrong exits 2 with one line.
-    `load(preset, overrides)` replaces the plain `load_config` where a command has its own loader."""
-    from storage.configio import load_config, preset_names
-    from storage.errors import ConfigError
-
-    extra = [*(overrides or []), *(["force=true"] if force else [])]
-    with _errors():
-        if "=" in preset and not preset.endswith((".yaml", ".yml")):
-            raise ConfigError(f"{preset!r} is an override, but a preset comes first: pixart {command} PRESET "
-                              f"[key=value ...]; presets: {', '.join(preset_names(command))}")
-        if load is not None:
-            return load(preset, extra)
-        return load_config(_config_class(command), preset, extra, kind=command)
-
-
-def _config_keys(model, prefix: str = "") -> list[str]:
-    """'key: description' lines for every field of a config model (nested models flattened with dots)."""
-    lines = []
-    for name, field in model.model_fields.items():
-        sub = field.annotation if isinstance(field.annotation, type) else None
-        if sub is not None and hasattr(sub, "model_fields"):
-            lines += _config_keys(sub, f"{prefix}{name}.")
-        else:
-            lines.append(f"{prefix}{name}: {field.description or ''}{' (required)' if field.is_required() else ''}")
-    return lines
-
-
-class _ConfigCommand(TyperCommand):
-    """A command whose help ends with its presets and config keys, read from its config model only when the help
-    is shown (so listing the commands imports no config class, and no torch)."""
-
-    def format_help(self, ctx: Any, formatter: Any) -> None:
-        from storage.configio import preset_names
-
-        kind = "pipeline" if self.name == "status" else self.name  # status reads the pipeline's presets
-        paragraphs = [f"Presets (configs/{kind}/): {', '.join(preset_names(kind))}",
-                      "Config keys (override with key=value):", *_config_keys(_config_class(self.name))]
-        if self.rich_markup_mode == "rich":
-            from rich.markup import escape
-
-            paragraphs = [escape(p) for p in paragraphs]
-        self.epilog = "\n\n".join(paragraphs)
-        super().format_help(ctx, formatter)
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Data stages
@@ -150,20 +48,20 @@ def _run(stage, preset: str, overrides: list[str], force: bool) -> dict:
     """Run a stage locally; exit 2 when it cannot start, 1 when shards failed, 3 when shards are busy elsewhere."""
     from flows._stage import LocalRuntime, run_stage
 
-    with _errors():
+    with errors():
         outcome = run_stage(stage, preset, overrides, force, LocalRuntime())
     counts = outcome.counts()
     if outcome.failed:
-        _fail(counts["message"], code=1)
+        fail(counts["message"], code=1)
     if outcome.busy:  # not a success: those shards are not committed (yet)
-        _fail(counts["message"], code=3)
+        fail(counts["message"], code=3)
     return counts
 
 
-@app.command(cls=_ConfigCommand)
+@app.command(cls=ConfigCommand)
 def ingest(preset: Preset, overrides: Overrides = None, force: Force = False) -> None:
     """Index source shards into parquet manifests under <output_root>/manifests/<dataset>/."""
-    _config("ingest", preset, overrides, force)  # a bad key fails here, before the stage's modules load
+    load_command_config("ingest", preset, overrides, force)  # a bad key fails here, before the stage's modules load
     from flows.ingest_stage import IngestStage
 
     out = _run(IngestStage(), preset, overrides or [], force)
@@ -171,10 +69,10 @@ def ingest(preset: Preset, overrides: Overrides = None, force: Force = False) ->
                f"{out['to_run']} to run, {out['num_ok']} samples ok, {out['num_error']} error rows")
 
 
-@app.command(cls=_ConfigCommand)
+@app.command(cls=ConfigCommand)
 def caption(preset: Preset, overrides: Overrides = None, force: Force = False) -> None:
     """Caption ingested shards with LLaVA into <output_root>/captions/<dataset>/<caption_set>/."""
-    _config("caption", preset, overrides, force)
+    load_command_config("caption", preset, overrides, force)
     from flows.caption_stage import CaptionStage
 
     out = _run(CaptionStage(), preset, overrides or [], force)
@@ -182,7 +80,7 @@ def caption(preset: Preset, overrides: Overrides = None, force: Force = False) -
                f"exactly-once {'verified' if out['exactly_once'] else 'NOT verified'}")
 
 
-@app.command(cls=_ConfigCommand)
+@app.command(cls=ConfigCommand)
 def extract(
     preset: Preset,
     overrides: Overrides = None,
@@ -191,11 +89,11 @@ def extract(
                                                               "nothing.")] = False,
 ) -> None:
     """T5 text features and VAE latents into <output_root>/features/<dataset>/ (webdataset tars + parquet index)."""
-    cfg = _config("extract", preset, overrides, force)
+    cfg = load_command_config("extract", preset, overrides, force)
     from flows.extract_stage import ExtractStage, estimate_run, feature_counts
 
     if estimate:
-        with _errors():
+        with errors():
             est = estimate_run(cfg)
         typer.echo(f"{cfg.dataset}: {est['samples']} images, {est['captions']} captions; per sample "
                    f"{est['text_bytes_per_sample'] / 1e3:.1f} kB text + {est['latent_bytes_per_sample'] / 1e3:.1f} kB "
@@ -208,17 +106,17 @@ def extract(
                f"{out['to_run']} to run, {feature_counts(out['ok_by_kind'])}, {out['num_error']} error rows")
 
 
-@app.command(cls=_ConfigCommand)
+@app.command(cls=ConfigCommand)
 def audit(preset: Preset, overrides: Overrides = None) -> None:
     """Check a dataset's manifests (keys in two shards) and, with caption_set, that every manifest key has exactly
     one caption or error row; exit 1 if not."""
-    cfg = _config("audit", preset, overrides)
+    cfg = load_command_config("audit", preset, overrides)
     from captioning.audit import audit_caption_set
     from storage.ingest.dedupe import duplicate_report
     from storage.layout import caption_url
     from storage.manifest import committed_manifests
 
-    with _errors():
+    with errors():
         cfg.check()
         dups = duplicate_report(cfg.output_root, cfg.dataset)
         report = audit_caption_set(cfg.output_root, cfg.dataset, cfg.caption_set) if cfg.caption_set else None
@@ -260,7 +158,7 @@ def _print_reasons(what: str, urls: list[str]) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@app.command(cls=_ConfigCommand)
+@app.command(cls=ConfigCommand)
 def train(preset: Preset, overrides: Overrides = None) -> None:
     """Train one PixArt-alpha stage (locally, or on Ray Train with executor=ray); a re-run resumes the run.
 
@@ -268,8 +166,8 @@ def train(preset: Preset, overrides: Overrides = None) -> None:
     stage 3's three steps stage3-256, stage3-512, stage3-1024."""
     from flows.train_stage import load_train_config, run_training
 
-    cfg = _config("train", preset, overrides, load=load_train_config)
-    with _errors():
+    cfg = load_command_config("train", preset, overrides, load=load_train_config)
+    with errors():
         summary = run_training(cfg, log=typer.echo, progress=lambda m: typer.echo(
             f"step {m['step']}: loss {m['loss']:.4f} grad_norm {m['grad_norm']:.3g} lr {m['lr']:.3g} "
             f"{m['samples_per_s']:.1f} samples/s"))
@@ -287,18 +185,18 @@ def _checkpoint_of(path: str) -> str:
     if (p / "checkpoints").is_dir():
         found = checkpoint.run_checkpoints(str(p))
         if not found:
-            _fail(f"run {path} has no committed checkpoint yet")
+            fail(f"run {path} has no committed checkpoint yet")
         return found[-1][1]
     return path
 
 
-@app.command(cls=_ConfigCommand)
+@app.command(cls=ConfigCommand)
 def sample(preset: Preset, overrides: Overrides = None) -> None:
     """Sample a grid from a training checkpoint with the T5 and VAE its run names."""
-    cfg = _config("sample", preset, overrides)
+    cfg = load_command_config("sample", preset, overrides)
     from pixart.train.sampling import sample_checkpoint
 
-    with _errors():
+    with errors():
         image = sample_checkpoint(_checkpoint_of(cfg.checkpoint), cfg.sample_prompts, cfg.sample_classes,
                                   steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale, seed=cfg.seed, device=cfg.device,
                                   use_ema=cfg.weights == "ema")
@@ -306,13 +204,13 @@ def sample(preset: Preset, overrides: Overrides = None) -> None:
     typer.echo(f"wrote {cfg.out} ({image.width}x{image.height})")
 
 
-@app.command(cls=_ConfigCommand)
+@app.command(cls=ConfigCommand)
 def export(preset: Preset, overrides: Overrides = None, force: Force = False) -> None:
     """Export a checkpoint as a diffusers pipeline directory (transformer + scheduler, naming the T5 and VAE)."""
-    cfg = _config("export", preset, overrides, force)
+    cfg = load_command_config("export", preset, overrides, force)
     from pixart.export import export as export_checkpoint
 
-    with _errors():
+    with errors():
         path = export_checkpoint(_checkpoint_of(cfg.checkpoint), cfg.out, use_ema=cfg.weights == "ema",
                                  bundle=cfg.bundle, force=cfg.force)
     typer.echo(f"exported to {path}")
@@ -326,12 +224,12 @@ def export(preset: Preset, overrides: Overrides = None, force: Force = False) ->
 def _pipeline_config(preset: str, overrides: list[str] | None):
     from flows.pipeline import demo_inputs
 
-    cfg = _config("pipeline", preset, overrides)
-    with _errors():
+    cfg = load_command_config("pipeline", preset, overrides)
+    with errors():
         return demo_inputs(cfg)
 
 
-@app.command(cls=_ConfigCommand)
+@app.command(cls=ConfigCommand)
 def pipeline(preset: Preset, overrides: Overrides = None) -> None:
     """Run the whole pipeline (ingest -> caption -> extract -> stage 1 -> stage 2 -> stage 3 -> export) as one DAG:
     every step that is not done for its current inputs and config runs, the others are skipped and say so. Ends
@@ -340,7 +238,7 @@ def pipeline(preset: Preset, overrides: Overrides = None) -> None:
     from flows.pipeline_cost import comparison_markdown, estimate_plan, estimate_text, measure_plan
 
     cfg = _pipeline_config(preset, overrides)
-    with _errors():
+    with errors():
         rates = cfg.rate_card()
         estimates = estimate_plan(cfg, rates)
         typer.echo(estimate_text(estimates, rates), err=True)
@@ -352,7 +250,7 @@ def pipeline(preset: Preset, overrides: Overrides = None) -> None:
         raise typer.Exit(1)
 
 
-@app.command(cls=_ConfigCommand)
+@app.command(cls=ConfigCommand)
 def status(
     preset: Preset,
     overrides: Overrides = None,
@@ -370,7 +268,7 @@ def status(
 
     cfg = _pipeline_config(preset, overrides)
     done: set[str] = set()
-    with _errors():
+    with errors():
         rates = cfg.rate_card() if estimate else None  # a bad rate key fails before anything runs
         for step in plan(cfg):
             s = state(cfg, step, done)
@@ -382,14 +280,14 @@ def status(
             typer.echo("\n" + estimate_text(estimate_plan(cfg, rates), rates))
 
 
-@app.command(cls=_ConfigCommand)
+@app.command(cls=ConfigCommand)
 def setup(preset: Preset, overrides: Overrides = None) -> None:
     """Create, once per cluster, what the Prefect side expects (PREFECT_API_URL must point at the server): the
     pixart-gpu global concurrency limit and the automation that marks runs without heartbeats Crashed."""
     from flows.setup import setup_prefect
 
-    cfg = _config("setup", preset, overrides)
-    with _errors():
+    cfg = load_command_config("setup", preset, overrides)
+    with errors():
         for line in setup_prefect(cfg):
             typer.echo(line)
 
