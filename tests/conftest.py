@@ -48,9 +48,9 @@ HEAVY = frozenset({
     "test_train.py::test_stage2_steps_checkpoints_and_resumes_exactly",
     "test_train.py::test_stage3_multi_scale_starts_from_stage2_and_feeds_micro_conditions",
     "test_train.py::test_the_readmes_stage2_from_a_stage1_run_directory_works",
-    "test_train_failures.py::test_a_corrupt_checkpoint_safetensors_is_named_in_one_line",
+    "test_train_corrupt.py::test_a_corrupt_checkpoint_safetensors_is_named_in_one_line",
     "test_train_failures.py::test_a_full_disk_during_a_checkpoint_save_is_one_line",
-    "test_train_failures.py::test_a_pickled_optimizer_state_is_refused_in_one_line",
+    "test_train_corrupt.py::test_a_pickled_optimizer_state_is_refused_in_one_line",
     "test_train_failures.py::test_a_resume_applies_a_changed_lr_and_records_it",
     "test_train_failures.py::test_checkpoint_temporaries_of_a_killed_save_are_swept_when_a_run_starts",
     "test_train_failures.py::test_metrics_survive_a_kill_next_to_a_checkpoint_commit",
@@ -207,6 +207,28 @@ def features(captioned, tiny_t5_encoder, tiny_vae):
 
 
 # -- S3 (moto on 127.0.0.1): one server per test module that asks for it ----------------------------------------------
+
+
+@pytest.fixture
+def ingested_sam(samples, tmp_path) -> str:
+    """An output root holding the sample SA-1B shards ingested (manifests only): what a caption test starts from."""
+    from storage.ingest.config import IngestConfig
+    from storage.ingest.shard import ingest_shard, list_shards
+
+    cfg = IngestConfig(dataset="sam", source=samples["sam"], output_root=str(tmp_path / "root"))
+    for s in list_shards(cfg):
+        ingest_shard(s, cfg)
+    return cfg.output_root
+
+
+@pytest.fixture
+def cli_run(features, tiny_t5_encoder, tiny_vae):
+    """`pixart train` arguments of a tiny stage-2 run named `run` on the session's features, extra overrides last."""
+    def args(run: str, *extra: str) -> list[str]:
+        return ["tiny-stage2", f"output_root={features}", f"run={run}", "data.caption_set=tiny",
+                f"t5_model={tiny_t5_encoder}", f"vae_model={tiny_vae}", *extra]
+
+    return args
 
 
 @pytest.fixture(scope="module")

@@ -183,33 +183,22 @@ def pixart(*args: str):
     return CliRunner().invoke(app, list(args))
 
 
-@pytest.fixture
-def sam_root(samples, tmp_path):
-    from storage.ingest.config import IngestConfig
-    from storage.ingest.shard import ingest_shard, list_shards
-
-    cfg = IngestConfig(dataset="sam", source=samples["sam"], output_root=str(tmp_path / "root"))
-    for s in list_shards(cfg):
-        ingest_shard(s, cfg)
-    return cfg.output_root
-
-
-def test_kill_9_during_captioning_then_an_immediate_rerun_is_complete(sam_root, tiny_llava, tiny_t5):
+def test_kill_9_during_captioning_then_an_immediate_rerun_is_complete(ingested_sam, tiny_llava, tiny_t5):
     from storage.manifest import read_dataset
     from storage.parquet import read_rows
 
-    args = ["caption", "sam", f"output_root={sam_root}", f"model={tiny_llava}", f"t5_tokenizer={tiny_t5}",
+    args = ["caption", "sam", f"output_root={ingested_sam}", f"model={tiny_llava}", f"t5_tokenizer={tiny_t5}",
             "generation.max_new_tokens=6", "batch_size=1", "part_rows=1", "caption_set=k"]
     run_until_paused_then_kill(args, "storage.parts", "PartStore", "write")
-    assert lease_files(sam_root), "the kill should leave the shard's lease behind"
+    assert lease_files(ingested_sam), "the kill should leave the shard's lease behind"
     again = pixart(*args)  # at once: no waiting for the dead run's lease
     assert again.exit_code == 0, again.output
     assert "exactly-once verified" in again.output
-    keys = sorted(r["key"] for r in read_dataset(sam_root, "sam").to_pylist())
-    set_dir = Path(sam_root) / "captions" / "sam" / "k"
+    keys = sorted(r["key"] for r in read_dataset(ingested_sam, "sam").to_pylist())
+    set_dir = Path(ingested_sam) / "captions" / "sam" / "k"
     rows = [r for p in sorted(set_dir.glob("*.parquet")) for r in read_rows(str(p))]
     assert sorted(r["key"] for r in rows) == keys and all(r["status"] == "ok" for r in rows)
-    assert lease_files(sam_root) == []
+    assert lease_files(ingested_sam) == []
 
 
 @pytest.fixture

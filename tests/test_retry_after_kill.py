@@ -69,19 +69,8 @@ def start_worker(env: dict, cwd: Path, log: Path) -> subprocess.Popen:
                             stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
-@pytest.fixture
-def sam_root(samples, tmp_path):
-    from storage.ingest.config import IngestConfig
-    from storage.ingest.shard import ingest_shard, list_shards
-
-    cfg = IngestConfig(dataset="sam", source=samples["sam"], output_root=str(tmp_path / "root"))
-    for s in list_shards(cfg):
-        ingest_shard(s, cfg)
-    return cfg.output_root
-
-
 @pytest.mark.slow
-def test_kill_9_of_the_worker_mid_caption_shard_then_retry_captions_every_key_once(prefect_env, sam_root,
+def test_kill_9_of_the_worker_mid_caption_shard_then_retry_captions_every_key_once(prefect_env, ingested_sam,
                                                                                    tiny_llava, tiny_t5, tmp_path):
     env = {**prefect_env, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S)}
     run([*PREFECT, "work-pool", "create", "local", "--type", "process"], env)
@@ -94,7 +83,7 @@ def test_kill_9_of_the_worker_mid_caption_shard_then_retry_captions_every_key_on
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(PAUSE_HOOK)
     paused = tmp_path / "paused.pid"
-    overrides = [f"output_root={sam_root}", f"model={tiny_llava}", f"t5_tokenizer={tiny_t5}",
+    overrides = [f"output_root={ingested_sam}", f"model={tiny_llava}", f"t5_tokenizer={tiny_t5}",
                  "generation.max_new_tokens=6", "batch_size=1", "part_rows=1", "caption_set=retried"]
     started = run([*PREFECT, "deployment", "run", "caption/caption-sam", "-p",
                    f"overrides={json.dumps(overrides)}"], env)
@@ -115,7 +104,7 @@ def test_kill_9_of_the_worker_mid_caption_shard_then_retry_captions_every_key_on
         stop(first)
 
     # mid-shard: one part committed, nothing finished, the run still Running until the heartbeats stop counting
-    assert not audit_caption_set(sam_root, "sam", "retried")["ok"]
+    assert not audit_caption_set(ingested_sam, "sam", "retried")["ok"]
     assert flow_run(env, run_id)["state"]["type"] == "RUNNING"
     crashed = wait_state(env, run_id, {"CRASHED", "FAILED", "COMPLETED"}, TIMEOUT_S + 120)
     assert crashed["state"]["type"] == "CRASHED", crashed["state"]
@@ -130,12 +119,12 @@ def test_kill_9_of_the_worker_mid_caption_shard_then_retry_captions_every_key_on
     assert done["state"]["type"] == "COMPLETED", (done["state"], (tmp_path / "worker2.log").read_text()[-3000:])
     assert done["run_count"] >= 2, done  # the same flow run, run again
 
-    audit = audit_caption_set(sam_root, "sam", "retried")
+    audit = audit_caption_set(ingested_sam, "sam", "retried")
     assert audit["ok"], audit
-    keys = sorted(r["key"] for r in read_dataset(sam_root, "sam").to_pylist())
-    rows = [r for p in sorted((Path(sam_root) / "captions" / "sam" / "retried").glob("*.parquet"))
+    keys = sorted(r["key"] for r in read_dataset(ingested_sam, "sam").to_pylist())
+    rows = [r for p in sorted((Path(ingested_sam) / "captions" / "sam" / "retried").glob("*.parquet"))
             for r in read_rows(str(p))]
     assert sorted(r["key"] for r in rows) == keys and all(r["status"] == "ok" for r in rows)
-    markers = [json.loads(p.read_text()) for p in (Path(sam_root) / "captions" / "sam" / "retried").glob("*.done")]
+    markers = [json.loads(p.read_text()) for p in (Path(ingested_sam) / "captions" / "sam" / "retried").glob("*.done")]
     assert sum(m.get("resumed_rows", 0) for m in markers) >= 1, markers  # the part committed before the kill
-    assert not list(Path(sam_root).rglob("*.lease")), "the dead run's lease was left behind"
+    assert not list(Path(ingested_sam).rglob("*.lease")), "the dead run's lease was left behind"

@@ -1,5 +1,6 @@
 """Training's failure paths on tiny models, on CPU: a crash next to a checkpoint commit, a resume with changed
-hyperparameters, runs that cannot start, two runs of one name, leaked temporaries, and hostile or broken files.
+hyperparameters, runs that cannot start, two runs of one name, leaked temporaries, a full disk, a NaN loss, kill -9
+at a checkpoint's edges (hostile or broken stored files: tests/test_train_corrupt.py).
 Every failure is injected at a known point (monkeypatch), never by timing."""
 
 from __future__ import annotations
@@ -8,7 +9,6 @@ import errno
 import json
 import os
 import re
-import struct
 from pathlib import Path
 
 import pytest
@@ -21,8 +21,7 @@ from pixart.train.trainer import Trainer
 from storage.errors import ConfigError, PipelineError
 from storage.layout import run_dir
 from tests.test_train import config
-
-WEIGHTS = "diffusion_pytorch_model.safetensors"
+from tests.train_cli import WEIGHTS, assert_one_error_line, train_cli
 
 
 class Killed(BaseException):
@@ -51,25 +50,6 @@ def crash_at_commit(monkeypatch, step: int, after: bool) -> None:
             raise Killed(f"killed after committing step {step}")
 
     monkeypatch.setattr(checkpoint, "write_done", write_done)
-
-
-def train_cli(*args: str):
-    from typer.testing import CliRunner
-
-    from flows.cli import app
-
-    return CliRunner().invoke(app, ["train", *args])
-
-
-def assert_one_error_line(result, *fragments: str) -> str:
-    """`pixart train` failed with exit code 2 and a single `error:` line (no traceback) holding every fragment."""
-    assert isinstance(result.exception, SystemExit) and result.exit_code == 2, (result.exception, result.output)
-    assert "Traceback" not in result.output, result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.output
-    for fragment in fragments:
-        assert fragment in errors[0], (fragment, errors[0])
-    return errors[0]
 
 
 # -- 7: metrics flushed before the checkpoint is committed ------------------------------------------------------------
@@ -213,50 +193,6 @@ def test_trainer_json_loader_state_is_the_trained_step_under_prefetch(features, 
 # -- 13: one error line, naming the file ------------------------------------------------------------------------------
 
 
-class _Evil:
-    def __reduce__(self):
-        return (os.system, (f"touch {os.environ['PIXART_TEST_PWNED']}",))
-
-
-@pytest.fixture
-def cli_run(features, tiny_t5_encoder, tiny_vae):
-    def args(run: str, *extra: str) -> list[str]:
-        return ["tiny-stage2", f"output_root={features}", f"run={run}", "data.caption_set=tiny",
-                f"t5_model={tiny_t5_encoder}", f"vae_model={tiny_vae}", *extra]
-
-    return args
-
-
-def test_a_pickled_optimizer_state_is_refused_in_one_line(features, cli_run, tmp_path, monkeypatch):
-    assert train_cli(*cli_run("evil-opt", "schedule.max_steps=2")).exit_code == 0
-    ckpt = Path(checkpoint.latest(features, "evil-opt"))
-    pwned = tmp_path / "pwned"
-    monkeypatch.setenv("PIXART_TEST_PWNED", str(pwned))
-    torch.save({"state": {}, "param_groups": [_Evil()]}, ckpt / "optimizer.pt")  # runs a command if unpickled
-    assert_one_error_line(train_cli(*cli_run("evil-opt")), str(ckpt / "optimizer.pt"))
-    assert not pwned.exists()
-
-
-@pytest.mark.parametrize("damage", ["header-too-large", "invalid-offset"])
-def test_a_corrupt_checkpoint_safetensors_is_named_in_one_line(features, cli_run, damage):
-    run = f"torn-{damage}"
-    assert train_cli(*cli_run(run, "schedule.max_steps=2")).exit_code == 0
-    weights = Path(checkpoint.latest(features, run)) / "transformer" / WEIGHTS
-    data = weights.read_bytes()
-    if damage == "header-too-large":
-        data = struct.pack("<Q", 1 << 40) + data[8:]
-    else:
-        n = struct.unpack("<Q", data[:8])[0]
-        header = json.loads(data[8:8 + n])
-        name = next(k for k in header if k != "__metadata__")
-        header[name]["data_offsets"] = [0, 1 << 30]  # past the end of the file
-        raw = json.dumps(header).encode()
-        raw += b" " * (-len(raw) % 8)
-        data = struct.pack("<Q", len(raw)) + raw + data[8 + n:]
-    weights.write_bytes(data)
-    assert_one_error_line(train_cli(*cli_run(run)), str(weights))
-
-
 def test_a_full_disk_during_a_checkpoint_save_is_one_line(features, cli_run, monkeypatch):
     def full(state, path):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -359,49 +295,3 @@ def test_kill_9_around_checkpoints_then_a_rerun_is_complete_and_identical(featur
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
     a, b = (torch.load(d / "optimizer.pt", weights_only=True)["state"] for d in (got, want))
     assert all(torch.equal(a[i][k], b[i][k]) for i in b for k in b[i])
-
-
-def test_corrupt_stored_conditions_are_named_or_encoded_again(features, tiny_t5_encoder, tiny_vae):
-    from pixart.train.conditions import Conditions, ConditionsError, conditions_url
-
-    cfg = config(features, "tiny-stage2", "torn-conditions", "schedule.max_steps=1", t5=tiny_t5_encoder,
-                 vae=tiny_vae)
-    prepare_run(cfg)
-    url = conditions_url(cfg)
-    before = Conditions.load(cfg)
-    Path(url).write_bytes(Path(url).read_bytes()[:100])
-    with pytest.raises(ConditionsError, match=f"{url}: not readable conditions"):
-        Trainer(cfg)  # a worker reading them names the file
-    run_training(cfg, log=lambda m: None)  # a run starting encodes them again
-    again = Conditions.load(cfg)
-    assert all(torch.equal(a, b) for a, b in zip(vars(again).values(), vars(before).values(), strict=True))
-
-
-# -- pixart sample on a corrupt checkpoint: one line naming the file --------------------------------------------------
-
-
-@pytest.mark.parametrize("damage", ["torn", "git-lfs-pointer", "wrong-shape", "missing-tensor"])
-def test_sample_on_a_corrupt_safetensors_is_one_line_naming_the_file(features, cli_run, damage):
-    from safetensors.torch import load_file, save_file
-    from typer.testing import CliRunner
-
-    from flows.cli import app
-
-    run = f"sample-bad-{damage}"
-    assert train_cli(*cli_run(run, "schedule.max_steps=2")).exit_code == 0
-    weights = Path(checkpoint.latest(features, run)) / "ema" / WEIGHTS  # what `pixart sample` loads
-    state = load_file(str(weights))
-    first = sorted(state)[0]
-    if damage == "torn":
-        weights.write_bytes(weights.read_bytes()[:1000])
-    elif damage == "git-lfs-pointer":  # a clone without git-lfs
-        weights.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 4096\n")
-    elif damage == "wrong-shape":  # readable safetensors, not this model's (was a RuntimeError traceback)
-        save_file({**state, first: torch.zeros(3, 3)}, str(weights))
-    else:  # a tensor missing: diffusers would sample with it at its random init, warning only
-        save_file({k: v for k, v in state.items() if k != first}, str(weights))
-    result = CliRunner().invoke(app, ["sample", "grid", f"checkpoint={Path(features) / 'runs' / run}",
-                                      "sample_prompts=[a red fox]", "sample_steps=1",
-                                      f"out={Path(features) / f'{run}.png'}"])
-    assert_one_error_line(result, str(weights), *([first] if damage == "missing-tensor" else []))
-    assert not (Path(features) / f"{run}.png").exists()
