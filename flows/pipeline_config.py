@@ -10,9 +10,10 @@ checkpoint to start from).
 
 from __future__ import annotations
 
+import difflib
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from storage.configio import StrictModel
 
@@ -86,6 +87,21 @@ class PipelineConfig(StrictModel):
         from pixart.cost import load_rates
 
         return load_rates(self.rate_table, [f"{k}={v}" for k, v in self.rates.items()])
+
+    @field_validator("rates")
+    @classmethod
+    def _known_rates(cls, rates: dict[str, float]) -> dict[str, float]:
+        """A misspelt rate is refused when the config loads, named as the user typed it (rates.<key>)."""
+        from pixart.cost import Rates
+
+        known = [k for k in Rates.model_fields if k != "card"]
+        for key in rates:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+                hint = ("did you mean " + " or ".join(f"'rates.{c}'" for c in close) + "?" if close
+                        else "the rates are: " + ", ".join(known))
+                raise ValueError(f"rates.{key} is not a rate; {hint}")
+        return rates
 
     @model_validator(mode="after")
     def _check(self) -> PipelineConfig:

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import torch
 
+from storage.config import DEFAULT_MAX_TOKENS
+
 SCALING_FACTOR = 0.18215  # SD VAE latent scale, as PixArt-alpha trains
 
 
-def pad_text(rows: torch.Tensor, n_tokens: torch.Tensor, max_tokens: int = 120) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_text(rows: torch.Tensor, n_tokens: torch.Tensor,
+             max_tokens: int = DEFAULT_MAX_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
     """(text [B, max_tokens, d] zero-padded, mask [B, max_tokens] int64) on `rows`' device from the valid rows of
     B samples back to back ([sum of n_tokens, d]) and the per-sample counts (a CPU tensor: the scatter's indices are
     built on the host, so nothing waits on the device). Equal to the loader's own padding (pad_text=True)."""

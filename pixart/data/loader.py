@@ -54,6 +54,7 @@ from pixart.data.collate import BatchReader
 from pixart.data.finish import SCALING_FACTOR
 from pixart.data.index import Entry, FeatureShard, shard_entries
 from pixart.data.tar_reads import FeatureError, TarReader
+from storage.config import DEFAULT_MAX_TOKENS
 
 __all__ = ["BucketedLoader", "FeatureError", "batches_in_epoch", "batches_per_rank"]
 
@@ -107,7 +108,7 @@ class BucketedLoader(BatchReader):
     exact (load a state before creating the DataLoader's iterator: its workers copy the loader then)."""
 
     def __init__(self, shards: list[FeatureShard], batch_size: int, *, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, num_workers: int = 1, max_tokens: int = 120,
+                 world_size: int = 1, num_workers: int = 1, max_tokens: int = DEFAULT_MAX_TOKENS,
                  scaling_factor: float = SCALING_FACTOR, drop_last: bool = True, sample_posterior: bool = True,
                  pad_text: bool = True) -> None:
         if not shards:
