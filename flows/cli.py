@@ -164,10 +164,12 @@ def train(preset: Preset, overrides: Overrides = None) -> None:
 
     The presets run the paper's chain, each from the run before (init=<its run directory>): stage1, stage2, then
     stage 3's three steps stage3-256, stage3-512, stage3-1024."""
-    from flows.train_stage import load_train_config, run_training
+    cfg = load_command_config("train", preset, overrides)  # a bad key exits 2 here, before torch is imported
+    from flows.train_stage import run_training
+    from pixart.train.prepare import with_recorded_encoders
 
-    cfg = load_command_config("train", preset, overrides, load=load_train_config)
     with errors():
+        cfg = with_recorded_encoders(cfg)  # t5_model / vae_model, when unset, as the features record them
         summary = run_training(cfg, log=typer.echo, progress=lambda m: typer.echo(
             f"step {m['step']}: loss {m['loss']:.4f} grad_norm {m['grad_norm']:.3g} lr {m['lr']:.3g} "
             f"{m['samples_per_s']:.1f} samples/s"))

@@ -21,7 +21,7 @@ from pydantic import Field
 from storage.configio import StrictModel, load_config
 
 if TYPE_CHECKING:
-    from pixart.models import ModelConfig
+    from pixart.model_config import ModelConfig
 
 # Bytes a checkpoint holds per trained parameter (pixart/train/checkpoint.py): the model and its EMA as fp32
 # safetensors, AdamW's exp_avg and exp_avg_sq in fp32 (optimizer.pt). An export holds one fp32 copy.

@@ -18,7 +18,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from pixart.models import PRESETS, ModelConfig
+from pixart.model_config import PRESETS, ModelConfig
 from storage.config import DEFAULT_MAX_TOKENS, DEFAULT_T5, DEFAULT_VAE, Dataset, OutputConfig, RayConfig
 from storage.configio import StrictModel
 from storage.lineage import RuntimeField

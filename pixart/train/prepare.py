@@ -22,7 +22,7 @@ from typing import Any
 from pixart.data.index import FeatureShard, feature_shards, peek
 from pixart.data.loader import batches_per_rank
 from pixart.features.format import tar_of
-from pixart.models import PRESETS
+from pixart.model_config import PRESETS
 from pixart.train.conditions import Conditions
 from pixart.train.config import TrainConfig
 from pixart.train.weights import check_init
