@@ -9,9 +9,9 @@ A run is complete only when every shard is committed: a shard that failed, or th
 
     outcome = run_stage(IngestStage(), "sam", ["source=/data/sa1b"], force=False, runtime=LocalRuntime())
 
-`flows/ingest.py` and `flows/caption.py` wrap the same call in a Prefect flow (`flows/_prefect.py` supplies a
-runtime whose shard calls are Prefect tasks with retries and whose artifacts go to the Prefect UI); `pixart`
-runs it with `LocalRuntime`, which never starts a Prefect server.
+`flows/ingest.py`, `flows/caption.py`, `flows/extract.py` and `flows/train.py` wrap the same call in a Prefect
+flow (`flows/_prefect.py` supplies a runtime whose shard calls are Prefect tasks with retries and whose artifacts
+go to the Prefect UI); `pixart` runs it with `LocalRuntime`, which never starts a Prefect server.
 """
 
 from __future__ import annotations

@@ -118,12 +118,21 @@ def test_docs_name_only_modules_and_files_that_exist(doc):
     assert stale_references((ROOT / doc).read_text(), (ROOT / doc).parent) == []
 
 
-def test_the_captioning_package_docstring_lists_every_module():
-    init = ROOT / "captioning" / "__init__.py"
-    doc = ast.get_docstring(ast.parse(init.read_text()))
-    assert "Filled in" not in doc
-    modules = sorted(p.stem for p in init.parent.glob("*.py") if p.stem != "__init__")
-    assert [m for m in modules if f"`{m}`" not in doc] == [], "package docstring lists every module"
+def test_every_package_docstring_lists_its_modules_and_subpackages():
+    """A newcomer opens a package's __init__ and finds every module in it named (`name`, `name.py` or `name/`)."""
+    unlisted = {}
+    for init in sorted(p for p in all_modules() if p.name == "__init__.py"):
+        doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+        assert "Filled in" not in doc, init
+        names = [p.stem for p in init.parent.glob("*.py") if p.stem != "__init__"]
+        names += [d.name for d in init.parent.iterdir() if (d / "__init__.py").exists()]
+        missing = sorted(n for n in names if not any(f in doc for f in (f"`{n}`", f"`{n}.py`", f"`{n}/`")))
+        if missing:
+            unlisted[str(init.relative_to(ROOT))] = missing
+    assert unlisted == {}
+
+
+def test_the_captioner_docstring_names_what_it_does():
     captioner = ROOT / "captioning" / "captioner.py"
     doc = next(ast.get_docstring(n) for n in ast.parse(captioner.read_text()).body
                if isinstance(n, ast.ClassDef) and n.name == "Captioner")

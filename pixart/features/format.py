@@ -15,7 +15,8 @@ a reason. Tar members per sample (keys have no dots):
 
 Arrays are written with np.save(allow_pickle=False) and read with np.load(allow_pickle=False) or
 `storage.wds.load_npy`. The extractor (`pixart.features.extract`) writes samples with `text_sample` and
-`latent_sample`; the loader (`pixart.data`) finds shards with `feature_pair` and reads the members named here.
+`latent_sample`; the loader (`pixart.data`) finds shards with `feature_shards` (`pixart/data/index.py`) and
+reads the members named here.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Source readers: stream samples out of SA-1B, JourneyDB and ImageNet shards without extracting archives.
 
-Importing this package registers every source (`storage.ingest.sources.base.register`); a new dataset adds its module
-to the import below.
+The protocol and registry: `base.py`; one reader per dataset: `sa1b.py`, `journeydb.py`, `imagenet.py`. Importing this
+package registers every source (`storage.ingest.sources.base.register`); a new dataset adds its module to the import
+below.
 """
 
 from storage.ingest.sources import imagenet, journeydb, sa1b  # noqa: F401 - registers the sources
