@@ -12,8 +12,9 @@ import difflib
 import hashlib
 import json
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar, get_args
+from typing import Any, ClassVar, TypeVar, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -101,26 +102,37 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _submodel(cls: type, name: str) -> type | None:
-    """The config section class that field `name` of `cls` holds, if it is one (Optional and unions included)."""
+def _submodel(cls: type, name: str) -> tuple[type | None, int]:
+    """The config section class that field `name` of `cls` holds, if it is one (Optional and unions included), and
+    how many parts of an error's loc come between the field and that section: one per dict key or list index when
+    the field is a `dict[str, Section]`, `list[Section]` or nested such."""
     field = getattr(cls, "model_fields", {}).get(name)
     if field is None:
-        return None
-    todo = [field.annotation]
+        return None, 0
+    todo = [(field.annotation, 0)]
     while todo:
-        tp = todo.pop()
+        tp, keys = todo.pop()
         if isinstance(tp, type) and issubclass(tp, BaseModel):
-            return tp
-        todo.extend(get_args(tp))
-    return None
+            return tp, keys
+        origin, args = get_origin(tp), get_args(tp)
+        if isinstance(origin, type) and issubclass(origin, Mapping) and args:
+            todo.append((args[-1], keys + 1))  # the value type, one loc part (the key) further down
+        elif isinstance(origin, type) and issubclass(origin, Sequence) and args:
+            todo.extend((a, keys + 1) for a in args if a is not Ellipsis)
+        else:
+            todo.extend((a, keys) for a in args)
+    return None, 0
 
 
 def _unknown_key(cls: type, loc: tuple) -> str:
     """'unknown key; did you mean ...?' with the keys the section at `loc` does accept."""
     section: type | None = cls
+    skip = 0
     for part in loc[:-1]:
-        if isinstance(part, str) and section is not None:
-            section = _submodel(section, part)
+        if skip:  # a dict key or list index between a field and the section its values are
+            skip -= 1
+        elif isinstance(part, str) and section is not None:
+            section, skip = _submodel(section, part)
     known = sorted(getattr(section, "model_fields", {}))
     if not known:
         return "unknown key"

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel, ValidationError
 
-from storage.configio import config_hash, dump_yaml, load_config, parse_overrides
+from storage.configio import _format_validation_error, config_hash, dump_yaml, load_config, parse_overrides
 from storage.errors import ConfigError
 from storage.ingest.config import IngestConfig
 
@@ -233,3 +234,38 @@ def test_every_preset_loads(kind):
     for name in names:
         extra = ["data.caption_set=x"] if kind == "train" and "stage1" not in name else needs.get(kind, [])
         load_config(config_class(kind), name, extra, kind=kind)
+
+
+def test_misspelled_keys_under_dict_valued_sections_get_a_did_you_mean():
+    from pydantic import ConfigDict
+
+    from flows.pipeline_config import PipelineConfig
+
+    class Leaf(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        caption: bool = False
+        overrides: list[str] = []
+
+    class Top(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        by_name: dict[str, Leaf] = {}
+        maybe: dict[str, Leaf] | None = None
+        listed: list[Leaf] = []
+
+    cases = [(Top, ["by_name.a.captoin=true"], r"by_name.a.captoin: unknown key; did you mean 'caption'\?"),
+             (Top, ["maybe.x.overides=[a]"], r"maybe.x.overides: unknown key; did you mean 'overrides'\?"),
+             (PipelineConfig, ["datasets.sam.captoin=true"],
+              r"datasets.sam.captoin: unknown key; did you mean 'caption'\?"),
+             (PipelineConfig, ["features.sam-256.overides=[a]"],
+              r"features.sam-256.overides: unknown key; did you mean 'overrides'\?"),
+             (PipelineConfig, ["train.stage1.preest=x"], r"train.stage1.preest: unknown key; did you mean 'preset'\?"),
+             (PipelineConfig, ["train.stage1.zzz=x"], r"train.stage1.zzz: unknown key; this section takes: features")]
+    for cls, overrides, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            load_config(cls, None, overrides)
+    try:  # a list of sections: the index is skipped like a dict key
+        Top.model_validate({"listed": [{"captoin": True}]})
+    except ValidationError as e:
+        assert "listed.0.captoin: unknown key; did you mean 'caption'?" in _format_validation_error(Top, e)
+    else:
+        raise AssertionError("an unknown key under a list of sections was accepted")
