@@ -31,7 +31,7 @@ from captioning.config import CaptionConfig
 from captioning.engine import RefillEngine, check_generation_config
 from captioning.images import ImagePrep
 from captioning.sizing import auto_batch_size, free_device_bytes
-from storage.devices import device_name, dtype_name
+from storage.devices import resolve_device, resolve_dtype  # noqa: F401 - importable from here too
 from storage.hub import ModelLoadError, from_pretrained, quiet_progress, require_files
 
 LLAVA = "LLaVA model"
@@ -66,14 +66,6 @@ class Caption:
     text: str
     n_tokens: int
     finish_reason: str  # "stop" (end-of-sequence token) or "length" (hit max_new_tokens)
-
-
-def resolve_device(device: str) -> torch.device:
-    return torch.device(device_name(device, torch.cuda.is_available()))
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    return getattr(torch, dtype_name(dtype, device.type))
 
 
 class _ForceEos:

@@ -20,16 +20,8 @@ import torch
 
 from pixart.features.format import npy_bytes
 from storage.config import DEFAULT_MAX_TOKENS
-from storage.devices import device_name, dtype_name
+from storage.devices import resolve_device, resolve_dtype  # noqa: F401 - importable from here too
 from storage.hub import from_pretrained
-
-
-def resolve_device(device: str) -> torch.device:
-    return torch.device(device_name(device, torch.cuda.is_available()))
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    return getattr(torch, dtype_name(dtype, device.type))
 
 
 class TextEncoder:
