@@ -11,6 +11,7 @@ from pydantic import Field, model_validator
 
 from storage.config import DEFAULT_MAX_TOKENS, DEFAULT_T5, Dataset, DecodeConfig, RayDataConfig, StageConfig
 from storage.configio import StrictModel
+from storage.ingest.sources import get_source
 from storage.lineage import RuntimeField
 
 PAPER_PROMPT = "Describe this image and its style in a very detailed manner"
@@ -85,8 +86,9 @@ class CaptionConfig(StageConfig):
 
     @model_validator(mode="after")
     def _check(self) -> CaptionConfig:
-        if self.dataset != "journeydb" and self.training_text != "llava":
-            raise ValueError("training_text other than 'llava' needs dataset journeydb (SA-1B has no prompts)")
+        if self.training_text != "llava" and not get_source(self.dataset).has_prompts:
+            raise ValueError(f"training_text other than 'llava' needs a dataset with its own prompts, such as "
+                             f"journeydb ({self.dataset} has none)")
         g = self.generation
         if self.engine == "refill" and (g.do_sample or g.num_beams != 1 or g.repetition_penalty != 1.0):
             raise ValueError("engine=refill is greedy-only: it needs generation.do_sample=false, num_beams=1 and "

@@ -62,7 +62,7 @@ class ExtractStage(Stage):
     def shards(self, cfg: ExtractConfig, log) -> list[Shard]:
         manifests = manifests_to_read(cfg)
         listed = []
-        if cfg.what in ("text", "both") and cfg.dataset != "imagenet":
+        if cfg.encodes_text:
             listed += [Shard(f"text-{shard_of(u)}", ("text", u)) for u in committed_captions(cfg)[: cfg.max_shards]]
         if cfg.what in ("latents", "both"):
             listed += [Shard(f"latents-{shard_of(u)}", ("latents", u)) for u in manifests]
@@ -79,7 +79,7 @@ class ExtractStage(Stage):
 
         if cfg.executor == "ray":  # the encoders load inside the Ray actors
             return
-        if cfg.what in ("text", "both") and cfg.dataset != "imagenet":
+        if cfg.encodes_text:
             self.text = TextEncoder(cfg.t5_model, cfg.max_tokens, cfg.device, cfg.dtype)
         if cfg.what in ("latents", "both"):
             self.latents = LatentEncoder(cfg.vae_model, cfg.device, cfg.dtype)
@@ -180,7 +180,7 @@ def estimate_run(cfg: ExtractConfig) -> dict[str, Any]:
         sizes += [(r["height"], r["width"]) for r in read_manifest(url, ["height", "width", "status"]).to_pylist()
                   if r["status"] == "ok"]
     tokens = []
-    if cfg.what in ("text", "both") and cfg.dataset != "imagenet":
+    if cfg.encodes_text:
         for url in committed_captions(cfg):
             tokens += [t for t in read_table(url, ["t5_tokens"])["t5_tokens"].to_pylist() if t]
     if cfg.what == "text":

@@ -15,6 +15,7 @@ from storage.config import (
     RayDataConfig,
     StageConfig,
 )
+from storage.ingest.sources import captioned
 from storage.lineage import RuntimeField
 
 
@@ -65,15 +66,20 @@ class ExtractConfig(StageConfig):
                                                      description="local: this process; ray: Ray Data actor pools.")
     ray: RayExtractConfig = RuntimeField(default_factory=RayExtractConfig)
 
+    @property
+    def encodes_text(self) -> bool:
+        """T5 features are extracted: asked for (`what`), and the dataset is captioned (not class-labelled)."""
+        return self.what in ("text", "both") and captioned(self.dataset)
+
     def vae_batch_size(self, on_gpu: bool) -> int:
         return self.image_batch_size or (16 if on_gpu else 4)
 
     @model_validator(mode="after")
     def _check(self) -> ExtractConfig:
-        if self.what in ("text", "both") and self.dataset != "imagenet" and not self.caption_set:
+        if self.encodes_text and not self.caption_set:
             raise ValueError("text features need caption_set=<name> (a set under captions/<dataset>/)")
-        if self.dataset == "imagenet" and self.what == "text":
-            raise ValueError("imagenet has class labels, not captions: extract latents")
+        if not captioned(self.dataset) and self.what == "text":
+            raise ValueError(f"{self.dataset} has class labels, not captions: extract latents")
         if self.multi_scale and self.base_size == 256:
             raise ValueError("multi_scale is for base_size 512 or 1024 (PixArt-alpha trains 256 at a fixed size)")
         return self

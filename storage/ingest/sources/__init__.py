@@ -6,6 +6,6 @@ below.
 """
 
 from storage.ingest.sources import imagenet, journeydb, sa1b  # noqa: F401 - registers the sources
-from storage.ingest.sources.base import Source, SourceSample, SourceShard, get_source, source_names
+from storage.ingest.sources.base import Source, SourceSample, SourceShard, captioned, get_source, source_names
 
-__all__ = ["Source", "SourceSample", "SourceShard", "get_source", "source_names"]
+__all__ = ["Source", "SourceSample", "SourceShard", "captioned", "get_source", "source_names"]

@@ -9,22 +9,23 @@ A source is one module under `storage/ingest/sources/` defining a `Source` subcl
         def prepare(self, cfg): ...                     # dataset-wide work done once -> JSON-able context
         def iter_samples(self, shard, cfg, ctx): ...    # -> SourceSample per sample (errors included)
 
-Adding a dataset means that module (imported in `storage/ingest/sources/__init__.py`) and a preset in
-`configs/ingest/`.
+Two class attributes say what the dataset is, for every later stage: `conditioning = "class"` (class labels: never
+captioned, no T5 features) and `has_prompts = True` (it ships its own prompts). Adding a dataset means that module
+(imported in `storage/ingest/sources/__init__.py`) and a preset in `configs/ingest/`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from storage.errors import ConfigError, SourceError
 from storage.layout import safe_name, shard_name_of
 from storage.urls import describe_error, filesystem, to_url
 
-__all__ = ["Source", "SourceSample", "SourceShard", "get_source", "list_archives", "register", "safe_name",
-           "shard_name_of", "source_names"]
+__all__ = ["Source", "SourceSample", "SourceShard", "captioned", "get_source", "list_archives", "register",
+           "safe_name", "shard_name_of", "source_names"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,8 @@ class Source:
     """One dataset's reader. Subclasses set `name` and implement the three methods; see the module docstring."""
 
     name: ClassVar[str] = ""
+    conditioning: ClassVar[Literal["caption", "class"]] = "caption"  # class: labels, never captioned or T5-encoded
+    has_prompts: ClassVar[bool] = False  # ships its own text prompts (captioning's training_text other than llava)
 
     def check(self, cfg: Any) -> None:
         """Raise ValueError for options this source does not take or lacks (called by config validation)."""
@@ -78,6 +81,11 @@ def source_names() -> list[str]:
     import storage.ingest.sources  # noqa: F401 - importing the package registers every source
 
     return sorted(_REGISTRY)
+
+
+def captioned(name: str) -> bool:
+    """Whether a dataset is captioned and trained on text (its T5 features exist), rather than on class labels."""
+    return get_source(name).conditioning == "caption"
 
 
 def get_source(name: str) -> Source:

@@ -140,6 +140,7 @@ def iter_samples(shard: SourceShard, mapping: dict[str, int] | None) -> Iterator
 @register
 class ImageNet(Source):
     name = "imagenet"
+    conditioning = "class"
 
     def check(self, cfg) -> None:
         if cfg.annotations:

@@ -263,6 +263,7 @@ def folder_records(url: str, folder: str) -> list[dict[str, Any]]:
 @register
 class JourneyDB(Source):
     name = "journeydb"
+    has_prompts = True
 
     def check(self, cfg) -> None:
         if not cfg.annotations:
