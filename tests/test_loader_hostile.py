@@ -147,6 +147,37 @@ def test_an_index_row_claiming_a_huge_range_is_refused_before_anything_is_alloca
     assert_named(info.value, tar_of(shards[index], "latent.npy"), key)
 
 
+@pytest.mark.parametrize("position", ["first", "later"])
+def test_a_text_index_row_claiming_more_than_max_tokens_rows_is_refused_before_it_is_read(features, tmp_path,
+                                                                                         monkeypatch, position):
+    """A text range inside its tar but longer than max_tokens rows of the widest T5 can need: the first sample of a
+    batch was bounded only by the tar's size, so a remote tar would have had the whole range fetched into memory.
+    The tar is extended (sparse) so that the claim lies inside it."""
+    from pixart.data import collate
+
+    shards = sam256(copy_features(features, tmp_path))
+    index, key = pick(shards, position)
+    tar = tar_of(shards[index], "t5.npy")
+    claimed = 64 << 20
+    # more than 512 rows (MAX_STORED_TOKENS) of the widest T5 (4096) in float16 and 1 MiB of headers can need
+    with open(tar, "r+b") as f:
+        f.truncate(tar.stat().st_size + claimed)
+    edit_index(monkeypatch, shards[index].text,
+               lambda rows: next(r for r in rows if r["key"] == key).update(bytes=claimed))
+    read, real_read = [], collate.TarReader.read
+    monkeypatch.setattr(collate.TarReader, "read",
+                        lambda self, url, span: read.append(span) or real_read(self, url, span))
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=r"the sample needs at most") as info:
+            read_all(shards, pad_text=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 << 20 and all(length < claimed for _, length in read)
+    assert_named(info.value, tar, key)
+
+
 def test_img_hw_and_class_come_from_the_index_for_every_sample(features, monkeypatch):
     """The first sample of a batch took img_hw (and the class) from its json, the others from the index."""
     shards = feature_shards(features, "sam", 512, multi_scale=True, caption_set="tiny")

@@ -52,6 +52,9 @@ from storage.wds import load_npy, npy_layout, sample_members
 
 VAE_FACTOR = 8  # latent pixels per image pixel, each side
 RANGE_SLACK = 1 << 20  # a sample's range beyond its array's data: tar headers, the .npy header, json, class
+MAX_T5_WIDTH = 4096  # d_model of T5-XXL (v1.1 and Flan), the widest T5: a text range's bound before its width is seen
+MAX_STORED_TOKENS = 512  # T5's pre-training input length; features stored with more rows than this (and than the
+# loader's max_tokens) are refused. PixArt-alpha keeps 120, Sigma 300; rows past max_tokens are read and dropped.
 
 
 @functools.cache
@@ -113,7 +116,7 @@ class BatchReader:
                 ranges.append((latent_tar, e.latent, e.key))
                 if text_tar is not None:
                     at[0] = text_tar
-                    files.check_span(text_tar, e.text)  # bounded by its width once the batch's is known: _read_text
+                    files.check_span(text_tar, e.text, self._text_limit(files.text_widths.get(text_tar)))
                     ranges.append((text_tar, e.text, e.key))
             files.fetch(ranges)  # remote tars: the whole batch's ranges at once (errors name their key)
             for i, (e, (latent_tar, _)) in enumerate(zip(entries, tars, strict=True)):
@@ -184,6 +187,13 @@ class BatchReader:
         out.ratio[i] = float(e.bucket)
         out.cls[i] = None if label is None else int(label)
 
+    def _text_limit(self, width: int | None) -> int:
+        """The longest sample range a text feature can need: max_tokens (at least MAX_STORED_TOKENS) rows of
+        `width` (MAX_T5_WIDTH until a header of the tar has shown it) float16 values, plus the headers. Checked
+        before anything is fetched or allocated; `_read_text` then bounds each range by its index's n_tokens."""
+        rows = max(self.max_tokens, MAX_STORED_TOKENS)
+        return rows * (width or MAX_T5_WIDTH) * FEATURE_DTYPE.itemsize + RANGE_SLACK
+
     def _text_check(self, found: LocatedArray, e: Entry, width: int | None) -> int:
         """Its T5 header against the promise: float16 rows [n_tokens of the index, the batch's width]; the width."""
         ok = (found.dtype == FEATURE_DTYPE and not found.fortran and len(found.shape) == 2
@@ -213,6 +223,7 @@ class BatchReader:
                 files.check_span(url, e.text, e.n_tokens * width * FEATURE_DTYPE.itemsize + RANGE_SLACK)
             found = files.locate_array(url, e.text, e.key, T5_MEMBER)
             width = self._text_check(found, e, width)
+            files.text_widths[url] = width  # later batches bound this tar's ranges by it (`_text_limit`)
             plan.append((min(found.shape[0], self.max_tokens), e, url, found))
         assert width is not None
         counts = [n for n, *_ in plan]

@@ -104,6 +104,7 @@ class TarReader:
         self.open: dict[str, Any] = {}
         self.sizes: dict[str, int] = {}  # local tars: their size when opened; remote ones: -1
         self.local: dict[str, bool] = {}
+        self.text_widths: dict[str, int] = {}  # text tars: the T5 width their checked headers showed
         self.fetched: dict[tuple[str, tuple[int, int]], bytes] = {}
         self.buffer = bytearray(1 << 20)
         self.head = memoryview(bytearray(512 + NPY_HEAD))  # a member's tar header and its .npy header
@@ -137,8 +138,9 @@ class TarReader:
     def fetch(self, ranges: list[tuple[str, tuple[int, int], str]]) -> None:
         """Fetch the given (tar URL, (offset, length), key) ranges of remote tars with one fsspec `cat_ranges` call
         per filesystem (s3fs and other async filesystems send the requests concurrently); `read` then serves them
-        from memory, once each. Local ranges are skipped: they are read with os.preadv when needed. A remote read
-        returns at most what the object holds, so memory stays bounded by the tar's real size."""
+        from memory, once each. Local ranges are skipped: they are read with os.preadv when needed. Every range was
+        bounded by `check_span` first (what its array can need: latents by their bucket, text by max_tokens rows of
+        the tar's T5 width), so a lying index row cannot pull more than that into memory."""
         groups: dict[int, tuple[Any, list[tuple[str, str, tuple[int, int], str]]]] = {}
         for url, span, key in ranges:
             if not self.is_local(url) and (url, span) not in self.fetched:
