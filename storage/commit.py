@@ -117,13 +117,17 @@ def commit_shard(out_url: str) -> Iterator[str]:
 
 
 @contextmanager
-def publish_dir_once(out_url: str) -> Iterator[tuple[object, str]]:
+def publish_dir_once(out_url: str, replace_unmarked: bool = False) -> Iterator[tuple[object, str]]:
     """Write a directory under a temporary name and publish it as `out_url`, unless it is already published.
 
     For immutable, content-addressed directories (a JourneyDB annotation index keyed by the file's identity): a
     published directory is never replaced or deleted, so a reader never sees it half-gone. When two runs build the
     same directory at once, the first to publish wins and the other drops its copy. Yields (filesystem, tmp path);
     check `is_done(out_url)` first to skip the work.
+
+    `replace_unmarked`: a directory already at `out_url` counts only with its done marker; one without (left by a
+    writer killed between publishing and marking, whose content may be another run's) is replaced by this one
+    instead of kept. For outputs whose name is not their content (a training checkpoint `step-N`).
     """
     fs, path = filesystem(out_url)
     fs.makedirs(fs._parent(path), exist_ok=True)
@@ -138,8 +142,16 @@ def publish_dir_once(out_url: str) -> Iterator[tuple[object, str]]:
             except OSError as e:
                 if e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR):
                     raise
-                _discard(fs, tmp)
+                if replace_unmarked and not fs.exists(path + DONE_SUFFIX):
+                    aside = _tmp_name(path)  # out of the way in one rename, then ours in: never a mix of both
+                    os.rename(path, aside)
+                    os.rename(tmp, path)
+                    _discard(fs, aside)
+                else:
+                    _discard(fs, tmp)
         elif not fs.exists(path + DONE_SUFFIX):  # object stores: the marker, written after this, is what counts
+            if replace_unmarked and fs.exists(path):
+                fs.rm(path, recursive=True)  # an unmarked leftover: none of its files may stay beside ours
             for src in fs.find(tmp):
                 fs.copy(src, path + src[len(tmp):])
             fs.rm(tmp, recursive=True)

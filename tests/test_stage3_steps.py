@@ -3,6 +3,7 @@ a stage 3 without its step, the README's cost table counts what the presets run,
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -153,3 +154,46 @@ def test_the_demo_pipeline_runs_stage3_as_its_three_steps_each_from_the_previous
         (3, "ms1024", 1024, True)]
     assert [c.init for c in seen] == [None, *(f"{out}/runs/{c.run}" for c in seen[:-1])]  # each from the one before
     assert steps[-1].after == ["train-stage3-ms1024"] and steps[-1].resolve()[1] == ["stage3-ms1024"]
+
+
+def fake_run(root: Path, run: str, stage: int, step: str | None) -> Path:
+    """A run directory with one committed checkpoint of a tiny PixArt whose trainer.json records (stage, step)."""
+    from pixart.models import ModelConfig, build_pixart
+    from storage.commit import write_done
+
+    ckpt = root / "runs" / run / "checkpoints" / "step-000000002"
+    build_pixart(ModelConfig(preset="pixart-tiny"), 256, caption_channels=32).save_pretrained(ckpt / "transformer")
+    state = {"step": 2, "stage": stage, **({"stage_step": step} if step else {})}
+    (ckpt / "trainer.json").write_text(json.dumps(state))
+    (ckpt / "config.yaml").write_text(f"stage: {stage}\nstage_step: {step or 'null'}\n")
+    write_done(str(ckpt), state)
+    return ckpt.parent.parent
+
+
+def test_a_stage3_step_must_start_from_the_previous_step_unless_told(tmp_path):
+    text = [f"output_root={tmp_path / 'out'}", "data.caption_set=x"]
+    stage2 = fake_run(tmp_path, "s2", 2, None)
+    line = one_error(cli("stage3-1024", *text, f"init={stage2}"))  # hq256 and hq512 skipped
+    assert "is stage 2" in line and "stage_step=ms1024 starts from stage 3 hq512" in line and "init_any_step" in line
+    line = one_error(cli("stage3-512", *text))  # random weights
+    assert "stage_step=hq512 has no init" in line and "stage 3 hq256" in line
+    assert not [f for f in (tmp_path / "out").rglob("*") if f.is_file()]  # refused before a run writes anything
+    # told: the init check passes, and the run stops at the next check (there are no features here)
+    assert "run pixart extract first" in one_error(cli("stage3-1024", *text, f"init={stage2}", "init_any_step=true"))
+    assert "run pixart extract first" in one_error(cli("stage3-512", *text, "init_any_step=true"))
+
+
+def test_the_stage3_chain_is_read_from_the_init_runs_record(tmp_path):
+    from pixart.train.weights import check_init, init_source
+
+    runs = {"s2": fake_run(tmp_path, "s2", 2, None), "hq256": fake_run(tmp_path, "hq256", 3, "hq256"),
+            "hq512": fake_run(tmp_path, "hq512", 3, "hq512")}
+    for step, init in (("hq256", "s2"), ("hq512", "hq256"), ("ms1024", "hq512")):
+        cfg = preset(STAGE_PRESETS[(3, step)], f"init={runs[init]}")
+        check_init(cfg)  # the previous step: accepted
+        assert "records no stage" not in init_source(cfg).note
+    with pytest.raises(ConfigError, match=r"is stage 3 hq256, but stage_step=ms1024 starts from stage 3 hq512"):
+        check_init(preset("stage3-1024", f"init={runs['hq256']}/checkpoints/step-000000002"))
+    bare = runs["s2"] / "checkpoints" / "step-000000002" / "transformer"  # a transformer that records no stage
+    note = init_source(preset("stage3-512", f"init={bare}")).note
+    assert "records no stage" in note and "stage 3 hq256" in note

@@ -174,6 +174,38 @@ def test_checkpoint_temporaries_of_a_killed_save_are_swept_when_a_run_starts(fea
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-000000002", "step-000000002.done"]
 
 
+def test_an_unmarked_step_folder_of_a_killed_save_is_replaced_never_kept(features, tiny_t5_encoder, tiny_vae):
+    """A save killed after publishing step-N/ and before its marker: the next save of step N under a changed lr
+    commits its own weights and trainer.json, not the killed run's; a run start sweeps such folders."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    first = config(features, "tiny-stage2", "unmarked", "schedule.max_steps=2", t5=tiny_t5_encoder, vae=tiny_vae)
+    prepare_run(first)
+    list(Trainer(first).fit())
+    ckpts = Path(run_dir(features, "unmarked")) / "checkpoints"
+    planted = ckpts / "step-000000004"  # the killed run's step 4: its step-2 weights, its lr, no marker
+    shutil.copytree(ckpts / "step-000000002", planted)
+
+    lower = config(features, "tiny-stage2", "unmarked", "optim.lr=1e-4", t5=tiny_t5_encoder, vae=tiny_vae)
+    trainer = Trainer(lower)  # no run start here: the save itself must not keep the planted folder
+    assert trainer.resume() and trainer.step == 2
+    list(trainer.fit())
+    assert checkpoint.latest(features, "unmarked") == str(planted)
+    state = json.loads((planted / "trainer.json").read_text())
+    assert state["step"] == 4 and state["lr"] == pytest.approx(1e-4)
+    assert state == checkpoint.trainer_state(str(planted))  # the folder is the one its marker describes
+    for part, model in (("transformer", trainer.model), ("ema", trainer.ema)):
+        saved, now = load_file(planted / part / WEIGHTS), model.state_dict()
+        assert saved.keys() == now.keys() and all(torch.equal(saved[k], now[k]) for k in saved), part
+
+    stray = ckpts / "step-000000006"  # another killed save's published, unmarked folder
+    shutil.copytree(ckpts / "step-000000002", stray)
+    run_training(lower, log=lambda m: None)  # at max_steps already: only the run start's sweep touches it
+    assert not stray.exists() and checkpoint.latest(features, "unmarked") == str(planted)
+
+
 # -- 12: the saved loader position is the trained step's --------------------------------------------------------------
 
 

@@ -17,8 +17,9 @@ from typing import Any
 
 from pixart.data.tar_reads import FeatureError, TarReader, naming
 from pixart.features.format import LATENT_MEMBER, T5_MEMBER, latent_files, tar_of, text_files
-from storage.commit import is_done
-from storage.layout import latents_dir, shard_of
+from storage.commit import DONE_SUFFIX, is_done
+from storage.layout import latents_dir, shard_of, text_features_dir
+from storage.lineage import committed_identity
 from storage.parquet import read_rows
 from storage.urls import filesystem
 from storage.wds import load_npy, sample_members
@@ -63,6 +64,43 @@ def feature_shards(root: str, dataset: str, base_size: int, multi_scale: bool = 
         if is_done(lat) and (txt is None or is_done(txt)):
             shards.append(FeatureShard(name, lat, txt, base_size))
     return shards
+
+
+def feature_ids(shards: list[FeatureShard]) -> dict[str, str | None]:
+    """The content identity of every feature shard a run reads, named as the extractor names its shards
+    (`latents-<shard>`, `text-<shard>`): what a checkpoint records, so that a resume can tell changed features."""
+    out: dict[str, str | None] = {}
+    for s in shards:
+        out[f"latents-{s.name}"] = committed_identity(s.latents)
+        if s.text is not None:
+            out[f"text-{s.name}"] = committed_identity(s.text)
+    return out
+
+
+def _states(directory: str) -> dict[str, str]:
+    """{shard: "committed" | "uncommitted"} of the feature indexes in one directory, from one listing."""
+    fs, path = filesystem(directory)
+    if not fs.exists(path):
+        return {}
+    names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
+    return {n.removesuffix(".parquet"): "committed" if n + DONE_SUFFIX in names else "uncommitted"
+            for n in names if n.endswith(".parquet") and n != "buckets.parquet"}
+
+
+def incomplete_features(root: str, dataset: str, base_size: int, multi_scale: bool, caption_set: str | None,
+                        expected: list[str]) -> list[str]:
+    """The feature shards a run would skip: for each shard in `expected` (the dataset's committed manifests) and
+    each latent shard present, `latents-<shard> (missing)` or `(uncommitted)`, and the same for `text-<shard>` when
+    a caption set is given. `feature_shards` leaves such shards out silently; a run must not."""
+    latents = _states(latents_dir(root, dataset, base_size, multi_scale))
+    text = _states(text_features_dir(root, dataset, caption_set)) if caption_set else {}
+    found = []
+    for name in sorted(set(expected) | set(latents)):
+        for kind, states in (("latents", latents), *((("text", text),) if caption_set else ())):
+            state = states.get(name, "missing")
+            if state != "committed":
+                found.append(f"{kind}-{name} ({state})")
+    return found
 
 
 def _once(url: str, rows: list[dict[str, Any]]) -> None:

@@ -4,7 +4,8 @@
         transformer/         the model, diffusers format (safetensors): from_pretrained() loads it
         ema/                 the EMA weights, same format (when the stage keeps an EMA)
         optimizer.pt         AdamW state, a plain tensor dict: read back with torch.load(weights_only=True)
-        trainer.json         step, epoch, lr schedule, loader state, RNG seed, GPU-hours so far, config hash
+        trainer.json         step, stage, epoch, lr schedule, loader state, RNG seed, GPU-hours so far, config hash,
+                             the content ids of the feature shards read
         config.yaml          the resolved training config
     runs/<run>/checkpoints/step-000001000.done   written last: only then does the checkpoint exist
 
@@ -12,11 +13,12 @@ Who writes each part: `save_state` / `load_state` walk the trainer's state provi
 optimizer, data position, RNG, step, config; pixart/train/state.py), each writing its files and its entries of
 trainer.json, each checking and reading them back.
 
-A crash while saving leaves a temporary directory and no marker, so `latest()` never picks a half-written
-checkpoint; `sweep_temporaries` removes such leftovers when the next run of the name starts (under the run's lease,
-so none of them can be another live run's). On object stores the directory is written locally first and uploaded
-before the marker. A save that fails (a full disk) and a file that cannot be read back (a corrupt marker, a
-pickled optimizer state) are `CheckpointError`s that name the file.
+A crash while saving leaves a temporary directory, or a published `step-N/` with no marker, so `latest()` never
+picks a half-written checkpoint; `sweep_temporaries` removes such leftovers when the next run of the name starts
+(under the run's lease, so none of them can be another live run's), and a save of step N replaces an unmarked
+`step-N/` rather than keep it (its weights may be a killed run's, under another config). On object stores the
+directory is written locally first and uploaded before the marker. A save that fails (a full disk) and a file that
+cannot be read back (a corrupt marker, a pickled optimizer state) are `CheckpointError`s that name the file.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def save(root: str, run: str, step: int, write: Callable[[Path], dict[str, Any]]
     if is_done(url):
         return url  # a second copy of this run got here first: the step's checkpoint is the same
     try:
-        with publish_dir_once(url) as (fs, tmp):
+        with publish_dir_once(url, replace_unmarked=True) as (fs, tmp):  # never a killed save's folder
             if protocol_of(fs) in ("file", "local"):
                 state = write(Path(tmp))
                 (Path(tmp) / TRAINER_STATE).write_text(json.dumps(state, indent=1, sort_keys=True))
@@ -122,16 +124,19 @@ def delete(url: str) -> None:
 
 
 def sweep_temporaries(root: str, run: str) -> list[str]:
-    """Delete every checkpoint temporary of the run (`step-N.tmp-*`, `step-N.done.tmp-*`), whatever its age: only
-    a save killed half-way leaves one. Call it only while holding the run's lease (no other live run can be writing
+    """Delete every checkpoint temporary of the run (`step-N.tmp-*`, `step-N.done.tmp-*`) and every step folder
+    without its done marker (`step-N/`, published by a save killed before its marker), whatever their age: only a
+    save killed half-way leaves one. Call it only while holding the run's lease (no other live run can be writing
     one). Returns what was deleted."""
     fs, path = filesystem(checkpoints_url(root, run))
     if not fs.exists(path):
         return []
+    listed = {p.rstrip("/").rsplit("/", 1)[-1]: p for p in fs.ls(path, detail=False)}
+    marked = {name[:-len(DONE_SUFFIX)] for name in listed if name.endswith(DONE_SUFFIX)}
     gone = []
-    for p in fs.ls(path, detail=False):
-        name = p.rstrip("/").rsplit("/", 1)[-1]
-        if name.startswith("step-") and TMP_MARK in name:
+    for name, p in listed.items():
+        unmarked = TMP_MARK not in name and not name.endswith(DONE_SUFFIX) and name not in marked
+        if name.startswith("step-") and (TMP_MARK in name or unmarked):
             try:
                 fs.rm(p, recursive=True)
             except FileNotFoundError:

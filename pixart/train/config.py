@@ -4,7 +4,8 @@ stage3-256, stage3-512, stage3-1024, plus tiny variants); any key can be overrid
 Stage 3 is three steps (paper Table 4), each its own run initialised from the one before: hq256 (90K steps at 256
 on the high-aesthetics data, from stage 2; the official PixArt_xl2_img256_internal), hq512 (100K steps at 512) and
 ms1024 (16K steps at 1024 multi-scale). A stage-3 config names its step (`stage_step`), so none is skipped silently:
-the presets are `stage3-256`, `stage3-512` and `stage3-1024` (`STAGE_PRESETS`).
+the presets are `stage3-256`, `stage3-512` and `stage3-1024` (`STAGE_PRESETS`), and a step's init must be the
+previous step's run (`STAGE3_INIT`, checked before a run starts) unless `init_any_step` says otherwise.
 
 Learning rate and batch size. PixArt-alpha's configs write lr 2e-5 and inherit `auto_lr = dict(rule="sqrt")`,
 which multiplies it by sqrt(global_batch / 256) before building the optimizer (176 x 64 GPUs: x6.6, ~1.3e-4); the
@@ -26,6 +27,8 @@ from storage.lineage import RuntimeField
 # Stage 3's steps in the paper's order: the resolution each trains at and whether it must be multi-scale
 # (hq256 and hq512 may also run multi-scale, as the official *_internalms configs do; ms1024 must).
 STAGE3_STEPS: dict[str, tuple[int, bool]] = {"hq256": (256, False), "hq512": (512, False), "ms1024": (1024, True)}
+# What each stage-3 step starts from: the step before it, (stage, stage_step) as a run's trainer.json records them
+STAGE3_INIT: dict[str, tuple[int, str | None]] = {"hq256": (2, None), "hq512": (3, "hq256"), "ms1024": (3, "hq512")}
 # (stage, stage 3's step) -> its preset under configs/train/
 STAGE_PRESETS: dict[tuple[int, str | None], str] = {(1, None): "stage1", (2, None): "stage2",
                                                     (3, "hq256"): "stage3-256", (3, "hq512"): "stage3-512",
@@ -130,6 +133,12 @@ class TrainConfig(OutputConfig):
     data: DataConfig
     init: str | None = Field(None, description="Start from: a run's checkpoint dir, an export, a diffusers "
                              "transformer dir or id, or (stage 2) a DiT to re-parameterise. None: random init.")
+    init_any_step: bool = Field(
+        False, description="Stage 3 only: let a step start from something other than the previous step of the chain "
+        "(stage 2 -> hq256 -> hq512 -> ms1024), or from random weights (no init). Off, a stage-3 step needs an "
+        "init, and an init that records its stage (a run or checkpoint of this project) must be the previous "
+        "step; an init that records none (an external transformer, a hub pipeline) is accepted and the log says "
+        "so.")
     init_kind: Literal["auto", "checkpoint", "pixart", "dit"] = Field(
         "auto", description="How to read init; auto: a checkpoint if it holds trainer.json, a run directory "
         "(runs/<run>) as its latest committed checkpoint, else by its config.")

@@ -1,10 +1,11 @@
 """What runs once on the driver before any training worker starts (and before any GPU time is spent):
 
 1. `check_run`: everything that can be checked without building a model, before anything of the run is written:
-   the features exist and agree with the stage preset (latent size = resolution / 8, T5 width = the model's
-   caption channels, a class label on every sample for stage 1), every worker gets a full batch per epoch, and
    the init exists (a run directory: a committed checkpoint), holds the weights `init_weights` names, with
-   readable safetensors headers; else a clear error;
+   readable safetensors headers, and (stage 3) is the previous step of the chain; the features exist, cover every
+   committed manifest shard (`check_complete`) and agree with the stage preset (latent size = resolution / 8, T5
+   width = the model's caption channels, a class label on every sample for stage 1); every worker gets a full
+   batch per epoch; else a clear error;
 2. the null caption and the sample prompts are encoded with the run's T5 (pixart/train/conditions.py), whose width must
    be the features' width (the same T5 made them); with executor=ray this step runs in a Ray task instead
    (flows/_ray_train.py), so the driver never loads T5;
@@ -19,7 +20,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from pixart.data.index import FeatureShard, feature_shards, peek
+from pixart.data.index import FeatureShard, feature_shards, incomplete_features, peek
 from pixart.data.loader import batches_per_rank
 from pixart.features.format import tar_of
 from pixart.model_config import PRESETS
@@ -29,7 +30,8 @@ from pixart.train.weights import check_init
 from storage.commit import read_done, write_atomic
 from storage.configio import dump_yaml
 from storage.errors import ConfigError
-from storage.layout import run_dir
+from storage.layout import run_dir, shard_of
+from storage.manifest import committed_manifests
 from storage.parquet import read_rows
 from storage.urls import join
 
@@ -89,12 +91,41 @@ def check_encoders(cfg: TrainConfig, shards: list[FeatureShard]) -> None:
                               f"{field} is {want!r}; pass {field}={model} or re-extract the features with {want}")
 
 
+def check_complete(cfg: TrainConfig) -> None:
+    """Refuse features that miss part of the dataset: every committed manifest shard needs its committed latent
+    shard, and (stages 2-3) its text shard, as does every latent shard present; else the run would train on part
+    of the data without a word (`feature_shards` leaves out what is not committed). A shard whose rows are all
+    errors (its images broken, or duplicates of earlier shards' keys) is still committed, so it counts."""
+    data = cfg.data
+    expected = [shard_of(u) for u in committed_manifests(cfg.output_root, data.dataset)]
+    bad = incomplete_features(cfg.output_root, data.dataset, data.base_size, data.multi_scale,
+                              data.caption_set if cfg.stage > 1 else None, expected)
+    if bad:
+        names = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ConfigError(f"{_where(cfg)} (caption set {data.caption_set}): not every committed manifest shard "
+                          f"({len(expected)}) has its committed features, {len(bad)} missing: {names}. The run "
+                          f"would train on part of the data: finish them with pixart extract {data.dataset} (a "
+                          "shard being extracted right now: wait for it)")
+
+
+def _peek_any(shards: list[FeatureShard]) -> dict[str, Any]:
+    """Shapes of the first sample that is ok on every side (a shard may hold only error rows)."""
+    for shard in shards:
+        try:
+            return peek(shard)
+        except ValueError:
+            continue
+    raise ConfigError(f"no sample is ok on every side in any of the {len(shards)} feature shards "
+                      f"({shards[0].latents} ...): every image or caption failed")
+
+
 def check_features(cfg: TrainConfig) -> dict[str, Any]:
     data = cfg.data
     shards = _shards(cfg)
     where = _where(cfg)
+    check_complete(cfg)
     check_encoders(cfg, shards)
-    found = peek(shards[0])
+    found = _peek_any(shards)
     channels, h, w = found["latent"]
     arch = PRESETS[cfg.model.preset]
     if channels != 2 * arch["in_channels"]:
@@ -147,13 +178,13 @@ def check_labels(shards: list[FeatureShard], where: str, threads: int = 16) -> N
 def check_run(cfg: TrainConfig) -> dict[str, Any]:
     """Everything about `cfg` that can be checked before a model is built and before anything is written: the
     features (`check_features`), a full batch per epoch for every worker, and the init (`check_init`)."""
+    check_init(cfg)  # configs and safetensors headers only: a wrong init is refused before the data is read
     found = check_features(cfg)
     workers = cfg.ray.num_workers if cfg.executor == "ray" else 1
     counts = batches_per_rank(_shards(cfg), cfg.data.batch_size, workers)
     if min(counts) == 0:
         raise ConfigError(f"a rank gets no full batch of {cfg.data.batch_size} per epoch ({found['shards']} shards "
                           f"over {workers} workers: {counts} batches): lower data.batch_size or add shards")
-    check_init(cfg)
     return found
 
 

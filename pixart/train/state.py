@@ -4,10 +4,12 @@ back, walked in this order (torchtitan's checkpointer walks its `state_dict` pro
     provider    writes                                                     a resume
     rng         trainer.json "rng": the data.seed every step's generator   refuses another data.seed
                 comes from (nothing else to store: see `step_generator`)
-    progress    step, world_size, stage, gpu_hours, samples_seen,          refuses another strategy; sets the step
-                config_hash, strategy, init                                and the counters
+    progress    step, world_size, stage, stage_step, gpu_hours,            refuses another strategy; sets the step
+                samples_seen, config_hash, strategy, init                  and the counters
     loader      epoch, steps_per_epoch, loader (the trained step's         refuses another world size or batch count
                 position, never the reader's, which runs ahead)
+    features    features: the content id of every feature shard read       refuses changed, added or removed shards
+                ({"latents-<shard>": id, "text-<shard>": id})
     model       transformer/ (diffusers, safetensors)                      loads it, strict
     ema         ema/ (when the run keeps an EMA)                           loads it (transformer/ if absent)
     optimizer   optimizer.pt; lr, lr_scheduler, optimizer (the             AdamW and the warm-up schedule
@@ -53,7 +55,7 @@ def loader_state(step: int, steps_per_epoch: int, seed: int) -> dict[str, Any]:
 def state_providers(trainer: Trainer) -> dict[str, StateProvider]:
     """The trainer's state providers, in the order they are checked, written and read."""
     found: dict[str, StateProvider] = {"rng": Rng(trainer), "progress": Progress(trainer),
-                                       "loader": LoaderPosition(trainer),
+                                       "loader": LoaderPosition(trainer), "features": FeatureIds(trainer),
                                        "model": Weights(trainer, trainer.model, "transformer")}
     if trainer.ema is not None:
         found["ema"] = Weights(trainer, trainer.ema, "ema", fallback="transformer")
@@ -88,7 +90,8 @@ class Progress(StateProvider):
 
     def write(self, gathered: Any, directory: Path) -> dict[str, Any]:
         t = self.t
-        return {"step": t.step, "world_size": t.world_size, "stage": t.cfg.stage, "gpu_hours": t.gpu_hours,
+        return {"step": t.step, "world_size": t.world_size, "stage": t.cfg.stage, "stage_step": t.cfg.stage_step,
+                "gpu_hours": t.gpu_hours,
                 "samples_seen": t.samples_seen, "config_hash": config_hash(t.cfg), "strategy": t.strategy.name,
                 "init": t.init_record}
 
@@ -120,6 +123,31 @@ class LoaderPosition(StateProvider):
             raise PipelineError(f"{url} was written by {state['world_size']} workers with {state['steps_per_epoch']} "
                                 f"steps per epoch; this run has {t.world_size} and {t.steps_per_epoch}. "
                                 "Resume with the same ray.num_workers and data.batch_size, or start a new run.")
+
+
+class FeatureIds(StateProvider):
+    """The content ids of the feature shards the run reads (`pixart.data.index.feature_ids`): a resume on other
+    features (a shard re-extracted, added or gone) would silently train on other data than its steps so far and
+    break the loader's position, so it is refused."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.t = trainer
+
+    def write(self, gathered: Any, directory: Path) -> dict[str, Any]:
+        return {"features": dict(self.t.feature_ids)}
+
+    def check(self, state: dict[str, Any], url: str) -> None:
+        was, now = state.get("features"), self.t.feature_ids
+        if was is None:
+            return  # a checkpoint written before the ids were recorded
+        diff = [f"{name} {'changed' if name in was and name in now else 'added' if name in now else 'gone'}"
+                for name in sorted(set(was) | set(now)) if was.get(name) != now.get(name)]
+        if diff:
+            more = f" and {len(diff) - 5} more" if len(diff) > 5 else ""
+            raise ConfigError(f"{url} was trained on other features than {self.t.cfg.data.dataset}'s now: "
+                              f"{', '.join(diff[:5])}{more} (content ids differ from the checkpoint's trainer.json). "
+                              "A run cannot continue on changed data: start a new run (another run=...) from this "
+                              "checkpoint's weights (init=...)")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

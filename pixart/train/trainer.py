@@ -24,10 +24,11 @@ computes exactly the steps an uninterrupted run would. Every rank runs the same 
 smallest rank's batch count), which DDP needs and which makes the loader position a function of the step alone:
 checkpoints store the position of the trained step (`loader_state`), never the reader's, which runs ahead.
 
-Resume. data.seed must be the checkpoint's (it fixes the data order and every step's randomness). The optimizer's
-hyperparameters (optim.lr, betas, eps, weight_decay; warmup_steps, grad_clip and ema_decay are read from the config
-anyway) are the config's: a changed value is applied from the resumed step on, said through `resume(log=...)` and
-recorded in the checkpoints' trainer.json ("optimizer": what is used, "changes": when each changed).
+Resume. data.seed must be the checkpoint's (it fixes the data order and every step's randomness), and so must the
+feature shards (their content ids are in trainer.json). The optimizer's hyperparameters (optim.lr, betas, eps,
+weight_decay; warmup_steps, grad_clip and ema_decay are read from the config anyway) are the config's: a changed
+value is applied from the resumed step on, said through `resume(log=...)` and recorded in the checkpoints'
+trainer.json ("optimizer": what is used, "changes": when each changed).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from typing import Any
 import torch
 
 from pixart.data.finish import sample_posterior
-from pixart.data.index import feature_shards, shard_entries
+from pixart.data.index import feature_ids, feature_shards, shard_entries
 from pixart.data.loader import BucketedLoader, batches_per_rank
 from pixart.data.prefetch import Prefetch
 from pixart.features.encoders import resolve_device
@@ -80,6 +81,7 @@ class Trainer:
             raise PipelineError(f"no committed feature shards for {data.dataset} at {data.base_size}"
                                 f"{'-ms' if data.multi_scale else ''} (caption set {data.caption_set}) under "
                                 f"{cfg.output_root}: run pixart extract first")
+        self.feature_ids = feature_ids(shards)  # recorded in checkpoints: a resume on changed features is refused
         on_device = data.finish == "device" or (data.finish == "auto" and self.device.type == "cuda")
         self.loader = BucketedLoader(shards, data.batch_size, seed=data.seed, rank=rank, world_size=world_size,
                                      max_tokens=data.max_tokens, sample_posterior=not on_device,

@@ -5,7 +5,8 @@ transformer; or a DiT to re-parameterise).
 Which weights: `init_weights=model` (the default) starts from a checkpoint's trained weights (`transformer/`), as
 the official `load_from` does; `ema` from its EMA (`ema/`). An export holds one of the two (`pixart_export.json`),
 which must be the one asked for. `resolve_init` says which and where (`InitSource.note`, and the files), for the
-run's log and trainer.json.
+run's log and trainer.json, and what stage (and stage-3 step) its run recorded; `init_source` holds stage 3 to its
+chain (stage 2 -> hq256 -> hq512 -> ms1024) unless `init_any_step`.
 
 Only safetensors are read. Every mismatch is an error that names it: architecture, config keys, tensor shapes,
 missing or unexpected tensors; a file that is not readable safetensors (torn, a header too large, offsets out of
@@ -19,7 +20,7 @@ anything of a run is written; `check_model_dir` loads a model directory in full 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,7 +31,7 @@ from safetensors.torch import load_file
 from pixart.models import ModelMismatchError, load_transformer
 from pixart.train.checkpoint import TRAINER_STATE, run_checkpoints
 from pixart.train.reparam import dit_to_pixart
-from storage.errors import PipelineError, one_line
+from storage.errors import ConfigError, PipelineError, one_line
 from storage.hub import ModelLoadError
 
 if TYPE_CHECKING:
@@ -135,6 +136,7 @@ class InitSource:
     cls: str
     weights: str | None
     note: str
+    trained: tuple[int, str | None] | None = None  # the (stage, stage_step) its run recorded; None: not recorded
 
     def files(self) -> list[str]:
         directory = Path(self.path) / (self.subfolder or "")
@@ -157,7 +159,7 @@ def resolve_init(init: str, kind: str, weights: str = "model") -> InitSource:
                                 "or a hub id)")
         return InitSource(init, "transformer", "", None, f"init: the transformer of hub pipeline {init!r} (released "
                           "weights: which of model or EMA they are is not recorded, init_weights does not apply)")
-    origin = ""
+    origin, trained = "", None
     if not (path / TRAINER_STATE).exists() and (path / "checkpoints").is_dir():
         found = run_checkpoints(str(path))
         if not found:
@@ -172,6 +174,7 @@ def resolve_init(init: str, kind: str, weights: str = "model") -> InitSource:
                                 "init_weights=model")
         note = (f"init: {'the trained (model)' if weights == 'model' else 'the EMA'} weights of checkpoint {path}"
                 f"{origin} ({sub}/; init_weights={weights})")
+        trained = _checkpoint_stage(path)
         path, held = path / sub, weights
     elif (path / "model_index.json").exists():
         info = _export_info(path)
@@ -190,6 +193,7 @@ def resolve_init(init: str, kind: str, weights: str = "model") -> InitSource:
                     f"with weights={weights}, or set init_weights={held}")
             note = (f"init: the {'EMA' if held == 'ema' else 'trained (model)'} weights of export {path} (step "
                     f"{info.get('step')} of {info.get('source')}; init_weights={weights})")
+            trained = _recorded_stage(info)
         path = path / "transformer"
     else:
         held = None
@@ -202,7 +206,64 @@ def resolve_init(init: str, kind: str, weights: str = "model") -> InitSource:
         cls = json.loads(config.read_text()).get("_class_name", "")
     except (OSError, ValueError) as e:
         raise PipelineError(f"init {init!r}: {config} is not a readable config ({one_line(e)})") from None
-    return InitSource(str(path), None, cls, held, note)
+    return InitSource(str(path), None, cls, held, note, trained)
+
+
+def _recorded_stage(record: dict) -> tuple[int, str | None] | None:
+    """(stage, stage_step) from a trainer.json, a config or an export's info; None when the stage (or, at stage
+    3, its step) is not recorded."""
+    stage = record.get("stage")
+    if type(stage) is not int:
+        return None
+    step = record.get("stage_step")
+    if stage == 3 and not isinstance(step, str):
+        return None
+    return stage, step if stage == 3 else None
+
+
+def _checkpoint_stage(path: Path) -> tuple[int, str | None] | None:
+    """The (stage, stage_step) a checkpoint of this project records: its trainer.json, else its config.yaml
+    (checkpoints written before trainer.json held stage_step)."""
+    import yaml
+
+    for name, parse in ((TRAINER_STATE, json.loads), ("config.yaml", yaml.safe_load)):
+        try:
+            record = parse((path / name).read_text())
+        except (OSError, ValueError, yaml.YAMLError):
+            continue
+        if isinstance(record, dict) and (found := _recorded_stage(record)) is not None:
+            return found
+    return None
+
+
+def _step_name(trained: tuple[int, str | None]) -> str:
+    stage, step = trained
+    return f"stage 3 {step}" if step else f"stage {stage}"
+
+
+def init_source(cfg: TrainConfig) -> InitSource:
+    """`resolve_init` for cfg, with stage 3's chain checked: a step starts from the previous one (`STAGE3_INIT`:
+    stage 2 -> hq256 -> hq512 -> ms1024) when its init records its stage, else the init is refused naming the
+    expected and the found step, unless cfg.init_any_step. An init that records no stage is taken, and its note
+    (the run's log) says that nothing could be checked."""
+    from pixart.train.config import STAGE3_INIT
+
+    src = resolve_init(cfg.init, cfg.init_kind, cfg.init_weights)
+    if cfg.stage != 3:
+        return src
+    want, found = STAGE3_INIT[cfg.stage_step], src.trained
+    if found is None:
+        return replace(src, note=f"{src.note}; it records no stage, so whether it is {_step_name(want)} (what "
+                       f"stage_step={cfg.stage_step} starts from) is not checked")
+    if found == want:
+        return src
+    if not cfg.init_any_step:
+        raise ConfigError(f"init {cfg.init!r} is {_step_name(found)}, but stage_step={cfg.stage_step} starts from "
+                          f"{_step_name(want)} (stage 3 runs stage 2 -> hq256 -> hq512 -> ms1024, each from the one "
+                          f"before): set init to a {_step_name(want)} run, or init_any_step=true to start from "
+                          f"{_step_name(found)} deliberately")
+    return replace(src, note=f"{src.note}; {_step_name(found)}, not {_step_name(want)}: taken as "
+                   "init_any_step=true says")
 
 
 def _export_info(path: Path) -> dict | None:
@@ -215,11 +276,19 @@ def _export_info(path: Path) -> dict | None:
 
 def check_init(cfg: TrainConfig) -> None:
     """What can be checked of cfg.init without reading weights: it exists (a run directory has a committed
-    checkpoint), holds a transformer config and the weights init_weights asks for, and (local) its safetensors
-    headers are readable. `load_init` checks the rest while loading."""
+    checkpoint), holds a transformer config and the weights init_weights asks for, (stage 3) is the previous step
+    of the chain (`init_source`; a stage-3 step without an init is refused unless init_any_step), and (local) its
+    safetensors headers are readable. `load_init` checks the rest while loading."""
     if not cfg.init:
+        if cfg.stage == 3 and not cfg.init_any_step:
+            from pixart.train.config import STAGE3_INIT
+
+            want = _step_name(STAGE3_INIT[cfg.stage_step])
+            raise ConfigError(f"stage_step={cfg.stage_step} has no init: a stage-3 step starts from the previous "
+                              f"one's weights ({want}): set init to that run's directory (runs/<run>), or "
+                              "init_any_step=true to start from random weights deliberately")
         return
-    src = resolve_init(cfg.init, cfg.init_kind, cfg.init_weights)
+    src = init_source(cfg)
     directory = Path(src.path) / (src.subfolder or "")
     if directory.is_dir():
         for f in _weight_files(directory):
@@ -236,7 +305,7 @@ def load_init(model: torch.nn.Module, cfg: TrainConfig, caption_channels: int | 
 
 
 def _load_init(model: torch.nn.Module, cfg: TrainConfig, caption_channels: int | None) -> InitSource:
-    source = resolve_init(cfg.init, cfg.init_kind, cfg.init_weights)
+    source = init_source(cfg)
     src, subfolder, cls = source.path, source.subfolder, source.cls
     is_dit = cls == "DiTTransformer2DModel" or cfg.init_kind == "dit"
     arch = {k: model.config[k] for k in ARCH_KEYS}
