@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from pixart.buckets import Bucket, BucketError, apply_crop, assign, fixed_bucket
+from pixart.features.clean import clean_caption
 from pixart.features.config import ExtractConfig
 from pixart.features.encoders import LatentEncoder, TextEncoder
 from pixart.features.format import (
@@ -46,15 +47,6 @@ from storage.lineage import lineage
 from storage.parquet import read_rows
 from storage.readers import iter_manifest_images
 from storage.shard import OpenShard, Row, ShardResult, ShardWriter, why_pending
-
-
-def clean_caption(text: str) -> str:
-    """PixArt's caption cleaning, from diffusers (which applies it twice): URLs, HTML, IDs, punctuation runs."""
-    from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import PixArtAlphaPipeline
-
-    for _ in range(2):  # its _clean_caption reads only class attributes, so the class can stand in for `self`
-        text = PixArtAlphaPipeline._clean_caption(PixArtAlphaPipeline, text)
-    return text
 
 
 def text_files_of(cfg: ExtractConfig, shard: str) -> ShardFiles:

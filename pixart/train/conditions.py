@@ -72,10 +72,13 @@ class Conditions:
                 found = None
             if found is not None:
                 return found
+        from pixart.features.clean import clean_caption
         from pixart.features.encoders import TextEncoder
 
         encoder = TextEncoder(cfg.t5_model, max_tokens=cfg.data.max_tokens, device=cfg.device)
-        found = Conditions.from_features(encoder.encode([""] + list(cfg.schedule.sample_prompts)), cfg.data.max_tokens)
+        # cleaned as the features' captions are by default (and as diffusers' pipeline cleans prompts); "" stays ""
+        prompts = [clean_caption(p) for p in cfg.schedule.sample_prompts]
+        found = Conditions.from_features(encoder.encode(["", *prompts]), cfg.data.max_tokens)
         if save:
             found.save(cfg)
         return found
@@ -129,4 +132,5 @@ class Conditions:
 
 def _identity(cfg: TrainConfig) -> dict[str, str]:
     prompts = hashlib.sha256("\n".join(cfg.schedule.sample_prompts).encode()).hexdigest()[:16]
-    return {"t5_model": cfg.t5_model, "max_tokens": str(cfg.data.max_tokens), "prompts": prompts}
+    return {"t5_model": cfg.t5_model, "max_tokens": str(cfg.data.max_tokens), "prompts": prompts,
+            "cleaning": "pixart-alpha"}  # conditions encoded from raw prompts (older runs) are encoded again

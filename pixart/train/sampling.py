@@ -251,8 +251,10 @@ def sample_checkpoint(url: str, prompts: list[str] | None = None, classes: list[
         else:
             if not prompts:
                 raise ValueError("give at least one prompt")
-            feats = TextEncoder(cfg["t5_model"], max_tokens=cfg["data"]["max_tokens"], device=device).encode(
-                ["", *prompts])
+            from pixart.features.clean import clean_caption
+
+            encoder = TextEncoder(cfg["t5_model"], max_tokens=cfg["data"]["max_tokens"], device=device)
+            feats = encoder.encode(["", *(clean_caption(p) for p in prompts)])  # as the features and diffusers
             text, mask = pad_features(feats, cfg["data"]["max_tokens"])
             images = sample_text(model, vae, text[1:], mask[1:], text[0], mask[0], **common)
     return grid(images, math.ceil(math.sqrt(len(images))), list(prompts))
