@@ -18,7 +18,8 @@ on the commands whose config has that key (ingest, caption, extract, export).
     pixart audit sam caption_set=llava-1-5-7b-hf-1a2b3c4d output_root=/data/pixart
     pixart demo                                  # sample data in the real formats -> ... -> training -> export
 
-Exit codes: 0 done; 1 some shards failed (the others are committed), or an audit found a problem; 2 the run could
+Exit codes: 0 done; 1 some shards failed (the others are committed), a pipeline step failed or a selected one
+could not run (its upstream not done and not selected), or an audit found a problem; 2 the run could
 not start (bad preset or key, missing source, unusable output root or model, a busy training run), reported as one
 `error:` line; 3 incomplete: shards that another live run still holds are not done here (named in the `error:`
 line; re-run once that run ends).
@@ -235,7 +236,9 @@ def _pipeline_config(preset: str, overrides: list[str] | None):
 def pipeline(preset: Preset, overrides: Overrides = None) -> None:
     """Run the whole pipeline (ingest -> caption -> extract -> stage 1 -> stage 2 -> stage 3 -> export) as one DAG:
     every step that is not done for its current inputs and config runs, the others are skipped and say so. Ends
-    with the summary table; exit 1 when a step failed."""
+    with the summary table, then, unless every selected step is done, one `error:` line naming the steps (and busy
+    shards): exit 1 when a step failed or a selected step waits for one not selected (see `only`), 3 when only
+    shards that another live run holds are not done (re-run once it ends)."""
     from flows.pipeline import local_runner, run_pipeline, summary_table
     from flows.pipeline_cost import comparison_markdown, estimate_plan, estimate_text, measure_plan
 
@@ -249,7 +252,7 @@ def pipeline(preset: Preset, overrides: Overrides = None) -> None:
     typer.echo(summary_table(outcome, cfg, {step: m.bytes for step, m in measured.items()}))
     typer.echo("\n" + comparison_markdown(estimates, measured))
     if not outcome.ok:
-        raise typer.Exit(1)
+        fail(outcome.message(), code=outcome.exit_code)
 
 
 @app.command(cls=ConfigCommand)
@@ -263,7 +266,8 @@ def status(
     = False,
 ) -> None:
     """Print the pipeline's DAG with each step's state, running nothing: done, pending (missing, or stale and
-    why), or waiting for an upstream step. With --estimate, then the cost and storage of every step (reading the
+    why), failed (a pipeline run's last try failed, with its message, until the step is done), or waiting for an
+    upstream step. With --estimate, then the cost and storage of every step (reading the
     first samples of each source that has no manifests yet; flows/pipeline_cost.py)."""
     from flows.pipeline import plan, state
     from flows.pipeline_cost import estimate_plan, estimate_text
@@ -277,7 +281,8 @@ def status(
             if s.state == "done":
                 done.add(step.name)
             after = f"  <- {', '.join(step.after)}" if step.after else ""
-            typer.echo(f"{step.name:<24} {s.state:<8} {s.detail}{after}")
+            label = f"{s.state}:" if s.state == "failed" else s.state  # failed: <its message>
+            typer.echo(f"{step.name:<24} {label:<8} {s.detail}{after}")
         if rates is not None:
             typer.echo("\n" + estimate_text(estimate_plan(cfg, rates), rates))
 

@@ -4,16 +4,22 @@ committed outputs.
 
     cfg = load_config(PipelineConfig, "demo", ["output_root=/tmp/p"], kind="pipeline")
     steps = plan(cfg)                                  # the DAG: Step(name, kind, after, resolve)
-    for step in steps: print(step.name, state(step))   # done / stale (why) / pending / failed, nothing run
+    for step in steps: print(step.name, state(step))   # done / pending (why) / failed / waiting, nothing run
     outcome = run_pipeline(cfg, run_step)              # runs every step that is not done, in order
+    outcome.ok, outcome.exit_code                      # ok: every selected step done; 3: only busy shards
 
 Lineage decides what runs. A sharded step (ingest, caption, extract) runs its stage, which redoes only the shards
 that are missing or stale for their lineage (`storage.lineage`) and skips the rest. A training run is named by its
 lineage: `<step>-<hash>` of its effective config, the content ids of every feature shard it reads and the run it
 starts from; a changed input or key gives a new run, trained from its own start, while an unchanged one is done
-once its last checkpoint is committed. So a new caption prompt re-captions (a new caption set), re-encodes the text
-and retrains, but keeps the manifests and latents; a new VAE re-encodes latents and retrains; nothing upstream of a
-change runs. The export records the checkpoint it came from.
+once its last checkpoint is committed. An init given as a path (an external DiT or checkpoint) counts by its content
+(`init_identity`), so other weights under the same name train a new run. So a new caption prompt re-captions (a new
+caption set), re-encodes the text and retrains, but keeps the manifests and latents; a new VAE re-encodes latents
+and retrains; nothing upstream of a change runs. The export records the checkpoint it came from.
+
+A run is green only when every selected step is done: a selected step whose upstream is not done (and not selected)
+is reported, not silently left waiting. A step that fails is recorded under `<output_root>/pipeline/failed/` (its
+message and time) until it is done, so `pixart status` says `failed` and why.
 
 `flows/pipeline_flow.py` runs the same plan as the Prefect flow `pixart-pipeline` (each step a subflow of its
 stage's flow); `pixart pipeline` and `pixart status` run it here.
@@ -33,6 +39,12 @@ from flows.pipeline_config import PipelineConfig
 from storage.errors import PipelineError
 
 DEMO_READY = ".demo-inputs.json"  # written last under demo_inputs: the sample shards and tiny models are complete
+MIB = 1 << 20
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")  # the files of an init directory that count
+
+
+class StepBusy(PipelineError):
+    """A step ended with shards that another live run holds: incomplete, not failed (re-run once that run ends)."""
 
 
 @dataclass
@@ -48,7 +60,7 @@ class Step:
 
 @dataclass
 class StepState:
-    state: str  # done, pending (with why: missing, stale ...), waiting (an upstream step is not done)
+    state: str  # done, pending (with why: missing, stale ...), failed (last run's message), waiting (for upstream)
     detail: str = ""
 
 
@@ -157,7 +169,8 @@ def train_args(cfg: PipelineConfig, name: str) -> tuple[str, list[str]]:
 
 def _run_hash(probe, init_run: str | None) -> str:
     """Lineage of a training run: its effective config (run name, init and root aside), the content ids of every
-    feature shard it reads, and the run it starts from."""
+    feature shard it reads, and the run it starts from: a pipeline step's run by name, an external init (a path in
+    the step's overrides) by its content."""
     from pixart.data.index import feature_shards
     from storage.lineage import committed_identity, effective_config
 
@@ -165,8 +178,42 @@ def _run_hash(probe, init_run: str | None) -> str:
     d = probe.data
     shards = feature_shards(probe.output_root, d.dataset, d.base_size, d.multi_scale, d.caption_set)
     ids = [[s.name, committed_identity(s.latents), committed_identity(s.text) if s.text else None] for s in shards]
-    blob = json.dumps({"settings": settings, "features": ids, "init": init_run}, sort_keys=True, default=str)
+    lineage = {"settings": settings, "features": ids, "init": init_run}
+    if probe.init and not init_run:  # only then: the names of runs without an external init stay as they were
+        lineage["init_content"] = init_identity(probe.init)
+    blob = json.dumps(lineage, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def init_identity(init: str) -> str:
+    """What an external init is, by content: for a file its size and the sha256 of its first and last MiB; for a
+    directory the same over its config.json and weight files (sorted by relative path); else (a hub id) its name.
+    A copy or a move keeps it (no mtime, no path); other weights under the same path change it."""
+    from storage.urls import filesystem
+
+    fs, path = filesystem(init)
+    path = path.rstrip("/")
+    if fs.isfile(path):
+        return "file:" + _file_identity(fs, path)
+    if fs.isdir(path):
+        files = sorted(p for p in fs.find(path)
+                       if p.rsplit("/", 1)[-1] == "config.json" or p.endswith(WEIGHT_SUFFIXES))
+        h = hashlib.sha256()
+        for p in files:
+            h.update(f"{p[len(path):].lstrip('/')}\0{_file_identity(fs, p)}\n".encode())
+        return f"dir:{len(files)}:{h.hexdigest()}"
+    return "id:" + init
+
+
+def _file_identity(fs, path: str) -> str:
+    size = int(fs.size(path))
+    h = hashlib.sha256(f"{size}\0".encode())
+    with fs.open(path, "rb") as f:
+        h.update(f.read(MIB))
+        if size > MIB:
+            f.seek(max(MIB, size - MIB))
+            h.update(f.read(MIB))
+    return f"{size}:{h.hexdigest()}"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -195,10 +242,18 @@ def stage_of(kind: str):
 
 
 def state(cfg: PipelineConfig, step: Step, done: set[str]) -> StepState:
-    """done, pending (and why), or waiting for an upstream step; reads only markers, indexes and sources."""
+    """done, pending (and why), failed (a pipeline run's last try of it failed, and it is not done), or waiting for
+    an upstream step; reads only markers, indexes, sources and the failure records."""
     waiting = [a for a in step.after if a not in done]
     if waiting:
         return StepState("waiting", f"after {', '.join(waiting)}")
+    now = _state(cfg, step)
+    if now.state != "done" and (failure := read_failure(cfg, step.name)) is not None:
+        return StepState("failed", f"{failure.get('message')} (at {failure.get('at')}; now: {now.detail})")
+    return now
+
+
+def _state(cfg: PipelineConfig, step: Step) -> StepState:
     try:
         preset, args = step.resolve()
         if step.kind == "train":
@@ -218,6 +273,43 @@ def state(cfg: PipelineConfig, step: Step, done: set[str]) -> StepState:
         return StepState("done", f"{total} shards current")
     whys = sorted({s.why for s in pending if s.why})
     return StepState("pending", f"{len(pending)} of {total} shards to do ({'; '.join(whys[:2]) or 'pending'})")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Failure records: <output_root>/pipeline/failed/<step>.json, kept until the step is done
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def failure_url(cfg: PipelineConfig, step: str) -> str:
+    from storage.urls import join
+
+    return join(cfg.output_root, "pipeline", "failed", f"{step}.json")
+
+
+def read_failure(cfg: PipelineConfig, step: str) -> dict[str, Any] | None:
+    """The last failure of `step` a pipeline run recorded, or None (also when the record cannot be read)."""
+    from storage.urls import exists, read_text
+
+    url = failure_url(cfg, step)
+    try:
+        return json.loads(read_text(url)) if exists(url) else None
+    except (OSError, ValueError, PipelineError):
+        return None
+
+
+def record_failure(cfg: PipelineConfig, step: str, message: str) -> None:
+    from storage.commit import write_atomic
+
+    at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    write_atomic(failure_url(cfg, step), json.dumps({"step": step, "message": message, "at": at}).encode())
+
+
+def clear_failure(cfg: PipelineConfig, step: str) -> None:
+    from storage.urls import filesystem
+
+    fs, path = filesystem(failure_url(cfg, step))
+    if fs.exists(path):
+        fs.rm(path)
 
 
 def _train_state(cfg: PipelineConfig, preset: str, args: list[str]) -> StepState:
@@ -279,11 +371,31 @@ def _export_state(cfg: PipelineConfig, train_step: str) -> StepState:
 @dataclass
 class PipelineOutcome:
     rows: list[dict[str, Any]] = field(default_factory=list)  # one per step: the summary table
-    failed: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # every selected step not done, with why (below)
+    busy: set[str] = field(default_factory=set)  # of those: shards that another live run holds (incomplete)
+    waiting: set[str] = field(default_factory=set)  # of those: not started, an upstream step not done
+    on_busy: set[str] = field(default_factory=set)  # steps not done only because of busy shards (theirs or upstream)
 
     @property
     def ok(self) -> bool:
+        """Everything the run was asked to do is done."""
         return not self.failed
+
+    @property
+    def exit_code(self) -> int:
+        """0 done; 3 incomplete: only shards that another live run holds are not done (re-run once it ends); 1 a
+        step failed, or a selected step could not run."""
+        if self.ok:
+            return 0
+        return 3 if set(self.failed) <= self.on_busy else 1
+
+    def message(self) -> str:
+        """One line naming every step not done and why (busy shards by name)."""
+        steps = "; ".join(f"{step}: {why.removeprefix('incomplete: ')}" for step, why in self.failed.items())
+        return f"incomplete: {steps} (re-run once that run ends)" if self.exit_code == 3 else f"failed: {steps}"
+
+    def label(self, step: str) -> str:
+        return "INCOMPLETE" if step in self.on_busy else "NOT RUN" if step in self.waiting else "FAILED"
 
 
 def selected(cfg: PipelineConfig, step: Step) -> bool:
@@ -293,11 +405,15 @@ def selected(cfg: PipelineConfig, step: Step) -> bool:
 def run_pipeline(cfg: PipelineConfig, run_step: Callable[[Step, str, list[str]], dict[str, Any]],
                  log: Callable[[str], None] = print) -> PipelineOutcome:
     """Run, in order, every selected step that is not done; a step whose upstream failed or is not done is not
-    started. `run_step(step, preset, overrides)` runs one stage and returns its counts (raising PipelineError
-    on failure); the caller decides where (here, or as a Prefect subflow)."""
+    started, and if it was selected the outcome is not ok (it says what the step waits for). `run_step(step,
+    preset, overrides)` runs one stage and returns its counts (raising PipelineError on failure, StepBusy when
+    only shards busy in another run are left); the caller decides where (here, or as a Prefect subflow). A step
+    that fails is recorded under the output root (`pixart status` shows it) until it is done."""
     outcome = PipelineOutcome()
+    steps = plan(cfg)
+    by_name = {step.name: step for step in steps}
     done: set[str] = set()
-    for step in plan(cfg):
+    for step in steps:
         start = time.perf_counter()
         before = state(cfg, step, done)
         row = {"step": step.name, "state": before.state, "detail": before.detail}
@@ -305,33 +421,81 @@ def run_pipeline(cfg: PipelineConfig, run_step: Callable[[Step, str, list[str]],
             done.add(step.name)
             row["state"] = "skipped"
             log(f"{step.name}: skipped, nothing changed ({before.detail})")
+            _forget_failure(cfg, step.name, log)
         elif before.state == "waiting" or not selected(cfg, step):
             row["state"] = "not run" if before.state != "waiting" else "waiting"
-            log(f"{step.name}: {row['state']} ({before.detail})")
+            if before.state == "waiting" and selected(cfg, step):
+                ups = [a for a in step.after if a not in done]
+                why = _why_waiting(cfg, ups, by_name)
+                outcome.failed[step.name] = why
+                outcome.waiting.add(step.name)
+                if all(u in outcome.on_busy for u in ups):
+                    outcome.on_busy.add(step.name)
+                row["detail"] = why
+                log(f"{step.name}: NOT RUN: {why}")
+            else:
+                log(f"{step.name}: {row['state']} ({before.detail})")
         else:
             log(f"{step.name}: running ({before.detail})")
             try:
                 preset, args = step.resolve()
                 row.update(run_step(step, preset, args))
+            except StepBusy as e:
+                outcome.failed[step.name] = str(e)
+                outcome.busy.add(step.name)
+                outcome.on_busy.add(step.name)
+                row.update(state="incomplete", detail=str(e))
+                log(f"{step.name}: INCOMPLETE: {e}")
             except PipelineError as e:
                 outcome.failed[step.name] = str(e)
                 row.update(state="failed", detail=str(e))
                 log(f"{step.name}: FAILED: {e}")
+                try:
+                    record_failure(cfg, step.name, str(e))
+                except (OSError, PipelineError) as err:  # e.g. the output root itself is what failed
+                    log(f"{step.name}: could not record the failure under {cfg.output_root}: {err}")
             else:
                 done.add(step.name)
                 row["state"] = "done"
+                _forget_failure(cfg, step.name, log)
         row["seconds"] = round(time.perf_counter() - start, 1)
         outcome.rows.append(row)
     return outcome
 
 
+def _why_waiting(cfg: PipelineConfig, ups: list[str], by_name: dict[str, Step]) -> str:
+    left_out = [u for u in ups if not selected(cfg, by_name[u])]
+    unfinished = [u for u in ups if u not in left_out]
+    parts = []
+    if left_out:
+        how = "only= leaves " + ("it" if len(left_out) == 1 else "them") + " out" if cfg.only else \
+            f"steps= leaves out {', '.join(sorted({by_name[u].kind for u in left_out}))}"
+        parts.append(f"{', '.join(left_out)}, not done and not selected ({how})")
+    if unfinished:
+        parts.append(f"{', '.join(unfinished)}, not done in this run")
+    return "not run: it waits for " + "; and for ".join(parts)
+
+
+def _forget_failure(cfg: PipelineConfig, step: str, log: Callable[[str], None]) -> None:
+    try:
+        clear_failure(cfg, step)
+    except (OSError, PipelineError) as err:
+        log(f"{step}: could not remove its failure record under {cfg.output_root}: {err}")
+
+
 def summary_row(step: Step, outcome) -> dict[str, Any]:
     """A step's line of the summary table, from its stage's outcome."""
     c = outcome.counts()
-    row = {"samples": c["num_ok"], "errors": c["num_error"], "shards": f"{c['to_run']} run, {c['committed']} current",
+    kinds = c.get("ok_by_kind") or {}  # extract: text and latents rows of the same images, not twice the samples
+    images = kinds.get("latents", kinds.get("text", 0)) if kinds else c["num_ok"]
+    row = {"samples": images, "errors": c["num_error"], "shards": f"{c['to_run']} run, {c['committed']} current",
            "bytes": sum(r.get("bytes") or 0 for r in outcome.results if not r.get("skipped"))}
     if "buckets" in outcome.extra:
         row["buckets"] = outcome.extra["buckets"]
+    if kinds:
+        from flows.extract_stage import feature_counts
+
+        row["features"] = feature_counts(kinds)
     if step.kind == "train":
         row.update(loss=outcome.extra.get("final_loss"), steps=outcome.extra.get("steps"),
                    run=outcome.results[0].get("output_url") if outcome.results else None)
@@ -347,7 +511,8 @@ def local_runner(cfg: PipelineConfig) -> Callable[[Step, str, list[str]], dict[s
             return export_step(cfg, args[0])
         outcome = run_stage(stage_of(step.kind), preset, args, False, LocalRuntime())
         if not outcome.ok:
-            raise PipelineError(outcome.extra.get("message") or "incomplete")
+            message = outcome.extra.get("message") or "incomplete"
+            raise StepBusy(message) if outcome.busy and not outcome.failed else PipelineError(message)
         return summary_row(step, outcome)
 
     return run_step
@@ -386,7 +551,7 @@ def summary_table(outcome: PipelineOutcome, cfg: PipelineConfig, stored: dict[st
         lines += ["", f"{skipped} of {len(outcome.rows)} steps skipped: nothing they depend on changed."]
     lines += ["", f"diffusers export: {export or export_dir(cfg) if cfg.export else 'none'}"]
     if outcome.failed:
-        lines += [f"FAILED {name}: {why}" for name, why in outcome.failed.items()]
+        lines += [f"{outcome.label(name)} {name}: {why}" for name, why in outcome.failed.items()]
     return "\n".join(line for line in lines if line is not None)
 
 

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from captioning.config import DEFAULT_MODEL as DEFAULT_LLAVA
+from storage.config import DEFAULT_T5, DEFAULT_VAE, check_dataset
 from storage.configio import StrictModel
 
 if TYPE_CHECKING:
@@ -27,10 +29,10 @@ class Models(StrictModel):
     """Every model the pipeline loads, as a hub id or a local directory. `tiny`: a tiny random model built offline
     under `demo_inputs` (the demo)."""
 
-    llava: str = Field("llava-hf/llava-1.5-7b-hf", description="LLaVA captioner.")
-    t5_tokenizer: str = Field("DeepFloyd/t5-v1_1-xxl", description="T5 tokenizer (caption token counts).")
-    t5: str = Field("DeepFloyd/t5-v1_1-xxl", description="T5 encoder of the text features (and the null caption).")
-    vae: str = Field("stabilityai/sd-vae-ft-ema", description="VAE of the latents.")
+    llava: str = Field(DEFAULT_LLAVA, description="LLaVA captioner.")
+    t5_tokenizer: str = Field(DEFAULT_T5, description="T5 tokenizer (caption token counts).")
+    t5: str = Field(DEFAULT_T5, description="T5 encoder of the text features (and the null caption).")
+    vae: str = Field(DEFAULT_VAE, description="VAE of the latents.")
 
 
 class DatasetSpec(StrictModel):
@@ -68,7 +70,8 @@ class PipelineConfig(StrictModel):
     demo_inputs: str | None = Field(None, description="Build sample shards from real photos (and tiny models for "
                                     "`tiny`) under this directory, offline, once.")
     models: Models = Field(default_factory=Models)
-    datasets: dict[str, DatasetSpec] = Field(default_factory=dict, description="Datasets to ingest, by name.")
+    datasets: dict[str, DatasetSpec] = Field(default_factory=dict, description="Datasets to ingest, by name (a "
+                                             "registered source: storage/ingest/sources/).")
     caption: list[str] = Field(default_factory=list, description="Overrides of every caption step.")
     features: dict[str, FeatureSpec] = Field(default_factory=dict, description="Extraction steps, by name.")
     train: dict[str, TrainSpec] = Field(default_factory=dict, description="Training steps, in order, by name.")
@@ -87,6 +90,14 @@ class PipelineConfig(StrictModel):
         from pixart.cost import load_rates
 
         return load_rates(self.rate_table, [f"{k}={v}" for k, v in self.rates.items()])
+
+    @field_validator("datasets")
+    @classmethod
+    def _known_datasets(cls, datasets: dict[str, DatasetSpec]) -> dict[str, DatasetSpec]:
+        """A dataset without a source reader is refused when the config loads, listing the known ones."""
+        for name in datasets:
+            check_dataset(name)
+        return datasets
 
     @field_validator("rates")
     @classmethod

@@ -216,3 +216,17 @@ def test_the_flow_publishes_the_estimate_before_and_the_comparison_after(demo_ru
     assert "| ingest-imagenet | 8 |" in estimate and "PixArt-XL/2 100/s at 256" in estimate
     assert "| ingest-imagenet | done | 8 | 0 |" in summary  # the run's own table, then estimated vs measured
     assert "Estimated vs measured" in summary and "| ingest-imagenet | 8 | 8 |" in summary
+
+
+@pytest.mark.slow
+def test_the_summary_counts_an_extract_steps_images_once_and_names_its_features(demo_run):
+    """extract-sam-256 writes a text row and a latents row per image: 8 images are 8 samples, not 16."""
+    from flows.pipeline import PipelineOutcome, summary_table
+
+    cfg, _, _, rows, _ = demo_run
+    assert rows["ingest-sam"]["samples"] == 8
+    assert rows["extract-sam-256"]["samples"] == 8, rows["extract-sam-256"]
+    assert rows["extract-sam-256"]["features"] == "8 text, 8 latents samples"
+    assert rows["extract-sam-1024"]["samples"] == 8 and rows["extract-sam-1024"]["features"] == "8 latents samples"
+    table = summary_table(PipelineOutcome(rows=list(rows.values())), cfg)
+    assert "| extract-sam-256 | done | 8 | 0 |" in table, table
