@@ -6,7 +6,8 @@ distribute: `_prefect.py` (shard calls as Prefect tasks, artifacts), `_ray.py` (
 `_ray_stage.py` (the one Ray Data runtime), `_ray_train.py` (Ray Train workers). The Prefect flows, one per stage:
 `ingest.py`, `caption.py`, `extract.py`, `train.py`. The DAG: `pipeline.py` (plan, lineage, state, summary),
 `pipeline_config.py`, `pipeline_cost.py` (estimate and measured cost), `pipeline_flow.py` (the `pixart-pipeline`
-flow). The commands: `cli.py`, `cli_config.py`, `__main__.py`; one-time cluster setup: `setup.py`.
+flow), `demo.py` (`make demo`: that flow on Prefect's ephemeral API, training on a local Ray). The commands:
+`cli.py`, `cli_config.py`, `__main__.py`; one-time cluster setup: `setup.py`.
 """
 
 import os
