@@ -6,9 +6,10 @@ Each shard is one task run named `<stage>-<shard>` with up to 2 retries, for tra
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
-from typing import Any
+from typing import Any, Literal
 
 from prefect import get_run_logger, task
 from prefect.artifacts import (
@@ -100,6 +101,16 @@ class PrefectRuntime(Runtime):
 
     def markdown(self, key: str, text: str, description: str) -> None:
         create_markdown_artifact(text, key=key, description=description)
+
+
+Redo = Literal["stale", "errors"]  # a stage flow's typed `redo` (StageConfig.redo), an enum in the UI's form
+
+
+def with_typed(overrides: list[str] | None, typed: dict[str, Any]) -> list[str]:
+    """The overrides a stage flow runs with: its typed parameters that were given (`{config key: value}`, dotted for
+    nested keys; None keeps the preset's), as `key=value` with the value as JSON (so a caption set named `123` or
+    `null` stays a string), then the free-text `overrides`, which win over them."""
+    return [*(f"{key}={json.dumps(value)}" for key, value in typed.items() if value is not None), *(overrides or [])]
 
 
 def run_as_flow(stage: Stage, config: str, overrides: list[str] | None, force: bool, task_fn=None):

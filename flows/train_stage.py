@@ -14,7 +14,10 @@ what is the stage's own:
   (flows/_ray_train.py, which encodes the conditions in a Ray task first); returns the cost summary. A retry of a
   transient error (the Prefect task's) builds a new trainer, which resumes from the latest checkpoint;
 - `finish`: the artifacts `train-<run>-samples` (the latest grid) and `train-<run>-cost`; `-progress` follows the
-  logged steps (from metrics.jsonl on Ray).
+  logged steps (from metrics.jsonl on Ray);
+- with `log_steps` (the `train` flow), each logged step (every schedule.log_every) as a `step_line` in the runtime's
+  log, the Prefect run's logs: locally as it is trained, on Ray as the workers flush metrics.jsonl (at each
+  checkpoint and at the end), read every WATCH_SECONDS.
 
 `pixart train` runs it in the calling thread (Ctrl-C stops it at once) without retries (a re-run resumes), its lines
 through `log`, and raises the run's error as itself. Nothing here imports Ray unless executor=ray.
@@ -64,15 +67,23 @@ def run_lease(cfg: TrainConfig) -> Lease:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def step_line(metrics: dict[str, Any], max_steps: int) -> str:
+    """One logged step for people: `step 20/100: loss 0.1234, grad_norm 1.2, lr 2e-05, 35.1 samples/s`."""
+    return (f"step {metrics['step']}/{max_steps}: loss {metrics['loss']:.4f}, grad_norm {metrics['grad_norm']:.3g}, "
+            f"lr {metrics['lr']:.3g}, {metrics['samples_per_s']:.1f} samples/s")
+
+
 class TrainStage(Stage):
     """`cfg`: a config already loaded (`pixart train` loads it to pick the preset); else `load` reads one.
-    `on_step(metrics)`: called after each logged step of a local run."""
+    `on_step(metrics)`: called after each logged step (on Ray, as metrics.jsonl is read back). `log_steps`: also
+    write each logged step's `step_line` to the runtime's log (the Prefect run logger under the `train` flow)."""
 
     name = "train"
 
     def __init__(self, cfg: TrainConfig | None = None,
-                 on_step: Callable[[dict[str, Any]], None] | None = None) -> None:
-        self.cfg, self.on_step = cfg, on_step
+                 on_step: Callable[[dict[str, Any]], None] | None = None, log_steps: bool = False) -> None:
+        self.cfg, self.on_step, self.log_steps = cfg, on_step, log_steps
+        self.reported = 0  # the last logged step passed to on_step / the log (Ray: read back from metrics.jsonl)
         self.lease: Lease | None = None
         self.found: dict[str, Any] = {}
         self.log: Callable[[str], None] = print
@@ -140,7 +151,8 @@ class TrainStage(Stage):
         """The run to its max_steps; the kit's shard result: samples trained (num_ok), the latest checkpoint, and
         the cost summary."""
         start = time.perf_counter()
-        self._progress(cfg, _last_logged_step(cfg), "starting")
+        self.reported = _last_logged_step(cfg)
+        self._progress(cfg, self.reported, "starting")
         summary = self._run_ray(cfg) if cfg.executor == "ray" else self._run_local(cfg)
         self.summary = summary
         after = _latest_state(cfg)
@@ -184,10 +196,16 @@ class TrainStage(Stage):
 
         def logged(metrics: dict[str, Any]) -> None:
             self._progress(cfg, metrics["step"])
-            if self.on_step is not None:
-                self.on_step(metrics)
+            self._step_logged(cfg, metrics)
 
         return train_worker(cfg, progress=logged, trainer=trainer)
+
+    def _step_logged(self, cfg: TrainConfig, metrics: dict[str, Any]) -> None:
+        self.reported = max(self.reported, int(metrics["step"]))
+        if self.log_steps and self.runtime is not None:
+            self.runtime.log(step_line(metrics, cfg.schedule.max_steps))
+        if self.on_step is not None:
+            self.on_step(metrics)
 
     def _run_ray(self, cfg: TrainConfig) -> dict[str, Any]:
         from flows._ray_train import run_ray
@@ -200,13 +218,25 @@ class TrainStage(Stage):
             run_ray(cfg, text_width=self.found["text_width"], before_start=lambda: write_config(cfg))
         finally:
             stop.set()
+            watcher.join()
+        self._read_back(cfg)  # the steps of the final flush
         with open_url(join(run_dir(cfg.output_root, cfg.run), "summary.json"), "rb") as f:
             return {**json.loads(f.read()), "run": cfg.run}
 
     def _watch(self, cfg: TrainConfig, stop: threading.Event) -> None:
-        """Progress from metrics.jsonl (flushed at each checkpoint) while the steps run on Ray workers."""
+        """Progress and step lines from metrics.jsonl (flushed at each checkpoint) while the steps run on Ray
+        workers."""
         while not stop.wait(WATCH_SECONDS):
-            self._progress(cfg, _last_logged_step(cfg))
+            self._read_back(cfg)
+
+    def _read_back(self, cfg: TrainConfig) -> None:
+        """The steps metrics.jsonl holds past the last one reported, to the log and on_step, then the progress."""
+        rows = _logged_rows(cfg)
+        for metrics in rows:
+            if int(metrics["step"]) > self.reported:
+                self._step_logged(cfg, metrics)
+        if rows:
+            self._progress(cfg, int(rows[-1]["step"]))
 
     def _progress(self, cfg: TrainConfig, step: int, note: str = "") -> None:
         if self.runtime is not None:
@@ -222,13 +252,18 @@ def _latest_state(cfg: TrainConfig) -> dict[str, Any]:
     return {**checkpoint.trainer_state(url), "url": url} if url else {}
 
 
-def _last_logged_step(cfg: TrainConfig) -> int:
+def _logged_rows(cfg: TrainConfig) -> list[dict[str, Any]]:
+    """metrics.jsonl's rows, in step order ([] before the first flush)."""
     url = metrics_url(cfg.output_root, cfg.run)
     if not exists(url):
-        return 0
+        return []
     with open_url(url, "rb") as f:
-        lines = f.read().decode().strip().splitlines()
-    return int(json.loads(lines[-1])["step"]) if lines else 0
+        return [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
+
+
+def _last_logged_step(cfg: TrainConfig) -> int:
+    rows = _logged_rows(cfg)
+    return int(rows[-1]["step"]) if rows else 0
 
 
 THUMBNAIL = 512  # longest side of an image sent to Prefect as an artifact (a 1024 grid as-is is MBs of base64)

@@ -42,6 +42,18 @@ def test_flow_rerun_skips_and_force_redoes(prefect_server, samples, tmp_path):
     assert (forced["to_run"], forced["committed"]) == (2, 0)
 
 
+def test_typed_parameters_reach_the_run_and_free_text_overrides_win(prefect_server, samples, tmp_path):
+    state = ingest(config="sam", source=samples["sam"], output_root=str(tmp_path), max_shards=2,
+                   shards=["sa_000001"], workers=3, overrides=["workers=1"], return_state=True)
+    assert state.is_completed(), state.message
+    outcome = state.result()
+    assert (outcome["to_run"], outcome["num_ok"]) == (1, 4)  # only the shard named
+    assert [u.rsplit("/", 1)[-1] for u in committed_manifests(str(tmp_path), "sam")] == ["sa_000001.parquet"]
+    resolved = yaml.safe_load((tmp_path / "manifests" / "sam" / "config.resolved.yaml").read_text())
+    assert (resolved["source"], resolved["output_root"], resolved["max_shards"], resolved["workers"]) == (
+        samples["sam"], str(tmp_path), 2, 1)
+
+
 def test_one_failing_shard_does_not_stop_the_others(prefect_server, samples, tmp_path, monkeypatch):
     from storage.ingest.sources.sa1b import SA1B
 
