@@ -53,6 +53,8 @@ HEAVY = frozenset({
     "test_train_corrupt.py::test_a_pickled_optimizer_state_is_refused_in_one_line",
     "test_train_failures.py::test_a_resume_applies_a_changed_lr_and_records_it",
     "test_train_failures.py::test_checkpoint_temporaries_of_a_killed_save_are_swept_when_a_run_starts",
+    "test_train_failures.py::test_an_unmarked_step_folder_of_a_killed_save_is_replaced_never_kept",
+    "test_train_inputs.py::test_a_resume_on_changed_features_is_refused_naming_the_shard",
     "test_train_failures.py::test_metrics_survive_a_kill_next_to_a_checkpoint_commit",
     "test_train_failures.py::test_trainer_json_loader_state_is_the_trained_step_under_prefetch",
     "test_leftovers.py::test_the_trainer_resumes_exactly_across_epochs_that_start_with_carried_leftovers",

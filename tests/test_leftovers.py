@@ -174,7 +174,8 @@ def test_the_trainer_resumes_exactly_across_epochs_that_start_with_carried_lefto
     def config(run, *extra):
         return load_config(TrainConfig, "tiny-stage3", [f"output_root={features}", f"run={run}",
                                                         "data.caption_set=tiny", f"t5_model={tiny_t5_encoder}",
-                                                        "data.batch_size=3", "data.prefetch=0", *extra],
+                                                        "data.batch_size=3", "data.prefetch=0",
+                                                        "init_any_step=true", *extra],  # from scratch, deliberately
                            kind="train")
 
     cfg = config("leftovers-a")

@@ -111,7 +111,7 @@ def test_stage3_multi_scale_starts_from_stage2_and_feeds_micro_conditions(featur
     prepare_run(base)
     list(Trainer(base).fit())
     cfg = config(features, "tiny-stage3", "s3", f"init={checkpoint.latest(features, 's2-for-s3')}",
-                 t5=tiny_t5_encoder)
+                 "init_any_step=true", t5=tiny_t5_encoder)  # ms1024 straight from stage 2, deliberately
     prepare_run(cfg)
     trainer = Trainer(cfg)
     assert trainer.model.config.use_additional_conditions and trainer.model.config.sample_size == 64
