@@ -8,7 +8,7 @@
     scheduler/           DPM-Solver++ 2M on the training schedule (pixart/train/sampling.py: make_scheduler)
     model_index.json     PixArtAlphaPipeline (stage 1: DiTPipeline); unbundled components are [null, null], what
                          diffusers itself writes for an absent component, so they must be passed to from_pretrained
-    pixart_export.json   T5 and VAE names, step, source checkpoint, config hash: what the export was made from
+    pixart_export.json   T5 and VAE names, stage and stage-3 step, training step, source checkpoint, config hash
     README.md            the same for people, with the positional-embedding interpolation scale
 
 Only committed checkpoints (with their .done marker) are exported. The directory is built under a temporary
@@ -99,7 +99,8 @@ def _info(url: str, state: dict[str, Any], cfg: dict[str, Any], weights: str, ar
     """Everything the export is a function of; equal records mean an identical export."""
     stage = int(cfg["stage"])
     return {"format": 1, "pipeline": "DiTPipeline" if stage == 1 else "PixArtAlphaPipeline",
-            "source": absolute_url(url), "step": int(state["step"]), "stage": stage, "run": cfg.get("run"),
+            "source": absolute_url(url), "step": int(state["step"]), "stage": stage,
+            "stage_step": cfg.get("stage_step"), "run": cfg.get("run"),
             "config_hash": state.get("config_hash"), "weights": weights, "bundle": bundle,
             "t5_model": cfg.get("t5_model") if stage > 1 else None, "vae_model": cfg.get("vae_model"),
             "resolution": int(arch["sample_size"]) * 8, "sample_size": int(arch["sample_size"]),

@@ -197,3 +197,16 @@ def test_the_stage3_chain_is_read_from_the_init_runs_record(tmp_path):
     bare = runs["s2"] / "checkpoints" / "step-000000002" / "transformer"  # a transformer that records no stage
     note = init_source(preset("stage3-512", f"init={bare}")).note
     assert "records no stage" in note and "stage 3 hq256" in note
+
+
+def test_an_export_records_its_stage3_step_so_an_init_from_it_is_checked():
+    from pixart.export import _info
+    from pixart.train.weights import _recorded_stage
+
+    arch = {"sample_size": 64, "interpolation_scale": 1.0, "use_additional_conditions": False,
+            "_class_name": "PixArtTransformer2DModel"}
+    info = _info("/runs/hq256/checkpoints/step-000000002", {"step": 2}, {"stage": 3, "stage_step": "hq256",
+                                                                          "run": "hq256"}, "ema", arch, False)
+    assert _recorded_stage(info) == (3, "hq256")  # hq512 from this export passes, ms1024 from it is refused
+    stage2 = _info("/runs/s2/checkpoints/step-000000002", {"step": 2}, {"stage": 2, "run": "s2"}, "ema", arch, False)
+    assert _recorded_stage(stage2) == (2, None)
