@@ -217,7 +217,7 @@ def _extract(c, step: Step, known: _Known, rates: Rates) -> StepEstimate:
               "d_model": t5_width(c.t5_model), "max_tokens": c.max_tokens}
     samples = size = hours = 0.0
     parts = []
-    if c.what in ("text", "both") and c.dataset != "imagenet":
+    if c.encodes_text:
         found = _caption_set(c.output_root, c.dataset, c.caption_set or "", others=False)
         tokens, where = (found.tokens, f"caption set {found.name}") if found and found.tokens else \
             known.tokens.get(c.dataset, ([c.max_tokens], "max_tokens"))
@@ -281,7 +281,7 @@ def _measure(c, step: Step, cfg: PipelineConfig) -> Measured:
         return _measure_shards(_committed(caption_set_dir(c.output_root, c.dataset, c.resolved_caption_set())))
     if step.kind == "extract":
         dirs = [latents_dir(c.output_root, c.dataset, c.base_size, c.multi_scale)] if c.what != "text" else []
-        if c.what != "latents" and c.dataset != "imagenet":
+        if c.encodes_text:
             dirs.append(text_features_dir(c.output_root, c.dataset, c.caption_set))
         return _measure_shards([u for d in dirs for u in _committed(d)])
     if step.kind == "train":
