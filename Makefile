@@ -13,9 +13,12 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 # Sample SA-1B / JourneyDB / ImageNet shards built from real photos, then every stage on tiny random models, in
-# demo-output/: ingest -> captions -> features -> training stage 1 -> stage 2 -> stage 3 (hq256, hq512, ms1024) -> export.
+# demo-output/: ingest -> captions -> features -> training stage 1 -> stage 2 -> stage 3 (hq256, hq512, ms1024) ->
+# export, run as the Prefect flow `pixart-pipeline` (flows/demo.py) on Prefect's ephemeral API (its database in
+# demo-output/pixart/.prefect) unless PREFECT_API_URL is set, training on Ray Train on a local Ray. A second run skips
+# every step.
 demo: install
-	$(VENV)/bin/pixart pipeline demo
+	$(PY) -m flows.demo
 
 # The whole suite, services included (Prefect server + worker, Ray, S3 server on 127.0.0.1), 10 minutes per test at
 # most (pytest-timeout), the 15 slowest listed. Exit 5 (no tests) fails. Fast inner loop: `make test-fast`.

@@ -5,17 +5,26 @@ with its own artifacts, and a Retry redoes only what is not done.
     prefect deployment run pixart-pipeline/pixart-pipeline-demo
     prefect deployment run pixart-pipeline/pixart-pipeline -p output_root=/data/pixart -p t5=/models/t5-v1_1-xxl
 
-Parameters are typed fields (the storage root, the models, the steps to run, the caption prompt) with `overrides`
-for any other key of the pipeline config (`rates.<key>=<value>` for a rate of the estimate). Before any step
-runs, the estimate of every step (samples, bytes, GPU-hours and their basis; `flows/pipeline_cost.py`) is the
-artifact `pixart-pipeline-estimate`. The flow ends Completed only when every selected step is done; the summary table
-(samples, errors, buckets, losses, time and bytes per step, the export's path), then the estimate next to what each
-step's outputs measure, is the artifact `pixart-pipeline-summary`.
+Parameters are typed fields (the storage root, the models, the steps to run, the caption prompt, where training
+runs) with `overrides` for any other key of the pipeline config (`rates.<key>=<value>` for a rate of the
+estimate). Before any step runs, the estimate of every step (samples, bytes, GPU-hours and their basis;
+`flows/pipeline_cost.py`) is the artifact `pixart-pipeline-estimate`. The flow ends Completed only when every
+selected step is done; the summary table (samples, errors, buckets, losses, time and bytes per step, the export's
+path), then the estimate next to what each step's outputs measure, is the artifact `pixart-pipeline-summary`.
+
+`train_executor=ray` trains every step on Ray Train (`executor=ray` appended to each train step's overrides, as
+`caption_prompt` is to the caption settings, and a relative local output_root made absolute for the Ray workers;
+none of it is lineage, so runs trained locally stay current). One Ray serves all of the run's training steps:
+joined (`ray.address`, RAY_ADDRESS) or started locally when the first training step runs, and shut down when the
+flow ends.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from contextlib import ExitStack
+from pathlib import Path
 from typing import Literal
 
 from prefect import flow, get_run_logger, task
@@ -37,9 +46,50 @@ def _export_task(cfg: PipelineConfig, train_step: str) -> dict:
     return export_step(cfg, train_step)
 
 
-def _subflow(step: Step, preset: str, args: list[str], cfg: PipelineConfig) -> dict:
+def with_train_executor(cfg: PipelineConfig, executor: Literal["local", "ray"]) -> PipelineConfig:
+    """`cfg` with `executor=<executor>` last in every train step's overrides (not lineage: same run names). For Ray,
+    a relative local output_root is made absolute (not lineage either): Ray workers run in another directory."""
+    from storage.urls import filesystem, protocol_of
+
+    train = {name: t.model_copy(update={"overrides": [*t.overrides, f"executor={executor}"]})
+             for name, t in cfg.train.items()}
+    root = cfg.output_root
+    fs, path = filesystem(root)
+    if executor == "ray" and protocol_of(fs) in ("file", "local") and not Path(root).is_absolute():
+        root = str(Path(path).resolve())
+    return cfg.model_copy(update={"train": train, "output_root": root})
+
+
+def _executor(args: list[str]) -> str | None:
+    """The executor a train step's overrides name last (None: its preset's)."""
+    named = [a.removeprefix("executor=") for a in args if a.startswith("executor=")]
+    return named[-1] if named else None
+
+
+def _shared_ray(preset: str, args: list[str], stack: ExitStack) -> None:
+    """Join or start Ray (as the train stage would, from the step's `ray` keys) for the rest of the flow run, unless
+    it is up: every later training step then runs on it instead of starting a Ray of its own. Workers' output stays
+    in their logs (the run's metrics.jsonl has the steps)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    from flows._ray import ray_session
+    from pixart.train.config import TrainConfig
+
+    r = load_config(TrainConfig, preset, args, kind="train").ray
+    try:
+        stack.enter_context(ray_session(r.address, object_store_memory=r.object_store_memory,
+                                        include_dashboard=r.include_dashboard, num_cpus=max(2, os.cpu_count() or 2)))
+    except Exception as e:  # noqa: BLE001 - ray.init's errors are not PipelineErrors: the step fails in one line
+        raise PipelineError(f"Ray did not start: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def _subflow(step: Step, preset: str, args: list[str], cfg: PipelineConfig, ray: ExitStack | None = None) -> dict:
     if step.kind == "export":
         return _export_task(cfg, args[0])
+    if step.kind == "train" and ray is not None and _executor(args) == "ray":
+        _shared_ray(preset, args, ray)
     from flows.caption import caption
     from flows.extract import extract
     from flows.ingest import ingest
@@ -59,7 +109,7 @@ def _subflow(step: Step, preset: str, args: list[str], cfg: PipelineConfig) -> d
 def pixart_pipeline(config: str = "pipeline/demo", output_root: str | None = None, steps: list[StepKind] | None = None,
                     only: list[str] | None = None, llava: str | None = None, t5: str | None = None,
                     vae: str | None = None, caption_prompt: str | None = None,
-                    overrides: list[str] | None = None):
+                    train_executor: Literal["local", "ray"] | None = None, overrides: list[str] | None = None):
     """Raw shards -> manifests -> captions -> features -> the three training stages -> a diffusers export.
 
     Args:
@@ -69,6 +119,8 @@ def pixart_pipeline(config: str = "pipeline/demo", output_root: str | None = Non
         only: run only these steps by name, e.g. `caption-sam` (see `pixart status`).
         llava: LLaVA id or local dir. t5: T5 encoder id or local dir. vae: VAE id or local dir.
         caption_prompt: the captioning prompt (default: the paper's).
+        train_executor: where every training step runs: local (this process) or ray (Ray Train, one local Ray
+            for the run unless `ray.address` or RAY_ADDRESS names a cluster); default: each train preset's.
         overrides: any other `key=value` of the pipeline config (`rates.<key>=<value>`: a rate of the estimate).
     """
     logger = get_run_logger()
@@ -81,6 +133,8 @@ def pixart_pipeline(config: str = "pipeline/demo", output_root: str | None = Non
         cfg = load_config(PipelineConfig, config, args, kind="pipeline")
         if caption_prompt:
             cfg = cfg.model_copy(update={"caption": [*cfg.caption, f"prompt={caption_prompt}"]})
+        if train_executor:
+            cfg = with_train_executor(cfg, train_executor)
         cfg = demo_inputs(cfg)
         rates = cfg.rate_card()
     except PipelineError as e:
@@ -89,8 +143,9 @@ def pixart_pipeline(config: str = "pipeline/demo", output_root: str | None = Non
     estimates = estimate_plan(cfg, rates)
     create_markdown_artifact(estimate_markdown(estimates, rates), key="pixart-pipeline-estimate",
                              description="per step, before running: samples, bytes, GPU-hours and their basis")
-    outcome = run_pipeline(cfg, lambda step, preset, a: _subflow(step, preset, a, cfg),
-                           log=lambda message: logger.log(logging.INFO, message))
+    with ExitStack() as ray_stack:  # a Ray started for the training steps is shut down here
+        outcome = run_pipeline(cfg, lambda step, preset, a: _subflow(step, preset, a, cfg, ray_stack),
+                               log=lambda message: logger.log(logging.INFO, message))
     measured = measure_plan(cfg)
     summary = (summary_table(outcome, cfg, {step: m.bytes for step, m in measured.items()}) + "\n\n"
                + comparison_markdown(estimates, measured))
