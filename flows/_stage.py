@@ -354,6 +354,9 @@ def manifests_to_read(cfg: Any) -> list[str]:
     return manifests
 
 
+INCOMPLETE = "incomplete:"  # how a run's message starts when all it lacks are shards another live run holds
+
+
 def failure_message(outcome: StageOutcome) -> str:
     """The run's message when it is not complete: the failed shards with reasons, then the busy ones."""
     parts = []
@@ -361,6 +364,6 @@ def failure_message(outcome: StageOutcome) -> str:
         reasons = "; ".join(f"{k}: {v}" for k, v in sorted(outcome.failed.items())[:5])
         parts.append(f"{len(outcome.failed)} of {outcome.total} shards failed: {reasons}")
     if outcome.busy:
-        parts.append(f"incomplete: {len(outcome.busy)} of {outcome.total} shards are being processed by another "
+        parts.append(f"{INCOMPLETE} {len(outcome.busy)} of {outcome.total} shards are being processed by another "
                      f"run, not done here: {', '.join(sorted(outcome.busy))}")
     return "; ".join(parts)

@@ -483,19 +483,26 @@ def _forget_failure(cfg: PipelineConfig, step: str, log: Callable[[str], None]) 
         log(f"{step}: could not remove its failure record under {cfg.output_root}: {err}")
 
 
-def summary_row(step: Step, outcome) -> dict[str, Any]:
-    """A step's line of the summary table, from its stage's outcome."""
-    c = outcome.counts()
-    kinds = c.get("ok_by_kind") or {}  # extract: text and latents rows of the same images, not twice the samples
-    images = kinds.get("latents", kinds.get("text", 0)) if kinds else c["num_ok"]
-    row = {"samples": images, "errors": c["num_error"], "shards": f"{c['to_run']} run, {c['committed']} current",
-           "bytes": sum(r.get("bytes") or 0 for r in outcome.results if not r.get("skipped"))}
-    if "buckets" in outcome.extra:
-        row["buckets"] = outcome.extra["buckets"]
+def counted(c: dict[str, Any]) -> dict[str, Any]:
+    """A stage's counts (`StageOutcome.counts()`, or what its flow returned) as summary columns: samples, errors,
+    and for extract the features ("8 text, 8 latents"), its images counted once, not text and latent rows summed."""
+    kinds = c.get("ok_by_kind") or {}
+    row = {"samples": kinds.get("latents", kinds.get("text", 0)) if kinds else c.get("num_ok"),
+           "errors": c.get("num_error")}
     if kinds:
         from flows.extract_stage import feature_counts
 
         row["features"] = feature_counts(kinds)
+    return row
+
+
+def summary_row(step: Step, outcome) -> dict[str, Any]:
+    """A step's line of the summary table, from its stage's outcome."""
+    c = outcome.counts()
+    row = {**counted(c), "shards": f"{c['to_run']} run, {c['committed']} current",
+           "bytes": sum(r.get("bytes") or 0 for r in outcome.results if not r.get("skipped"))}
+    if "buckets" in outcome.extra:
+        row["buckets"] = outcome.extra["buckets"]
     if step.kind == "train":
         row.update(loss=outcome.extra.get("final_loss"), steps=outcome.extra.get("steps"),
                    run=outcome.results[0].get("output_url") if outcome.results else None)

@@ -32,7 +32,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, Failed
 
-from flows.pipeline import Step, demo_inputs, export_step, run_pipeline, summary_table
+from flows._stage import INCOMPLETE
+from flows.pipeline import Step, StepBusy, counted, demo_inputs, export_step, run_pipeline, summary_table
 from flows.pipeline_config import PipelineConfig
 from flows.pipeline_cost import comparison_markdown, estimate_markdown, estimate_plan, measure_plan
 from storage.configio import load_config
@@ -98,11 +99,12 @@ def _subflow(step: Step, preset: str, args: list[str], cfg: PipelineConfig, ray:
     flows = {"ingest": ingest, "caption": caption, "extract": extract, "train": train}
     state = flows[step.kind].with_options(flow_run_name=step.name)(config=preset, overrides=args, return_state=True)
     if not state.is_completed():
-        raise PipelineError(state.message or f"{step.name} ended {state.name}")
+        message = state.message or f"{step.name} ended {state.name}"
+        raise StepBusy(message) if message.startswith(INCOMPLETE) else PipelineError(message)
     data = state.result(raise_on_failure=False)
     data = data if isinstance(data, dict) else {}
-    return {"samples": data.get("num_ok"), "errors": data.get("num_error"), "buckets": data.get("buckets"),
-            "loss": data.get("final_loss"), "steps": data.get("steps")}
+    return {**counted(data), "buckets": data.get("buckets"), "loss": data.get("final_loss"),
+            "steps": data.get("steps")}
 
 
 @flow(name="pixart-pipeline", validate_parameters=True)

@@ -155,3 +155,14 @@ def test_an_unknown_dataset_is_refused_when_the_config_loads_listing_the_known_o
     result = pixart("status", "demo", f"output_root={tmp_path}", "datasets.laion.source=/tmp/a")
     assert result.exit_code == 2 and "unknown dataset 'laion'" in result.output, result.output
     assert "ingest-laion" not in result.output
+
+
+def test_both_runners_count_an_extract_steps_images_once():
+    """The local runner's row (summary_row) and the Prefect flow's (_subflow, from the stage flow's returned counts)
+    read the same counts the same way: an extract step's text and latent rows of 8 images are 8 samples."""
+    from flows.pipeline import counted
+
+    row = counted({"ok_by_kind": {"text": 8, "latents": 8}, "num_ok": 16, "num_error": 1})
+    assert row["samples"] == 8 and row["errors"] == 1 and row["features"].startswith("8 text, 8 latents")
+    assert counted({"ok_by_kind": {"text": 5}, "num_ok": 5, "num_error": 0})["samples"] == 5  # text only
+    assert counted({"num_ok": 7, "num_error": 0}) == {"samples": 7, "errors": 0}  # any other stage
