@@ -19,7 +19,7 @@ from flows._ray import ray_session
 from pixart.train.config import TrainConfig
 from pixart.train.prepare import check_features, prepare_conditions
 from storage.errors import PipelineError
-from storage.urls import filesystem, protocol_of
+from storage.urls import absolute_url, filesystem, protocol_of
 
 
 def _loop(config: dict[str, Any]) -> None:
@@ -74,6 +74,9 @@ def run_ray(cfg: TrainConfig, *, text_width: int | None = None,
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    # the workers run in another directory: relative local paths (the root, an init that exists here) made absolute
+    init = absolute_url(cfg.init) if cfg.init and os.path.exists(cfg.init) else cfg.init
+    cfg = cfg.model_copy(update={"output_root": absolute_url(cfg.output_root), "init": init})
     with ray_session(cfg.ray.address, object_store_memory=cfg.ray.object_store_memory,
                      include_dashboard=cfg.ray.include_dashboard, num_cpus=max(2, os.cpu_count() or 2),
                      log_to_driver=True):

@@ -13,10 +13,9 @@ selected step is done; the summary table (samples, errors, buckets, losses, time
 path), then the estimate next to what each step's outputs measure, is the artifact `pixart-pipeline-summary`.
 
 `train_executor=ray` trains every step on Ray Train (`executor=ray` appended to each train step's overrides, as
-`caption_prompt` is to the caption settings, and a relative local output_root made absolute for the Ray workers;
-none of it is lineage, so runs trained locally stay current). One Ray serves all of the run's training steps:
-joined (`ray.address`, RAY_ADDRESS) or started locally when the first training step runs, and shut down when the
-flow ends.
+`caption_prompt` is to the caption settings; not lineage, so runs trained locally stay current). One Ray serves all
+of the run's training steps: joined (`ray.address`, RAY_ADDRESS) or started locally when the first training step
+runs, and shut down when the flow ends.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import ExitStack
-from pathlib import Path
 from typing import Literal
 
 from prefect import flow, get_run_logger, task
@@ -48,17 +46,11 @@ def _export_task(cfg: PipelineConfig, train_step: str) -> dict:
 
 
 def with_train_executor(cfg: PipelineConfig, executor: Literal["local", "ray"]) -> PipelineConfig:
-    """`cfg` with `executor=<executor>` last in every train step's overrides (not lineage: same run names). For Ray,
-    a relative local output_root is made absolute (not lineage either): Ray workers run in another directory."""
-    from storage.urls import filesystem, protocol_of
-
+    """`cfg` with `executor=<executor>` last in every train step's overrides (not lineage: same run names; the Ray
+    executor makes a relative output_root absolute for its workers itself)."""
     train = {name: t.model_copy(update={"overrides": [*t.overrides, f"executor={executor}"]})
              for name, t in cfg.train.items()}
-    root = cfg.output_root
-    fs, path = filesystem(root)
-    if executor == "ray" and protocol_of(fs) in ("file", "local") and not Path(root).is_absolute():
-        root = str(Path(path).resolve())
-    return cfg.model_copy(update={"train": train, "output_root": root})
+    return cfg.model_copy(update={"train": train})
 
 
 def _executor(args: list[str]) -> str | None:

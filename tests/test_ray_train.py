@@ -56,7 +56,8 @@ def test_two_workers_resume_after_a_failure_with_identical_losses(features, tiny
                  "schedule.max_steps=4", "schedule.checkpoint_every=2", "ray.object_store_memory=200000000")
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False)
     try:
-        plain = config(features, "tiny-stage2", "ray-plain", *overrides, t5=tiny_t5_encoder, vae=tiny_vae)
+        monkeypatch.chdir(Path(features).parent)  # a relative output_root: the Ray workers run in another directory
+        plain = config(Path(features).name, "tiny-stage2", "ray-plain", *overrides, t5=tiny_t5_encoder, vae=tiny_vae)
         found = prepare_run(plain, encode=False)  # as the flow does for executor=ray: no T5 on the driver
         assert not exists(conditions_url(plain))
         run_ray(plain, text_width=found["text_width"])  # encoded in a Ray task first
