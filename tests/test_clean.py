@@ -84,3 +84,19 @@ def test_sample_grid_prompts_are_encoded_cleaned(monkeypatch, tmp_path):
                       kind="train")
     Conditions.prepare(cfg, save=False)
     assert seen == ["", "a cat on sofa"]
+
+
+
+def test_a_caption_that_looks_like_a_url_or_a_file_name_cleans_without_bs4s_warning():
+    """bs4 warns that such input "looks more like a URL/filename"; in extraction it is text, so the warning is noise.
+    Run in a fresh interpreter with every warning shown, as a user's extraction process imports the module."""
+    import subprocess
+    import sys
+
+    code = ("import warnings; warnings.simplefilter('always');"
+            "from pixart.features.clean import clean_caption;"
+            "print(repr([clean_caption('http:'), clean_caption('cat.html'), clean_caption('foo.txt')]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "looks more like" not in out.stderr, out.stderr
+    assert out.stdout.strip() == repr(["http", "cat. html", "foo. txt"]), out.stdout  # the official rules

@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import re
 import urllib.parse
+import warnings
 
 _URL_TAIL = r"[a-zA-Z0-9.\-]+[.](?:com|co|ru|net|org|edu|gov|it)[\w/-]*\b\/?(?!@)"
 _DASHES = (r"[\u002D\u058A\u05BE\u1400\u1806\u2010-\u2015\u2E17\u2E1A\u2E3A\u2E3B\u2E40\u301C\u3030\u30A0\uFE31"
@@ -36,6 +37,10 @@ _AFTER_BASIC = [(r"\b[a-zA-Z]{1,3}\d{3,15}\b", ""), (r"\b[a-zA-Z]+\d+[a-zA-Z]+\b
                 (r"^[\"\']([\w\W]+)[\"\']$", r"\1"), (r"^[\'\_,\-\:;]", ""), (r"[\'\_,\-\:\-\+]$", ""),
                 (r"^\.\S+$", "")]
 _SEPARATORS = re.compile(r"[-_]")
+
+# A caption that looks like a URL or a file name is text to clean here, not a page to fetch: bs4's hint about it
+# would be printed once per process during extraction. Silenced for this module only.
+warnings.filterwarnings("ignore", message=".*looks more like a (URL|filename)", module=__name__)
 
 
 def _apply(steps: list[tuple[str, str]], text: str) -> str:
