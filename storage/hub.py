@@ -6,7 +6,7 @@ Every failure is one `ModelLoadError` line that names what failed, its id and wh
 files, not cached while the hub is unreachable). A hub id is looked up in the cache first, so an offline run with a
 cached model never touches the network, and an uncached one fails at once instead of after the hub client's ~50 s
 of retries. Used by every model the pipeline loads: LLaVA and the T5 tokenizer (captioning), T5 and the VAE
-(features). Torch-free: `load` is the caller's `from_pretrained`.
+(features), the VAE of sample grids (training, `pixart sample`). Torch-free: `load` is the caller's `from_pretrained`.
 """
 
 from __future__ import annotations

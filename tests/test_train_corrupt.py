@@ -99,3 +99,24 @@ def test_sample_on_a_corrupt_safetensors_is_one_line_naming_the_file(features, c
                                       f"out={Path(features) / f'{run}.png'}"])
     assert_one_error_line(result, str(weights), *([first] if damage == "missing-tensor" else []))
     assert not (Path(features) / f"{run}.png").exists()
+
+
+def test_sample_with_a_vae_that_is_gone_is_one_line_naming_it(features, cli_run, tmp_path):
+    """The checkpoint's recorded VAE was moved away: `pixart sample` says which model and where, through the same
+    loader as extraction (storage.hub), not a hub-client traceback."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    run = "sample-vae-gone"
+    assert train_cli(*cli_run(run, "schedule.max_steps=2")).exit_code == 0
+    saved = Path(checkpoint.latest(features, run)) / "config.yaml"
+    cfg = yaml.safe_load(saved.read_text())
+    gone = str(tmp_path / "moved-away" / "vae")
+    saved.write_text(yaml.safe_dump({**cfg, "vae_model": gone}))
+    result = CliRunner().invoke(app, ["sample", "grid", f"checkpoint={Path(features) / 'runs' / run}",
+                                      "sample_prompts=[a red fox]", "sample_steps=1",
+                                      f"out={Path(features) / f'{run}.png'}"])
+    assert_one_error_line(result, gone, "VAE", "no such directory")
+    assert not (Path(features) / f"{run}.png").exists()

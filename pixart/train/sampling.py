@@ -20,6 +20,7 @@ import torch
 
 from pixart.models import pixart_forward
 from storage.commit import write_atomic
+from storage.hub import from_pretrained
 from storage.layout import run_dir
 from storage.urls import join
 
@@ -174,13 +175,8 @@ def _sample_vae(trainer: Any) -> AutoencoderKL:
     if vae is None:
         from diffusers import AutoencoderKL
 
-        from storage.hub import ModelLoadError
-
-        try:
-            vae = AutoencoderKL.from_pretrained(trainer.cfg.vae_model, low_cpu_mem_usage=False)
-        except (OSError, ValueError) as e:
-            raise ModelLoadError(f"cannot load the sample VAE {trainer.cfg.vae_model!r}: "
-                                 f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+        vae = from_pretrained(AutoencoderKL.from_pretrained, trainer.cfg.vae_model, "sample VAE", "vae_model",
+                              low_cpu_mem_usage=False)
         trainer._sample_vae = vae = vae.to(trainer.device).eval().requires_grad_(False)
     return vae
 
@@ -240,7 +236,8 @@ def sample_checkpoint(url: str, prompts: list[str] | None = None, classes: list[
         model = load_transformer(local, "dit" if cfg["stage"] == 1 else "pixart", subfolder=weights).to(dev).eval()
     finally:
         cleanup()
-    vae = AutoencoderKL.from_pretrained(cfg["vae_model"], low_cpu_mem_usage=False).to(dev).eval()
+    vae = from_pretrained(AutoencoderKL.from_pretrained, cfg["vae_model"], "VAE", "vae_model",
+                          low_cpu_mem_usage=False).to(dev).eval()
     common = {"steps": steps, "cfg_scale": cfg_scale, "resolution": cfg["data"]["base_size"], "seed": seed,
               "device": dev}
     with torch.no_grad():
