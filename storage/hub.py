@@ -11,12 +11,14 @@ of retries. Used by every model the pipeline loads: LLaVA and the T5 tokenizer (
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import socket
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -102,6 +104,68 @@ def hub_unreachable() -> str | None:
         socket.create_connection((host, port), timeout=PROBE_SECONDS).close()
     except OSError as e:
         return f"no connection to {host}:{port}: {e.strerror or e}"
+    return None
+
+
+# -- what a model is: the identity lineage records beside its name -------------------------------------------------
+
+SMALL_FILE = 4 << 20  # files up to this size (configs, tokenizers) are hashed whole
+SAMPLES, SAMPLE_BYTES = 16, 64 << 10  # larger ones (weights): size, safetensors header and 16 spread 64 KiB reads
+MAX_HEADER = 64 << 20
+
+
+def model_identity(name: str) -> str | None:
+    """What the model `name` is, for lineage: `dir:<hash>` of a local directory's files, `rev:<commit>` of a hub id
+    in the local HF cache, None when that cannot be known offline (a hub id not cached). Two directories with the
+    same files have the same identity wherever they are; weights saved again at the same path do not. Large files
+    are sampled, not read whole (a retrained or re-initialised model changes every sample; a one-value edit of a
+    weight file may not), so the cost is a few MiB per model whatever its size."""
+    if os.path.isdir(name):
+        root = os.path.realpath(name)
+        return "dir:" + _dir_hash(root, _dir_signature(root))
+    if _is_hub_id(name):
+        return _cached_revision(name)
+    return None
+
+
+def _dir_signature(root: str) -> tuple[tuple[str, int, int], ...]:
+    """(relative path, size, mtime) of every file under `root`, hidden folders (.cache, .git) left out."""
+    out = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for f in files:
+            st = os.stat(os.path.join(folder, f))  # follows a HF snapshot's links to its blobs
+            out.append((os.path.relpath(os.path.join(folder, f), root), st.st_size, st.st_mtime_ns))
+    return tuple(sorted(out))
+
+
+@lru_cache(maxsize=64)  # keyed by the signature: files touched since are hashed again
+def _dir_hash(root: str, signature: tuple[tuple[str, int, int], ...]) -> str:
+    digest = hashlib.sha256()
+    for rel, size, _ in signature:
+        digest.update(f"{rel}\0{size}\0".encode())
+        with open(os.path.join(root, rel), "rb") as f:
+            if size <= SMALL_FILE:
+                digest.update(f.read())
+                continue
+            if rel.endswith(".safetensors"):  # its header: every tensor's name, dtype, shape and offsets
+                n = int.from_bytes(f.read(8), "little")
+                digest.update(f.read(min(n, MAX_HEADER)))
+            for i in range(SAMPLES):
+                f.seek(i * (size - SAMPLE_BYTES) // (SAMPLES - 1))
+                digest.update(f.read(SAMPLE_BYTES))
+    return digest.hexdigest()[:16]
+
+
+def _cached_revision(name: str) -> str | None:
+    """The commit of hub id `name`'s cached snapshot (its `main` ref), read from the cache only."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in ("config.json", "model_index.json", "tokenizer_config.json", "preprocessor_config.json"):
+        path = try_to_load_from_cache(name, filename)
+        if isinstance(path, str) and "snapshots" in Path(path).parts:
+            parts = Path(path).parts
+            return "rev:" + parts[parts.index("snapshots") + 1]
     return None
 
 

@@ -11,7 +11,9 @@ Every done marker holds a lineage record and the output's content identity:
 - `config` hashes the effective config (`settings`) only: the fields that change what is written. Fields that
   only change how the work runs (workers, executor, batch sizes, `force`, `max_shards`...) are left out, so
   rerunning with more workers redoes nothing. Such a field is declared with `RuntimeField(...)`.
-- `models` holds the model ids or local directories the output was made with.
+- `models` holds the model ids or local directories the output was made with, `model_ids` what each one was
+  (`storage.hub.model_identity`: a local directory's file fingerprint, a cached hub id's revision), so weights saved
+  again at the same path make the output stale too.
 
 Inputs are compared by content id, in order, not by URL: a whole root copied or moved elsewhere stays current.
 `stale_reason(marker, lineage)` says why a committed output no longer matches (None when it does): the writer
@@ -27,6 +29,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from storage.commit import read_done
+from storage.hub import model_identity
 from storage.urls import filesystem
 
 RUNTIME = {"runtime": True}  # json_schema_extra of a field that does not change the output
@@ -115,6 +118,9 @@ def lineage(inputs: list[str], cfg: BaseModel | dict[str, Any] | str, models: di
     entries = [{"url": u, "id": ident(u)} for u in inputs]
     entries += [{"url": name, "id": value} for name, value in sorted((extra_inputs or {}).items())]
     record: dict[str, Any] = {"inputs": entries, "models": dict(models or {})}
+    if models:
+        ids = {k: model_identity(v) for k, v in sorted(models.items())}
+        record["model_ids"] = {k: v for k, v in ids.items() if v}
     if isinstance(cfg, str):
         record["config"] = cfg
     else:
@@ -140,6 +146,10 @@ def stale_reason(marker: dict[str, Any], wanted: dict[str, Any]) -> str | None:
                          if have.get("models", {}).get(k) != wanted.get("models", {}).get(k))
         return "model " + ", ".join(f"{k} {have.get('models', {}).get(k)!r} -> {wanted['models'].get(k)!r}"
                                     for k in changed) + " changed"
+    had, now = have.get("model_ids") or {}, wanted.get("model_ids") or {}  # absent: older marker or uncached id
+    if changed := sorted(k for k in set(had) & set(now) if had[k] != now[k]):
+        return "model " + ", ".join(f"{k} {wanted['models'].get(k)!r}" for k in changed) + " changed (same name, " \
+               "other files)"
     if have.get("config") != wanted.get("config"):
         keys = _changed_keys(have.get("settings") or {}, wanted.get("settings") or {})
         return f"config {', '.join(keys[:4])} changed" if keys else "its config changed"

@@ -206,6 +206,74 @@ def test_training_refuses_features_of_another_t5_and_takes_the_recorded_one_when
         check_features(wrong)
 
 
+def test_a_vae_saved_again_at_the_same_path_redoes_its_latents_and_stops_training(features_copy, tiny_t5_encoder,
+                                                                                   tiny_vae, tmp_path):
+    """Same name, other weights (fine-tuned and saved in place): the lineage's model_ids tell them apart."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from flows.train_stage import load_train_config
+    from pixart.train.prepare import check_features
+
+    vae_dir = str(tmp_path / "vae")
+    shutil.copytree(tiny_vae, vae_dir)
+    cfg = ExtractConfig(dataset="sam", caption_set="tiny", output_root=features_copy, t5_model=tiny_t5_encoder,
+                        vae_model=vae_dir)
+    text = TextEncoder(tiny_t5_encoder)
+    manifests = committed_manifests(features_copy, "sam")
+    for m in manifests:
+        extract_text_shard(caption_url(features_copy, "sam", "tiny", m.rsplit("/", 1)[-1][:-8]), cfg, text)
+        extract_latent_shard(m, cfg, LatentEncoder(vae_dir))
+    run = load_train_config("tiny-stage2", [f"output_root={features_copy}", "data.caption_set=tiny", "run=r"])
+    assert run.vae_model == vae_dir and check_features(run)["shards"] == 2
+    assert extract_latent_shard(manifests[0], cfg, LatentEncoder(vae_dir)).skipped  # nothing changed yet
+
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.add_(0.01)
+    vae.save_pretrained(vae_dir)
+    with pytest.raises(PipelineError, match=r"shard sa_000000 was encoded with vae .* its files have changed since"):
+        check_features(run)
+    redone = extract_latent_shard(manifests[0], cfg, LatentEncoder(vae_dir))
+    assert not redone.skipped and "same name, other files" in redone.stats["redone"]
+    captions = caption_url(features_copy, "sam", "tiny", "sa_000000")
+    assert extract_text_shard(captions, cfg, text).skipped  # text does not depend on the VAE
+
+
+def test_model_identity_follows_the_files_not_the_path(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from storage.hub import SMALL_FILE, model_identity
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"width": 8}')
+    weights = np.random.default_rng(0).integers(0, 255, SMALL_FILE + (1 << 20), dtype=np.uint8)  # sampled, not whole
+    (model / "model.safetensors").write_bytes(weights.tobytes())
+    first = model_identity(str(model))
+    assert first.startswith("dir:") and model_identity(str(model)) == first
+    shutil.copytree(model, tmp_path / "copy")
+    assert model_identity(str(tmp_path / "copy")) == first  # same files elsewhere: same model
+    (model / "model.safetensors").write_bytes(np.random.default_rng(1).integers(
+        0, 255, weights.size, dtype=np.uint8).tobytes())  # retrained: same size, other bytes
+    retrained = model_identity(str(model))
+    assert retrained not in (first, None)
+    (model / "config.json").write_text('{"width": 9}')
+    assert model_identity(str(model)) not in (retrained, first, None)
+    assert model_identity(str(tmp_path / "absent")) is None
+
+    cache = tmp_path / "hf"  # a hub id: the commit of its cached snapshot, None when not cached
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    assert model_identity("org/tiny-t5") is None
+    repo = cache / "models--org--tiny-t5"
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    assert model_identity("org/tiny-t5") == "rev:abc123"
+
+
 def test_how_a_stage_runs_is_not_part_of_its_lineage_but_what_it_writes_is():
     from captioning.config import CaptionConfig
     from storage.ingest.config import IngestConfig

@@ -30,6 +30,7 @@ from pixart.train.weights import check_init
 from storage.commit import read_done, write_atomic
 from storage.configio import dump_yaml
 from storage.errors import ConfigError
+from storage.hub import model_identity
 from storage.layout import run_dir, shard_of
 from storage.manifest import committed_manifests
 from storage.parquet import read_rows
@@ -89,6 +90,24 @@ def check_encoders(cfg: TrainConfig, shards: list[FeatureShard]) -> None:
             name, model = sorted(other.items())[0]
             raise ConfigError(f"{_where(cfg)}: shard {name} was encoded with {kind} {model!r}, but this run's "
                               f"{field} is {want!r}; pass {field}={model} or re-extract the features with {want}")
+        _check_same_files(cfg, shards, kind, want)
+
+
+def _check_same_files(cfg: TrainConfig, shards: list[FeatureShard], kind: str, want: str) -> None:
+    """Same name is not the same model: weights saved again at `want` since the features were made would encode
+    the run's sample prompts (T5) or decode its grids (VAE) unlike the features. Compared by `model_identity`."""
+    recorded = {}
+    for s in shards:
+        index = s.latents if kind == "vae" else s.text
+        lin = ((read_done(index) or {}).get("lineage") or {}) if index else {}
+        if lin.get("models", {}).get(kind) == want and lin.get("model_ids", {}).get(kind):
+            recorded[s.name] = lin["model_ids"][kind]
+    now = model_identity(want) if recorded else None
+    other = sorted(name for name, ident in recorded.items() if now and ident != now)
+    if other:
+        raise ConfigError(f"{_where(cfg)}: shard {other[0]} was encoded with {kind} {want!r} as it was then, and its "
+                          f"files have changed since ({len(other)} shard(s)); re-extract the features (pixart "
+                          f"extract) or put the {kind} it was made with back")
 
 
 def check_complete(cfg: TrainConfig) -> None:
