@@ -1,7 +1,8 @@
 """The Prefect side of the stage kit: shard calls become Prefect tasks, progress and summaries become artifacts.
 
 Each shard is one task run named `<stage>-<shard>` with up to 2 retries, for transient errors only
-(`storage.errors.is_transient`): a missing file or bad config fails the shard at once with its reason.
+(`storage.errors.is_transient`), after the same delays as the local and Ray runners (`_stage.RETRY_DELAYS`): a
+missing file or bad config fails the shard at once with its reason.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, Failed
 
-from flows._stage import Runtime, Stage, StageOutcome, run_stage
+from flows._stage import RETRY_DELAYS, Runtime, Stage, StageOutcome, run_stage
 from storage.errors import PipelineError, is_transient
 
 
@@ -33,7 +34,8 @@ def _retry_transient(task, task_run, state) -> bool:
     return False
 
 
-@task(name="shard", task_run_name="{stage_name}-{shard_name}", retries=2, retry_delay_seconds=[10, 60],
+@task(name="shard", task_run_name="{stage_name}-{shard_name}", retries=len(RETRY_DELAYS),
+      retry_delay_seconds=list(RETRY_DELAYS),
       retry_condition_fn=_retry_transient, cache_policy=NO_CACHE)
 def shard_task(stage_name: str, shard_name: str, call) -> dict[str, Any]:
     return call()

@@ -89,3 +89,14 @@ def test_cli_help_and_ingest(samples, tmp_path):
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
     assert "imagenet: 1 shards, 0 already committed, 1 to run, 8 samples ok, 0 error rows" in proc.stdout
+
+
+def test_prefect_retries_a_shard_after_the_same_delays_as_the_local_and_ray_runners():
+    """One retry rule for every runner: a shard's task under Prefect waits what LocalRuntime and the Ray runtime
+    wait (the Prefect task once had its own 10/60 s)."""
+    import flows._prefect
+    from flows._stage import RETRY_DELAYS, LocalRuntime
+
+    task = flows._prefect.shard_task
+    assert task.retries == len(RETRY_DELAYS) == 2
+    assert list(task.retry_delay_seconds) == list(RETRY_DELAYS) == list(LocalRuntime().retry_delays)
