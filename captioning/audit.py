@@ -9,10 +9,10 @@ from pydantic import Field
 from storage.commit import is_done
 from storage.config import Dataset, OutputConfig
 from storage.errors import ConfigError
-from storage.layout import caption_set_dir, caption_url, shard_of
+from storage.layout import caption_set_dir, caption_set_record_url, caption_url, shard_of
 from storage.manifest import committed_manifests, read_manifest
 from storage.parquet import read_table
-from storage.urls import exists, join
+from storage.urls import exists
 
 
 def audit_caption_set(root: str, dataset: str, caption_set: str) -> dict[str, Any]:
@@ -54,6 +54,5 @@ class AuditConfig(OutputConfig):
         if not committed_manifests(self.output_root, self.dataset):
             raise ConfigError(f"no committed manifests for {self.dataset!r} under {self.output_root}")
         if self.caption_set is not None:
-            url = caption_set_dir(self.output_root, self.dataset, self.caption_set)
-            if not exists(join(url, "caption_set.yaml")):
+            if not exists(caption_set_record_url(self.output_root, self.dataset, self.caption_set)):
                 raise ConfigError(f"no caption set {self.caption_set!r} for {self.dataset} under {self.output_root}")

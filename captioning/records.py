@@ -15,8 +15,8 @@ import yaml
 from captioning.config import CaptionConfig
 from storage.commit import write_atomic
 from storage.errors import ConfigError
-from storage.layout import caption_set_dir
-from storage.urls import filesystem, join
+from storage.layout import caption_set_record_url
+from storage.urls import filesystem
 
 CAPTION_SCHEMA = pa.schema([
     ("key", pa.string()),
@@ -43,7 +43,7 @@ CAPTION_SCHEMA = pa.schema([
 def ensure_caption_set(cfg: CaptionConfig) -> str:
     """Record what defines the set in `caption_set.yaml`; refuse to mix another combination into a named set."""
     name = cfg.resolved_caption_set()
-    url = join(caption_set_dir(cfg.output_root, cfg.dataset, name), "caption_set.yaml")
+    url = caption_set_record_url(cfg.output_root, cfg.dataset, name)
     fs, path = filesystem(url)
     if fs.exists(path):
         with fs.open(path, "rb") as f:

@@ -183,9 +183,10 @@ def train(preset: Preset, overrides: Overrides = None) -> None:
 def _checkpoint_of(path: str) -> str:
     """A checkpoint directory as given, or a run directory's latest checkpoint."""
     from pixart.train import checkpoint
+    from storage.layout import CHECKPOINTS
 
     p = Path(path)
-    if (p / "checkpoints").is_dir():
+    if (p / CHECKPOINTS).is_dir():
         found = checkpoint.run_checkpoints(str(p))
         if not found:
             fail(f"run {path} has no committed checkpoint yet")

@@ -27,7 +27,7 @@ from pixart.features.extract import (
 from storage.commit import commit_shard, is_done, write_atomic
 from storage.configio import load_config
 from storage.errors import PipelineError
-from storage.layout import caption_set_dir, captions_dir, features_dir, latents_dir, shard_of
+from storage.layout import caption_set_dir, caption_set_record_url, captions_dir, features_dir, latents_dir, shard_of
 from storage.manifest import committed_manifests, read_manifest
 from storage.parquet import read_table, write_table
 from storage.urls import exists, filesystem, join, to_url
@@ -35,7 +35,7 @@ from storage.urls import exists, filesystem, join, to_url
 
 def committed_captions(cfg: ExtractConfig) -> list[str]:
     set_dir = caption_set_dir(cfg.output_root, cfg.dataset, cfg.caption_set or "")
-    if not exists(join(set_dir, "caption_set.yaml")):
+    if not exists(caption_set_record_url(cfg.output_root, cfg.dataset, cfg.caption_set or "")):
         where = captions_dir(cfg.output_root, cfg.dataset)
         raise PipelineError(f"no caption set {cfg.caption_set!r} under {where}: run `pixart caption {cfg.dataset}` "
                             f"first or pass caption_set=<name>")

@@ -56,7 +56,7 @@ from storage.ingest.sampling import DatasetSample, committed_sample, sample_sour
 from storage.layout import caption_set_dir, captions_dir, latents_dir, run_dir, text_features_dir
 from storage.manifest import committed_manifests
 from storage.parquet import read_table
-from storage.urls import exists, filesystem, join, open_url, to_url
+from storage.urls import exists, filesystem, open_url, to_url
 
 SAMPLE_IMAGES = 64  # samples read from a source that has no committed manifests
 
@@ -293,13 +293,14 @@ def _measure_run(root: str, run: str) -> Measured:
     import json
 
     from pixart.train import checkpoint
+    from pixart.train.monitor import summary_url
 
     latest = checkpoint.latest(root, run)
     if latest is None:
         return Measured()
-    summary_url, summary = join(run_dir(root, run), "summary.json"), {}
-    if exists(summary_url):
-        with open_url(summary_url, "rb") as f:
+    url, summary = summary_url(root, run), {}
+    if exists(url):
+        with open_url(url, "rb") as f:
             summary = json.loads(f.read())
     samples = checkpoint.trainer_state(latest).get("samples_seen", 0)
     rate = summary.get("mean_samples_per_s")  # all workers together; GPU-hours are counted on GPUs only

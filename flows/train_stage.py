@@ -36,13 +36,13 @@ from typing import Any
 
 from flows._stage import Runtime, Shard, Stage, StageOutcome, failure_message, local_gpus, run_stage
 from pixart.train.config import TrainConfig
-from pixart.train.monitor import metrics_url
+from pixart.train.monitor import loss_plot_url, metrics_url, summary_url
 from pixart.train.prepare import check_run, prepare_conditions, with_recorded_encoders, write_config
 from storage.configio import load_config
 from storage.errors import PipelineError, ShardBusyError
 from storage.layout import run_dir, samples_dir
 from storage.lease import Lease
-from storage.urls import exists, filesystem, join, open_url
+from storage.urls import exists, filesystem, open_url
 
 WATCH_SECONDS = 15  # how often progress is read from metrics.jsonl while the steps run on Ray
 
@@ -220,7 +220,7 @@ class TrainStage(Stage):
             stop.set()
             watcher.join()
         self._read_back(cfg)  # the steps of the final flush
-        with open_url(join(run_dir(cfg.output_root, cfg.run), "summary.json"), "rb") as f:
+        with open_url(summary_url(cfg.output_root, cfg.run), "rb") as f:
             return {**json.loads(f.read()), "run": cfg.run}
 
     def _watch(self, cfg: TrainConfig, stop: threading.Event) -> None:
@@ -291,7 +291,7 @@ def _latest_grid(cfg: TrainConfig) -> str | None:
     if not grids:
         return None
     text = thumbnail_markdown(fs.cat_file(grids[-1]), "samples", grids[-1])
-    loss = join(run_dir(cfg.output_root, cfg.run), "loss.png")
+    loss = loss_plot_url(cfg.output_root, cfg.run)
     if exists(loss):
         text += "\n\n" + thumbnail_markdown(filesystem(loss)[0].cat_file(filesystem(loss)[1]), "loss", loss)
     return text

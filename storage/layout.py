@@ -7,6 +7,8 @@
     <root>/captions/<dataset>/<caption_set>/_parts/<shard>/                 progress of an unfinished shard
     <root>/features/<dataset>/text/<caption_set>/<shard>.tar (+ .parquet index, .done)   T5 features
     <root>/features/<dataset>/latents/<base_size>[-ms]/<shard>.tar (+ .parquet index, .done)   VAE latents
+    <root>/runs/<run>/checkpoints/step-<N>/                                 a training run's checkpoints
+    <root>/runs/<run>/samples/                                              its sample grids
 
 Names that become paths are checked here (`check_name`), so `..` or `a/b` can never leave the output root.
 """
@@ -104,6 +106,11 @@ def caption_set_dir(root: str, dataset: str, caption_set: str) -> str:
     return join(captions_dir(root, dataset), check_name("caption set", caption_set))
 
 
+def caption_set_record_url(root: str, dataset: str, caption_set: str) -> str:
+    """`caption_set.yaml`: what defines a caption set (model, prompt, ...); a set exists once it is written."""
+    return join(caption_set_dir(root, dataset, caption_set), "caption_set.yaml")
+
+
 def caption_url(root: str, dataset: str, caption_set: str, shard: str) -> str:
     return join(caption_set_dir(root, dataset, caption_set), f"{shard}.parquet")
 
@@ -148,8 +155,11 @@ def run_dir(root: str, run: str) -> str:
     return join(root, "runs", check_name("run", run))
 
 
+CHECKPOINTS = "checkpoints"  # the folder of a run directory (or of a copy of one anywhere) holding its checkpoints
+
+
 def checkpoints_dir(root: str, run: str) -> str:
-    return join(run_dir(root, run), "checkpoints")
+    return join(run_dir(root, run), CHECKPOINTS)
 
 
 def checkpoint_url(root: str, run: str, step: int) -> str:

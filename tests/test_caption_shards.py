@@ -16,13 +16,14 @@ from PIL import Image
 from captioning.audit import audit_caption_set
 from captioning.captioner import Captioner
 from captioning.config import CaptionConfig
-from captioning.records import caption_set_dir, ensure_caption_set
+from captioning.records import ensure_caption_set
 from captioning.runner import caption_shard
 from captioning.text import T5TokenCounter
 from storage.errors import ConfigError
 from storage.ingest.config import IngestConfig
 from storage.ingest.samples import add_member, jpeg_bytes, photo_variants, sa1b_json
 from storage.ingest.shard import ingest_shard, list_shards, prepare
+from storage.layout import caption_set_dir
 from storage.manifest import committed_manifests
 
 

@@ -16,12 +16,13 @@ from captioning.audit import audit_caption_set
 from captioning.captioner import Caption, Captioner, ModelLoadError
 from captioning.config import CaptionConfig
 from captioning.engine import EngineStats
-from captioning.records import caption_set_dir, ensure_caption_set
+from captioning.records import ensure_caption_set
 from captioning.runner import caption_shard
 from captioning.text import T5TokenCounter
 from storage.configio import load_config
 from storage.errors import ConfigError
 from storage.ingest.samples import photo_variants
+from storage.layout import caption_set_dir
 from storage.manifest import committed_manifests
 from tests import test_caption_shards as shard_tests
 from tests import test_captioner as captioner_tests

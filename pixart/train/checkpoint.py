@@ -34,7 +34,7 @@ import torch
 
 from storage.commit import DONE_SUFFIX, TMP_MARK, is_done, publish_dir_once, read_done, write_done
 from storage.errors import PipelineError, is_transient, one_line
-from storage.layout import checkpoint_url, run_dir
+from storage.layout import CHECKPOINTS, checkpoint_url, checkpoints_dir, run_dir
 from storage.urls import filesystem, join, protocol_of
 
 TRAINER_STATE = "trainer.json"
@@ -42,10 +42,6 @@ TRAINER_STATE = "trainer.json"
 
 class CheckpointError(PipelineError):
     """A checkpoint that could not be written or read back; the message names the file."""
-
-
-def checkpoints_url(root: str, run: str) -> str:
-    return join(run_dir(root, run), "checkpoints")
 
 
 def list_checkpoints(root: str, run: str) -> list[tuple[int, str]]:
@@ -56,7 +52,7 @@ def list_checkpoints(root: str, run: str) -> list[tuple[int, str]]:
 def run_checkpoints(run_url: str) -> list[tuple[int, str]]:
     """Committed checkpoints under a run directory (`<root>/runs/<run>`, or a copy of one anywhere) as (step, url),
     oldest first."""
-    url = join(run_url.rstrip("/"), "checkpoints")
+    url = join(run_url.rstrip("/"), CHECKPOINTS)
     fs, path = filesystem(url)
     if not fs.exists(path):
         return []
@@ -128,7 +124,7 @@ def sweep_temporaries(root: str, run: str) -> list[str]:
     without its done marker (`step-N/`, published by a save killed before its marker), whatever their age: only a
     save killed half-way leaves one. Call it only while holding the run's lease (no other live run can be writing
     one). Returns what was deleted."""
-    fs, path = filesystem(checkpoints_url(root, run))
+    fs, path = filesystem(checkpoints_dir(root, run))
     if not fs.exists(path):
         return []
     listed = {p.rstrip("/").rsplit("/", 1)[-1]: p for p in fs.ls(path, detail=False)}

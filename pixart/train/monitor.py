@@ -30,6 +30,15 @@ def metrics_url(root: str, run: str) -> str:
     return join(run_dir(root, run), "metrics.jsonl")
 
 
+def loss_plot_url(root: str, run: str) -> str:
+    return join(run_dir(root, run), "loss.png")
+
+
+def summary_url(root: str, run: str) -> str:
+    """`summary.json`: the run's cost summary (GPU-hours, samples per second), written when it finishes."""
+    return join(run_dir(root, run), "summary.json")
+
+
 class MetricsLog:
     def __init__(self, root: str, run: str, resumed_step: int) -> None:
         self.root, self.run, self.url = root, run, metrics_url(root, run)
@@ -48,9 +57,9 @@ class MetricsLog:
 
     def finish(self, stage: int, stage_step: str | None = None) -> dict[str, Any]:
         self.flush()
-        write_atomic(join(run_dir(self.root, self.run), "loss.png"), loss_curve_png(self.rows))
+        write_atomic(loss_plot_url(self.root, self.run), loss_curve_png(self.rows))
         summary = cost_summary(self.rows, stage, stage_step)
-        write_atomic(join(run_dir(self.root, self.run), "summary.json"), json.dumps(summary, indent=1).encode())
+        write_atomic(summary_url(self.root, self.run), json.dumps(summary, indent=1).encode())
         return summary
 
 

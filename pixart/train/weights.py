@@ -33,6 +33,7 @@ from pixart.train.checkpoint import TRAINER_STATE, run_checkpoints
 from pixart.train.reparam import dit_to_pixart
 from storage.errors import ConfigError, PipelineError, one_line
 from storage.hub import ModelLoadError
+from storage.layout import CHECKPOINTS
 
 if TYPE_CHECKING:
     from pixart.train.config import TrainConfig
@@ -160,7 +161,7 @@ def resolve_init(init: str, kind: str, weights: str = "model") -> InitSource:
         return InitSource(init, "transformer", "", None, f"init: the transformer of hub pipeline {init!r} (released "
                           "weights: which of model or EMA they are is not recorded, init_weights does not apply)")
     origin, trained = "", None
-    if not (path / TRAINER_STATE).exists() and (path / "checkpoints").is_dir():
+    if not (path / TRAINER_STATE).exists() and (path / CHECKPOINTS).is_dir():
         found = run_checkpoints(str(path))
         if not found:
             raise PipelineError(f"init {init!r}: run directory without a committed checkpoint yet "
