@@ -23,7 +23,7 @@ from storage.ingest.dedupe import duplicate_error, duplicates_identity, duplicat
 from storage.layout import caption_url, duplicates_url, shard_of
 from storage.lineage import lineage
 from storage.manifest import read_manifest
-from storage.shard import OpenShard, Row, ShardResult, ShardWriter, current, why_pending
+from storage.shard import OpenShard, Row, ShardResult, ShardWriter, committed_result, why_pending
 
 
 @dataclass
@@ -65,12 +65,7 @@ def skipped_result(manifest_url: str, cfg: CaptionConfig) -> ShardResult | None:
     """The stored result when this shard is committed in the caption set for the same lineage (and not forced)."""
     if cfg.force:
         return None
-    record = current(output_url(manifest_url, cfg), caption_lineage(manifest_url, cfg))
-    if record is None or (cfg.redo == "errors" and record.get("num_error")):
-        return None
-    result = ShardResult.from_marker(record, output_url=output_url(manifest_url, cfg))
-    result.skipped = True
-    return result
+    return committed_result(output_url(manifest_url, cfg), caption_lineage(manifest_url, cfg), cfg.redo == "errors")
 
 
 def pending_manifests(manifests: Iterable[str], cfg: CaptionConfig) -> dict[str, str]:

@@ -113,6 +113,18 @@ def current(output_url: str, wanted: dict[str, Any]) -> dict[str, Any] | None:
     return record if record is not None and stale_reason(record, wanted) is None else None
 
 
+def committed_result(output_url: str, wanted: dict[str, Any], redo_errors: bool = False) -> ShardResult | None:
+    """The stored result, marked skipped, of a shard that `ShardWriter.open` would skip (committed for `wanted`;
+    with redo_errors, without error rows); None when it must be (re)made. For a caller that decides before it opens
+    the shard (captioning reads the next shard ahead only when it will run)."""
+    record = current(output_url, wanted)
+    if record is None or (redo_errors and record.get("num_error")):
+        return None
+    result = ShardResult.from_marker(record, output_url=output_url)
+    result.skipped = True
+    return result
+
+
 def why_pending(output_url: str, wanted: dict[str, Any], redo_errors: bool = False) -> str | None:
     """Why `output_url` must be (re)made for the `wanted` lineage: "missing", "stale: <reason>", or (with
     redo_errors) "redo: N error rows"; None if current."""
