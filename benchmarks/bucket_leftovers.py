@@ -3,7 +3,8 @@ batches at an epoch's end) dropped, as the loader did, and carried into the next
 official AspectRatioBatchSampler does (issue 18, item 7). CPU only, no tars: the loader's own planning code
 (`BucketedLoader.plan`) runs on synthetic index rows.
 
-    .venv/bin/python benchmarks/bucket_leftovers.py      # 1M samples in 1000 shards, 64 ranks x 4 workers, batch 12
+    .venv/bin/python benchmarks/bucket_leftovers.py      # 1M samples in 1000 shards, 64 ranks x 1 stream, batch 12
+    .venv/bin/python benchmarks/bucket_leftovers.py --workers 4   # 4 DataLoader workers (streams) per rank
     .venv/bin/python benchmarks/bucket_leftovers.py --samples 4000000 --shard-size 4000
 
 Dataset. --samples images in shards of --shard-size (in random order, so every shard has the dataset's mix), each
@@ -21,11 +22,12 @@ The weights are an estimate, not a measurement: no aspect-ratio histogram of Jou
 the script prints the histogram it used.
 
 Split and plan: the loader's, --ranks x --workers streams (shard i to rank i mod ranks, a rank's shards dealt to its
-workers in turn), batch --batch (12: stage3-1024's data.batch_size). "Never seen" counts the samples in no planned
-batch of epochs 0..--epochs-1 on any rank. "Trainer cut" is what trainer.py then trains: every rank stops each
-epoch at steps_per_epoch = min over ranks of batches_per_rank (epoch 0's, the fewest of any epoch), the rank's
-batches taken from its streams in turn as a DataLoader delivers them; "each epoch's min" is what a trainer taking
-min over ranks of batches_per_rank(epoch=e) for each epoch would train. "Rows repeating a key": planned rows whose
+workers in turn; the trainer reads one stream per rank, the default here), batch --batch (12: stage3-1024's
+data.batch_size). "Never seen" counts the samples in no planned batch of epochs 0..--epochs-1 on any rank. What a
+trainer then trains, the rank's batches taken from its streams in turn as a DataLoader delivers them: "each epoch's
+min" is trainer.py's rule (`pixart.train.state.EpochSteps`: every rank stops epoch e at the min over ranks of
+batches_per_rank(epoch=e)); "cut at epoch 0's min" is the rule it had before, every epoch stopped at epoch 0's
+count, cutting the batches that carried leftovers complete. "Rows repeating a key": planned rows whose
 key is already in their batch (a bucket with fewer than a batch per stream collects its samples over epochs, as
 the official sampler does). Each planned epoch's batch count is checked against `batches_in_epoch` (what
 `batches_per_rank` sums).
@@ -133,12 +135,12 @@ def simulate(entries, args, carry: bool) -> dict:
         per_epoch.append(served / n)
         total += served
         batches.append([len(plans[r, epoch]) for r in range(args.ranks)])
-    steps = min(batches[0])  # trainer.py: min over ranks of batches_per_rank, epoch 0's
+    steps = min(batches[0])  # the earlier rule: every epoch cut at epoch 0's min over ranks
     per_epoch_trained: set[str] = set()
     for (_rank, epoch), plan in plans.items():
         for b in plan[:steps]:
             trained.update(b)
-        for b in plan[:min(batches[epoch])]:  # a trainer that took each epoch's own min (see README)
+        for b in plan[:min(batches[epoch])]:  # trainer.py (EpochSteps): each epoch's own min over ranks
             per_epoch_trained.update(b)
     return {"never": 1 - len(seen) / n, "never_n": n - len(seen), "served": per_epoch, "batches": batches,
             "trainer_never": 1 - len(trained) / n, "steps": steps,
@@ -164,7 +166,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=1_000_000)
     ap.add_argument("--shard-size", type=int, default=1000)
     ap.add_argument("--ranks", type=int, default=64)
-    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--batch", type=int, default=12)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
@@ -189,8 +191,8 @@ def main() -> None:
             rows.append((mix, "after (carried)" if carry else "before (dropped)", r))
         print(f"  ({time.perf_counter() - start:.0f} s)")
     print(f"\n| mix | leftovers | served per epoch (share of samples) | never seen over {args.epochs} epochs | "
-          "batches per rank per epoch (min-max) | trainer cut at epoch 0's min: steps, never trained | "
-          "cut at each epoch's min: steps, never trained | rows repeating a key in their batch |")
+          "batches per rank per epoch (min-max) | earlier trainer, cut at epoch 0's min: steps, never trained | "
+          "trainer, each epoch's min: steps, never trained | rows repeating a key in their batch |")
     print("|---|---|---|---|---|---|---|---|")
     for mix, name, r in rows:
         served = " / ".join(f"{s:.2%}" for s in r["served"])

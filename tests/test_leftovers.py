@@ -162,10 +162,11 @@ def test_without_drop_last_nothing_is_carried(shards):
 
 
 def test_the_trainer_resumes_exactly_across_epochs_that_start_with_carried_leftovers(features, tiny_t5_encoder):
-    """tiny-stage3 with batch 3 on the 512-ms features (8 samples: one bucket of 3, five of 1): one step per epoch
-    (trainer.py: min over ranks of epoch 0's batches), so 4 steps cross three epoch boundaries, and buckets smaller
-    than a batch are trained only from leftovers carried over epochs. Stopped at step 2 and resumed from its
-    checkpoint: the same batches and bit-identical losses as the uninterrupted run."""
+    """tiny-stage3 with batch 3 on the 512-ms features (8 samples: one bucket of 3, five of 1): epochs 0 and 1 have
+    one batch, epoch 2 six (the five one-sample buckets complete a batch each from leftovers carried over three
+    epochs), and every one is trained: the trainer's steps per epoch are that epoch's batches (`EpochSteps`), not
+    epoch 0's count. Stopped at step 2 and resumed from its checkpoint: the same batches and bit-identical losses
+    as the uninterrupted run."""
     from pixart.train.config import TrainConfig
     from pixart.train.prepare import prepare_run
     from pixart.train.trainer import Trainer
@@ -181,14 +182,15 @@ def test_the_trainer_resumes_exactly_across_epochs_that_start_with_carried_lefto
     cfg = config("leftovers-a")
     prepare_run(cfg)
     trainer = Trainer(cfg)
-    assert trainer.steps_per_epoch == 1
+    assert [trainer.epoch_steps(e) for e in range(4)] == [1, 1, 6, 1]
     keys = []
     for batch in trainer.batches():
         keys.append(batch["keys"])
-        if len(keys) == 6:
+        if len(keys) == 10:
             break
-    plans = [[b["keys"] for b in epoch_batches(trainer.loader.shards, e, seed=cfg.data.seed)][:1] for e in range(6)]
-    assert keys == [k for p in plans for k in p]
+    plans = [[b["keys"] for b in epoch_batches(trainer.loader.shards, e, seed=cfg.data.seed)] for e in range(5)]
+    assert [len(p) for p in plans][:4] == [1, 1, 6, 1]
+    assert keys == [k for p in plans for k in p][:10]  # epoch 2's six batches all trained
     assert any(len(set(k)) < len(k) for k in keys[:4])  # a bucket of one sample, collected over three epochs
     full = [m["loss"] for m in Trainer(cfg).fit()]
     assert len(full) == 4
@@ -198,3 +200,44 @@ def test_the_trainer_resumes_exactly_across_epochs_that_start_with_carried_lefto
     resumed = Trainer(config("leftovers-b"))
     assert resumed.resume() and resumed.step == 2
     assert first + [m["loss"] for m in resumed.fit()] == full
+
+
+def test_a_checkpoint_of_the_old_epoch_rule_is_resumed_only_where_both_rules_agree(features, tiny_t5_encoder):
+    """Before EpochSteps every epoch ran epoch 0's step count; such a trainer.json (no "epoch_steps") names another
+    data position once a later epoch ran more batches: refused there in one message, resumed where they agree."""
+    import json
+    from pathlib import Path
+
+    from pixart.train import checkpoint
+    from pixart.train.config import TrainConfig
+    from pixart.train.prepare import prepare_run
+    from pixart.train.trainer import Trainer
+    from storage.commit import DONE_SUFFIX
+    from storage.configio import load_config
+    from storage.errors import PipelineError
+
+    def config(run, *extra):
+        return load_config(TrainConfig, "tiny-stage3", [f"output_root={features}", f"run={run}",
+                                                        "data.caption_set=tiny", f"t5_model={tiny_t5_encoder}",
+                                                        "data.batch_size=3", "data.prefetch=0",
+                                                        "schedule.checkpoint_every=1", "schedule.keep_checkpoints=10",
+                                                        "init_any_step=true", *extra], kind="train")
+
+    def old_rule(run, step):  # the state an older version would have written at `step` (marker and trainer.json)
+        url = dict(checkpoint.list_checkpoints(features, run))[step]
+        for path in (Path(url + DONE_SUFFIX), Path(url) / "trainer.json"):
+            state = json.loads(path.read_text())
+            assert state.pop("epoch_steps") == "per-epoch"
+            path.write_text(json.dumps(state))
+
+    for run, step, agree in (("old-rule-a", 2, True), ("old-rule-b", 3, False)):  # epochs of 1, 1, 6 steps
+        cfg = config(run, f"schedule.max_steps={step}")
+        prepare_run(cfg)
+        list(Trainer(cfg).fit())
+        old_rule(run, step)
+        again = Trainer(config(run))
+        if agree:  # step 2 is epoch 2's start under both rules
+            assert again.resume() and again.step == 2
+        else:  # step 3: old rule epoch 3's start, new rule one step into epoch 2
+            with pytest.raises(PipelineError, match=r"every epoch ran epoch 0's 1 steps.*step 3"):
+                again.resume()

@@ -78,28 +78,35 @@ def _left(n: int, batch_size: int, epoch: int) -> int:
     return (epoch + 1) * n % batch_size if epoch >= 0 else 0
 
 
-def batches_per_rank(shards: list[FeatureShard], batch_size: int, world_size: int, num_workers: int = 1,
-                     threads: int = 16, epoch: int = 0) -> list[int]:
-    """Full batches (drop_last) that each rank's loader yields in `epoch` with `num_workers` DataLoader workers:
-    per rank, the sum over its streams and their buckets of `batches_in_epoch` (each bucket's buffer carries across
-    a stream's shards, and its leftovers into the next epoch). Epoch 0 gives every rank its fewest batches of any
-    epoch: a step count taken from it (the trainer's steps_per_epoch, min over ranks) is there in every epoch. Every
-    index is read once, `threads` at a time (object stores answer in parallel)."""
+def stream_bucket_counts(shards: list[FeatureShard], world_size: int, num_workers: int = 1,
+                         threads: int = 16) -> list[list[list[int]]]:
+    """Per rank, per stream (DataLoader worker): the sample count of each of its buckets, all a batch count needs.
+    Every index is read once, `threads` at a time (object stores answer in parallel)."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max(1, min(threads, len(shards)))) as pool:
         counts = list(pool.map(lambda item: Counter(e.bucket for e in shard_entries(*item)), enumerate(shards)))
     out = []
     for rank in range(world_size):
-        loader = BucketedLoader(shards, batch_size, rank=rank, world_size=world_size, num_workers=num_workers)
-        total = 0
+        loader = BucketedLoader(shards, 1, rank=rank, world_size=world_size, num_workers=num_workers)
+        streams = []
         for worker in range(num_workers):
             stream: Counter = Counter()
             for i in loader.stream_shards(worker):
                 stream.update(counts[i])
-            total += batches_in_epoch(stream.values(), batch_size, epoch)
-        out.append(total)
+            streams.append(sorted(stream.values()))
+        out.append(streams)
     return out
+
+
+def batches_per_rank(shards: list[FeatureShard], batch_size: int, world_size: int, num_workers: int = 1,
+                     threads: int = 16, epoch: int = 0) -> list[int]:
+    """Full batches (drop_last) that each rank's loader yields in `epoch` with `num_workers` DataLoader workers:
+    per rank, the sum over its streams and their buckets of `batches_in_epoch` (each bucket's buffer carries across
+    a stream's shards, and its leftovers into the next epoch). Epoch 0 gives every rank its fewest batches of any
+    epoch; later ones add the batches that carried leftovers complete (`pixart.train.state.EpochSteps`)."""
+    return [sum(batches_in_epoch(stream, batch_size, epoch) for stream in streams)
+            for streams in stream_bucket_counts(shards, world_size, num_workers, threads)]
 
 
 class BucketedLoader(BatchReader):

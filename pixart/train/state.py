@@ -6,8 +6,8 @@ back, walked in this order (torchtitan's checkpointer walks its `state_dict` pro
                 comes from (nothing else to store: see `step_generator`)
     progress    step, world_size, stage, stage_step, gpu_hours,            refuses another strategy; sets the step
                 samples_seen, config_hash, strategy, init                  and the counters
-    loader      epoch, steps_per_epoch, loader (the trained step's         refuses another world size or batch count
-                position, never the reader's, which runs ahead)
+    loader      epoch, steps_per_epoch (epoch 0's), loader (the trained    refuses another world size or batch count
+                step's position, never the reader's, which runs ahead)
     features    features: the content id of every feature shard read       refuses changed, added or removed shards
                 ({"latents-<shard>": id, "text-<shard>": id})
     model       transformer/ (diffusers, safetensors)                      loads it, strict
@@ -23,6 +23,7 @@ Under FSDP the weights and the optimizer state are gathered on every rank and wr
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
@@ -46,9 +47,33 @@ def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
-def loader_state(step: int, steps_per_epoch: int, seed: int) -> dict[str, Any]:
-    """The loader's position after `step` trained steps: a function of the step alone (equal steps per epoch)."""
-    epoch, index = divmod(step, steps_per_epoch)
+class EpochSteps:
+    """The steps of each epoch: the fewest batches any rank's loader yields in it (DDP needs equal steps on every
+    rank). Epoch 0 has the fewest; a later one adds the batches that carried bucket leftovers complete, and they are
+    trained, not cut off at epoch 0's count. A pure function of the indexes, so a step's (epoch, index) is too."""
+
+    def __init__(self, counts: list[list[list[int]]], batch_size: int) -> None:
+        self.counts, self.batch_size = counts, batch_size  # per rank, per stream, per bucket (stream_bucket_counts)
+        self.starts = [0]  # the first step of epochs 0, 1, ..., extended on demand
+
+    def __call__(self, epoch: int) -> int:
+        from pixart.data.loader import batches_in_epoch
+
+        return min(sum(batches_in_epoch(s, self.batch_size, epoch) for s in rank) for rank in self.counts)
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, steps of it done) after `step` trained steps."""
+        if self(0) == 0:
+            raise ValueError("no full batch per epoch on some rank")
+        while self.starts[-1] <= step:
+            self.starts.append(self.starts[-1] + self(len(self.starts) - 1))
+        epoch = bisect.bisect_right(self.starts, step) - 1
+        return epoch, step - self.starts[epoch]
+
+
+def loader_state(step: int, epoch_steps: EpochSteps, seed: int) -> dict[str, Any]:
+    """The loader's position after `step` trained steps: a function of the step alone."""
+    epoch, index = epoch_steps.position(step)
     return {"epoch": epoch, "seed": seed, "consumed": {0: index}}
 
 
@@ -114,8 +139,9 @@ class LoaderPosition(StateProvider):
 
     def write(self, gathered: Any, directory: Path) -> dict[str, Any]:
         t = self.t
-        return {"epoch": t.step // t.steps_per_epoch, "steps_per_epoch": t.steps_per_epoch,
-                "loader": loader_state(t.step, t.steps_per_epoch, t.cfg.data.seed)}
+        loader = loader_state(t.step, t.epoch_steps, t.cfg.data.seed)
+        return {"epoch": loader["epoch"], "steps_per_epoch": t.steps_per_epoch, "epoch_steps": "per-epoch",
+                "loader": loader}
 
     def check(self, state: dict[str, Any], url: str) -> None:
         t = self.t
@@ -123,6 +149,11 @@ class LoaderPosition(StateProvider):
             raise PipelineError(f"{url} was written by {state['world_size']} workers with {state['steps_per_epoch']} "
                                 f"steps per epoch; this run has {t.world_size} and {t.steps_per_epoch}. "
                                 "Resume with the same ray.num_workers and data.batch_size, or start a new run.")
+        step = int(state["step"])
+        if "epoch_steps" not in state and t.epoch_steps.position(step) != divmod(step, t.steps_per_epoch):
+            raise PipelineError(f"{url} was written when every epoch ran epoch 0's {t.steps_per_epoch} steps; here "
+                                f"later epochs run all their batches, so step {step} is another data position. "
+                                "Start a new run (or resume with the version that wrote it).")
 
 
 class FeatureIds(StateProvider):

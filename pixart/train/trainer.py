@@ -20,9 +20,10 @@ dropped to the null class or caption, so guidance at sampling matches training.
 
 Determinism. Everything random in a step (t, noise, dropout) comes from a generator seeded by (seed, step, rank),
 and the loader's batch for (step, rank) is fixed by its plan, so a run stopped and resumed from a checkpoint
-computes exactly the steps an uninterrupted run would. Every rank runs the same number of steps per epoch (the
-smallest rank's batch count), which DDP needs and which makes the loader position a function of the step alone:
-checkpoints store the position of the trained step (`loader_state`), never the reader's, which runs ahead.
+computes exactly the steps an uninterrupted run would. Every rank runs the same number of steps in an epoch (the
+smallest rank's batch count in it, `state.EpochSteps`: later epochs add the batches carried leftovers complete),
+which DDP needs and which makes the loader position a function of the step alone: checkpoints store the position
+of the trained step (`loader_state`), never the reader's, which runs ahead.
 
 Resume. data.seed must be the checkpoint's (it fixes the data order and every step's randomness), and so must the
 feature shards (their content ids are in trainer.json). The optimizer's hyperparameters (optim.lr, betas, eps,
@@ -43,7 +44,7 @@ import torch
 
 from pixart.data.finish import sample_posterior
 from pixart.data.index import feature_ids, feature_shards, shard_entries
-from pixart.data.loader import BucketedLoader, batches_per_rank
+from pixart.data.loader import BucketedLoader, stream_bucket_counts
 from pixart.data.prefetch import Prefetch
 from pixart.features.encoders import resolve_device
 from pixart.train import checkpoint
@@ -52,7 +53,7 @@ from pixart.train.config import TrainConfig
 from pixart.train.diffusion import IDDPM
 from pixart.train.sharding import Replicated, Strategy
 from pixart.train.stages import batch_keys, for_stage
-from pixart.train.state import Optimizer, loader_state, state_providers, step_generator
+from pixart.train.state import EpochSteps, Optimizer, loader_state, state_providers, step_generator
 from pixart.train.weights import InitSource, load_init
 from storage.errors import PipelineError
 
@@ -86,7 +87,8 @@ class Trainer:
         self.loader = BucketedLoader(shards, data.batch_size, seed=data.seed, rank=rank, world_size=world_size,
                                      max_tokens=data.max_tokens, sample_posterior=not on_device,
                                      pad_text=not on_device)
-        self.steps_per_epoch = min(batches_per_rank(shards, data.batch_size, world_size))
+        self.epoch_steps = EpochSteps(stream_bucket_counts(shards, world_size), data.batch_size)
+        self.steps_per_epoch = self.epoch_steps(0)  # the fewest of any epoch; what a resume checks
         if self.steps_per_epoch == 0:
             raise PipelineError(f"a rank gets no full batch of {data.batch_size} per epoch ({len(shards)} shards "
                                 f"over {world_size} workers): lower data.batch_size or add shards")
@@ -154,16 +156,17 @@ class Trainer:
     def _batches(self) -> Iterator[dict[str, Any]]:
         position = self.step  # its own count: it runs ahead of self.step in the prefetch thread
         while True:
-            self.loader.load_state_dict(loader_state(position, self.steps_per_epoch, self.cfg.data.seed))
+            self.loader.load_state_dict(loader_state(position, self.epoch_steps, self.cfg.data.seed))
             epoch = self.loader.epoch
+            steps = self.epoch_steps(epoch)
             for batch in self.loader:
                 position += 1
                 yield batch
-                if self.loader.consumed[0] >= self.steps_per_epoch:
+                if self.loader.consumed[0] >= steps:
                     break
-            else:  # ran dry before steps_per_epoch: retrying the same epoch would spin, and the ranks would part
+            else:  # ran dry before its step count: retrying the same epoch would spin, and the ranks would part
                 raise PipelineError(f"rank {self.rank}: epoch {epoch} gave {self.loader.consumed.get(0, 0)} batches, "
-                                    f"fewer than the {self.steps_per_epoch} steps per epoch counted at the start; "
+                                    f"fewer than the {steps} steps of that epoch counted at the start; "
                                     "did the feature shards change under the run?")
 
     # -- one step -----------------------------------------------------------------------------------------------------
