@@ -241,3 +241,31 @@ def test_a_checkpoint_of_the_old_epoch_rule_is_resumed_only_where_both_rules_agr
         else:  # step 3: old rule epoch 3's start, new rule one step into epoch 2
             with pytest.raises(PipelineError, match=r"every epoch ran epoch 0's 1 steps.*step 3"):
                 again.resume()
+
+
+def test_epoch_steps_positions_every_step_as_the_epochs_add_up_from_any_thread():
+    """EpochSteps.position(step) against the running sum of each epoch's min over ranks, for random bucket counts;
+    positions asked from 4 threads at once (the prefetch thread and a checkpoint save do) give the same answers."""
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pixart.data.loader import batches_in_epoch
+    from pixart.train.state import EpochSteps
+
+    rng = random.Random(3)
+    for _ in range(20):
+        batch = rng.randint(2, 7)
+        counts = [[[rng.randint(1, 30) for _ in range(rng.randint(1, 5))] for _ in range(rng.randint(1, 2))]
+                  for _ in range(rng.randint(1, 4))]  # ranks x streams x buckets
+        per_epoch = [min(sum(batches_in_epoch(s, batch, e) for s in rank) for rank in counts) for e in range(60)]
+        if per_epoch[0] == 0:
+            continue
+        expected = []
+        for epoch, n in enumerate(per_epoch):
+            expected += [(epoch, i) for i in range(n)]
+        steps = list(range(len(expected)))
+        rng.shuffle(steps)
+        plan = EpochSteps(counts, batch)
+        with ThreadPoolExecutor(4) as pool:
+            got = dict(zip(steps, pool.map(plan.position, steps), strict=True))
+        assert [got[s] for s in range(len(expected))] == expected

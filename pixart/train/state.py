@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,6 +56,7 @@ class EpochSteps:
     def __init__(self, counts: list[list[list[int]]], batch_size: int) -> None:
         self.counts, self.batch_size = counts, batch_size  # per rank, per stream, per bucket (stream_bucket_counts)
         self.starts = [0]  # the first step of epochs 0, 1, ..., extended on demand
+        self._lock = threading.Lock()  # the prefetch thread and a checkpoint save both extend it
 
     def __call__(self, epoch: int) -> int:
         from pixart.data.loader import batches_in_epoch
@@ -65,10 +67,11 @@ class EpochSteps:
         """(epoch, steps of it done) after `step` trained steps."""
         if self(0) == 0:
             raise ValueError("no full batch per epoch on some rank")
-        while self.starts[-1] <= step:
-            self.starts.append(self.starts[-1] + self(len(self.starts) - 1))
-        epoch = bisect.bisect_right(self.starts, step) - 1
-        return epoch, step - self.starts[epoch]
+        with self._lock:
+            while self.starts[-1] <= step:
+                self.starts.append(self.starts[-1] + self(len(self.starts) - 1))
+            epoch = bisect.bisect_right(self.starts, step) - 1
+            return epoch, step - self.starts[epoch]
 
 
 def loader_state(step: int, epoch_steps: EpochSteps, seed: int) -> dict[str, Any]:
