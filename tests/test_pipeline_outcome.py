@@ -73,13 +73,17 @@ def test_a_step_left_with_busy_shards_exits_3_naming_the_step_and_shard(samples,
     monkeypatch.setattr(flows._stage, "RETRY_DELAYS", ())
     config = config_yaml(tmp_path, samples)
     holder = Lease(manifest_url(str(tmp_path / "pixart"), "sam", "sa_000000"))
-    holder.acquire()
-    try:
-        busy = pixart("pipeline", config, "only=[ingest-sam,ingest-imagenet]")
-    finally:
-        holder.release()
+
+    def ingest_while_held(config):  # another run holds sa_000000 for the whole pipeline run
+        holder.acquire()
+        try:
+            result = pixart("pipeline", config, "only=[ingest-sam,ingest-imagenet]")
+        finally:
+            holder.release()
+        return result, result.output.strip().splitlines()[-1]
+
+    busy, last = ingest_while_held(config)
     assert busy.exit_code == 3, busy.output
-    last = busy.output.strip().splitlines()[-1]
     assert last.startswith("error: incomplete: ingest-sam: ") and "sa_000000" in last, last
     assert "ingest-imagenet" not in last, last  # it is done
     assert "| ingest-sam | incomplete |" in busy.output and "INCOMPLETE ingest-sam:" in busy.output
@@ -87,14 +91,8 @@ def test_a_step_left_with_busy_shards_exits_3_naming_the_step_and_shard(samples,
     assert "failed" not in status_lines(config)["ingest-sam"]  # busy is not a failure
 
     # A failure beside busy shards is a failure: exit 1.
-    bad = config_yaml(tmp_path, samples, imagenet=str(tmp_path / "no-such-imagenet"))
-    holder.acquire()
-    try:
-        mixed = pixart("pipeline", bad, "only=[ingest-sam,ingest-imagenet]")
-    finally:
-        holder.release()
+    mixed, last = ingest_while_held(config_yaml(tmp_path, samples, imagenet=str(tmp_path / "no-such-imagenet")))
     assert mixed.exit_code == 1, mixed.output
-    last = mixed.output.strip().splitlines()[-1]
     assert "ingest-sam: " in last and "sa_000000" in last and "ingest-imagenet: " in last, last
     assert pixart("pipeline", config, "only=[ingest-sam,ingest-imagenet]").exit_code == 0  # once the lease is gone
 
